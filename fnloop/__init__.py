@@ -1,0 +1,30 @@
+"""fnloop: a functional, immutable-state training engine for PyTorch."""
+
+from fnloop import rng as rng
+from fnloop.bind import bind as bind
+from fnloop.errors import CheckpointError as CheckpointError
+from fnloop.errors import ConfigError as ConfigError
+from fnloop.errors import FnloopError as FnloopError
+from fnloop.errors import StepError as StepError
+from fnloop.errors import TreeMismatchError as TreeMismatchError
+from fnloop.state import LoopState as LoopState
+from fnloop.state import Status as Status
+from fnloop.state import TrainState as TrainState
+from fnloop.step import compile as compile  # noqa: A004
+from fnloop.step import eval_step as eval_step
+from fnloop.step import predict_step as predict_step
+from fnloop.step import train_step as train_step
+from fnloop.tree import check_same_structure as check_same_structure
+from fnloop.tree import dataclass as dataclass
+from fnloop.tree import field as field
+from fnloop.tree import keystr as keystr
+from fnloop.tree import tree_flatten as tree_flatten
+from fnloop.tree import tree_flatten_with_path as tree_flatten_with_path
+from fnloop.tree import tree_leaves as tree_leaves
+from fnloop.tree import tree_map as tree_map
+from fnloop.tree import tree_map_with_path as tree_map_with_path
+from fnloop.tree import tree_paths as tree_paths
+from fnloop.tree import tree_structure as tree_structure
+from fnloop.tree import tree_unflatten as tree_unflatten
+
+__version__ = "0.1.0"

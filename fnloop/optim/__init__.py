@@ -1,0 +1,46 @@
+"""Optimizers in the optax shape, with the numerics of ``torch.optim``.
+
+Example:
+    >>> import fnloop.optim as flo
+    >>> tx = flo.chain(flo.clip_by_global_norm(1.0), flo.adamw(lr=flo.warmup_cosine(1e-3, warmup_steps=10, decay_steps=100)))
+"""
+
+from fnloop.optim.aliases import AdagradState as AdagradState
+from fnloop.optim.aliases import AdamState as AdamState
+from fnloop.optim.aliases import RMSpropState as RMSpropState
+from fnloop.optim.aliases import SGDState as SGDState
+from fnloop.optim.aliases import adagrad as adagrad
+from fnloop.optim.aliases import adam as adam
+from fnloop.optim.aliases import adamw as adamw
+from fnloop.optim.aliases import rmsprop as rmsprop
+from fnloop.optim.aliases import sgd as sgd
+from fnloop.optim.base import EmptyState as EmptyState
+from fnloop.optim.base import GradientTransformation as GradientTransformation
+from fnloop.optim.base import ScaleByLearningRateState as ScaleByLearningRateState
+from fnloop.optim.base import apply_updates as apply_updates
+from fnloop.optim.base import as_schedule as as_schedule
+from fnloop.optim.base import chain as chain
+from fnloop.optim.base import identity as identity
+from fnloop.optim.base import learning_rate as learning_rate
+from fnloop.optim.base import scale_by_learning_rate as scale_by_learning_rate
+from fnloop.optim.schedules import constant as constant
+from fnloop.optim.schedules import exponential as exponential
+from fnloop.optim.schedules import join as join
+from fnloop.optim.schedules import linear as linear
+from fnloop.optim.schedules import multistep as multistep
+from fnloop.optim.schedules import one_cycle as one_cycle
+from fnloop.optim.schedules import step_lr as step_lr
+from fnloop.optim.schedules import warmup_cosine as warmup_cosine
+from fnloop.optim.transforms import MaskedState as MaskedState
+from fnloop.optim.transforms import add_decayed_weights as add_decayed_weights
+from fnloop.optim.transforms import clip as clip
+from fnloop.optim.transforms import clip_by_global_norm as clip_by_global_norm
+from fnloop.optim.transforms import global_norm as global_norm
+from fnloop.optim.transforms import masked as masked
+from fnloop.optim.transforms import ndim_mask as ndim_mask
+from fnloop.optim.wrappers import ApplyIfFiniteState as ApplyIfFiniteState
+from fnloop.optim.wrappers import EmaState as EmaState
+from fnloop.optim.wrappers import MultiStepsState as MultiStepsState
+from fnloop.optim.wrappers import apply_if_finite as apply_if_finite
+from fnloop.optim.wrappers import ema as ema
+from fnloop.optim.wrappers import multi_steps as multi_steps

@@ -1,0 +1,100 @@
+"""Out-of-place multi-tensor ops: one kernel launch per leaf list, falling back to a per-leaf
+loop under ``torch.func`` transforms (``vmap`` has no batching rule for ``_foreach`` ops).
+
+Every function takes and returns lists of tensors and never mutates its inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+Tensors = Sequence[torch.Tensor]
+
+
+def _fallback(xs: Tensors) -> bool:
+    return bool(xs) and _is_wrapped(xs[0])
+
+
+def _pairwise(name: str, op: Any) -> Any:
+    fused = getattr(torch, f"_foreach_{name}")
+
+    def fn(xs: Tensors, ys: Any, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        if _fallback(xs):
+            if isinstance(ys, (list, tuple)):
+                return [op(x, y, *args, **kwargs) for x, y in zip(xs, ys)]
+            return [op(x, ys, *args, **kwargs) for x in xs]
+        return list(fused(xs, ys, *args, **kwargs))
+
+    fn.__name__ = name
+    return fn
+
+
+add = _pairwise("add", torch.add)
+sub = _pairwise("sub", torch.sub)
+mul = _pairwise("mul", torch.mul)
+div = _pairwise("div", torch.div)
+maximum = _pairwise("maximum", torch.maximum)
+lerp = _pairwise("lerp", torch.lerp)
+
+
+def _unary(name: str, op: Any) -> Any:
+    fused = getattr(torch, f"_foreach_{name}")
+
+    def fn(xs: Tensors) -> list[torch.Tensor]:
+        if _fallback(xs):
+            return [op(x) for x in xs]
+        return list(fused(xs))
+
+    fn.__name__ = name
+    return fn
+
+
+sqrt = _unary("sqrt", torch.sqrt)
+neg = _unary("neg", torch.neg)
+abs = _unary("abs", torch.abs)  # noqa: A001
+
+
+def addcmul(xs: Tensors, ys: Tensors, zs: Tensors, value: float = 1.0) -> list[torch.Tensor]:
+    """``x + value * y * z`` for every leaf."""
+    if _fallback(xs):
+        return [torch.addcmul(x, y, z, value=value) for x, y, z in zip(xs, ys, zs)]
+    return list(torch._foreach_addcmul(xs, ys, zs, value))
+
+
+def addcdiv(xs: Tensors, ys: Tensors, zs: Tensors, value: float = 1.0) -> list[torch.Tensor]:
+    """``x + value * y / z`` for every leaf."""
+    if _fallback(xs):
+        return [torch.addcdiv(x, y, z, value=value) for x, y, z in zip(xs, ys, zs)]
+    return list(torch._foreach_addcdiv(xs, ys, zs, value))
+
+
+def norm(xs: Tensors) -> list[torch.Tensor]:
+    """The 2-norm of every leaf."""
+    if _fallback(xs):
+        return [torch.linalg.vector_norm(x) for x in xs]
+    return list(torch._foreach_norm(xs))
+
+
+def clamp(xs: Tensors, lo: float, hi: float) -> list[torch.Tensor]:
+    """Clamp every leaf to ``[lo, hi]``."""
+    if _fallback(xs):
+        return [torch.clamp(x, lo, hi) for x in xs]
+    return list(torch._foreach_clamp_max(torch._foreach_clamp_min(xs, lo), hi))
+
+
+def where(cond: torch.Tensor, xs: Tensors, ys: Tensors) -> list[torch.Tensor]:
+    """``torch.where(cond, x, y)`` for every leaf pair (``cond`` is a 0-d bool tensor)."""
+    return [torch.where(cond, x, y) for x, y in zip(xs, ys)]
+
+
+def all_finite(xs: Tensors) -> torch.Tensor:
+    """A 0-d bool tensor: every element of every leaf is finite (no host sync)."""
+    flags = [torch.isfinite(x).all() for x in xs if x.is_floating_point() or x.is_complex()]
+    if not flags:
+        return torch.tensor(True)
+    return torch.stack(flags).all()

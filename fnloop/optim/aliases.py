@@ -1,0 +1,317 @@
+"""Optimizers with the numerics of their ``torch.optim`` counterparts (foreach implementation).
+
+Each alias takes torch.optim's argument names and defaults; ``lr`` is a float or a schedule.
+The state holds ``count`` (updates done, int64 CPU 0-d tensor) and ``lr`` (the learning rate the
+next update uses, float64 0-d tensor), so a changing learning rate never recompiles a step.
+
+Example:
+    >>> import torch, fnloop.optim as flo
+    >>> tx = flo.adamw(lr=1e-3, weight_decay=0.01)
+    >>> params = {"w": torch.ones(2)}
+    >>> updates, state = tx.update({"w": torch.ones(2)}, tx.init(params), params)
+    >>> updates["w"]
+    tensor([-0.0010, -0.0010])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from fnloop.errors import ConfigError
+from fnloop.optim import _foreach as fe
+from fnloop.optim.base import (
+    GradientTransformation,
+    LearningRate,
+    addcdiv,
+    as_schedule,
+    axpy,
+    from_apply,
+    host,
+    leaves_like,
+    new_count,
+    next_lr,
+)
+from fnloop.tree import tree_leaves
+
+__all__ = ["SGDState", "AdamState", "RMSpropState", "AdagradState", "sgd", "adam", "adamw", "rmsprop", "adagrad"]
+
+
+def _check(name: str, value: float, *, low: float = 0.0, high: float | None = None, opt: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (high is not None and value >= high):
+        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
+        raise ConfigError(f"{opt}: {name} must be a number {bound}, got {value!r}")
+    return float(value)
+
+
+def _zeros(params: Any) -> Any:
+    return leaves_like(params, [torch.zeros_like(p) for p in tree_leaves(params)])
+
+
+def _fused(
+    init: Callable[[Any], Any], step: Callable[[list[torch.Tensor], Any, list[torch.Tensor]], tuple[list[torch.Tensor], Any]]
+) -> GradientTransformation:
+    """A transform from ``step(grad leaves, state, param leaves) -> (new param leaves, state)``."""
+
+    def apply(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+        new_params, state = step(tree_leaves(grads), state, tree_leaves(params))
+        return leaves_like(params, new_params), state
+
+    return from_apply(init, apply)
+
+
+class SGDState(NamedTuple):
+    count: torch.Tensor
+    lr: torch.Tensor
+    momentum_buffer: Any
+
+
+def sgd(
+    lr: LearningRate = 1e-3,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> GradientTransformation:
+    """Stochastic gradient descent, as ``torch.optim.SGD`` (momentum, dampening, nesterov, L2 decay).
+
+    Example:
+        >>> import fnloop.optim as flo
+        >>> tx = flo.sgd(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    """
+    schedule = as_schedule(lr)
+    momentum = _check("momentum", momentum, opt="sgd")
+    dampening = _check("dampening", dampening, opt="sgd")
+    weight_decay = _check("weight_decay", weight_decay, opt="sgd")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ConfigError("sgd: nesterov=True requires momentum > 0 and dampening = 0")
+
+    def init(params: Any) -> SGDState:
+        return SGDState(new_count(), schedule(0).to(torch.float64), _zeros(params) if momentum else None)
+
+    def step(g: list[torch.Tensor], state: SGDState, p: list[torch.Tensor]) -> tuple[list[torch.Tensor], SGDState]:
+        if weight_decay:
+            g = fe.add(g, p, alpha=weight_decay)
+        buf = state.momentum_buffer
+        if momentum:
+            old = tree_leaves(buf)
+            decayed = fe.mul(old, momentum)
+            if not dampening:  # the zero-initialised buffer gives torch's first step exactly
+                new = fe.add(decayed, g)
+            else:  # torch copies the gradient into the buffer at the first step
+                first = host(state.count) == 0
+                new = fe.where(first, g, fe.add(decayed, g, alpha=1 - dampening)) if isinstance(first, torch.Tensor) else (
+                    list(g) if first else fe.add(decayed, g, alpha=1 - dampening)
+                )
+            g = fe.add(g, new, alpha=momentum) if nesterov else new
+            buf = leaves_like(buf, new)
+        new_p = axpy(p, g, -host(state.lr))
+        count = state.count + 1
+        return new_p, SGDState(count, next_lr(schedule, state.lr, count), buf)
+
+    return _fused(init, step)
+
+
+class AdamState(NamedTuple):
+    count: torch.Tensor
+    lr: torch.Tensor
+    mu: Any
+    nu: Any
+    nu_max: Any
+
+
+def _adam(
+    opt: str,
+    lr: LearningRate,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    decoupled: bool,
+    mask: Callable[[Any], Any] | Any | None = None,
+) -> GradientTransformation:
+    schedule = as_schedule(lr)
+    b1 = _check("betas[0]", betas[0], high=1.0, opt=opt)
+    b2 = _check("betas[1]", betas[1], high=1.0, opt=opt)
+    eps = _check("eps", eps, opt=opt)
+    weight_decay = _check("weight_decay", weight_decay, opt=opt)
+
+    def init(params: Any) -> AdamState:
+        return AdamState(
+            new_count(), schedule(0).to(torch.float64), _zeros(params), _zeros(params), _zeros(params) if amsgrad else None
+        )
+
+    def step(g: list[torch.Tensor], state: AdamState, p: list[torch.Tensor]) -> tuple[list[torch.Tensor], AdamState]:
+        lr_now = host(state.lr)
+        if weight_decay and decoupled:
+            if mask is None:
+                p = fe.mul(p, 1 - lr_now * weight_decay)
+            else:
+                flags = tree_leaves(mask(p) if callable(mask) else mask)
+                p = [x * (1 - lr_now * weight_decay) if f else x for x, f in zip(p, flags)]
+        elif weight_decay:
+            g = fe.add(g, p, alpha=weight_decay)
+        count = state.count + 1
+        mu = fe.lerp(tree_leaves(state.mu), g, 1 - b1)
+        nu = fe.addcmul(fe.mul(tree_leaves(state.nu), b2), g, g, 1 - b2)
+        nu_max = fe.maximum(tree_leaves(state.nu_max), nu) if amsgrad else None
+        c = host(count)
+        bias_correction1, bias_correction2 = 1 - b1**c, 1 - b2**c
+        denom = fe.add(fe.div(fe.sqrt(nu_max if amsgrad else nu), bias_correction2**0.5), eps)
+        new_p = addcdiv(p, mu, denom, -(lr_now / bias_correction1))
+        new_state = AdamState(
+            count,
+            next_lr(schedule, state.lr, count),
+            leaves_like(state.mu, mu),
+            leaves_like(state.nu, nu),
+            leaves_like(state.nu_max, nu_max) if amsgrad else None,
+        )
+        return new_p, new_state
+
+    return _fused(init, step)
+
+
+def adam(
+    lr: LearningRate = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+) -> GradientTransformation:
+    """Adam, as ``torch.optim.Adam`` (coupled L2 ``weight_decay``, ``amsgrad``).
+
+    Example:
+        >>> import fnloop.optim as flo
+        >>> tx = flo.adam(lr=1e-3, amsgrad=True)
+    """
+    return _adam("adam", lr, betas, eps, weight_decay, amsgrad, decoupled=False)
+
+
+def adamw(
+    lr: LearningRate = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    amsgrad: bool = False,
+    *,
+    mask: Callable[[Any], Any] | Any | None = None,
+) -> GradientTransformation:
+    """AdamW, as ``torch.optim.AdamW`` (decoupled weight decay).
+
+    Args:
+        mask: a tree of bools like the params (or a function of the param leaves returning a
+            list of bools); weight decay applies only where it is True (e.g. not to biases).
+
+    Example:
+        >>> import fnloop.optim as flo
+        >>> tx = flo.adamw(lr=flo.warmup_cosine(1e-3, warmup_steps=100, decay_steps=10_000), weight_decay=0.01)
+    """
+    return _adam("adamw", lr, betas, eps, weight_decay, amsgrad, decoupled=True, mask=mask)
+
+
+class RMSpropState(NamedTuple):
+    count: torch.Tensor
+    lr: torch.Tensor
+    square_avg: Any
+    momentum_buffer: Any
+    grad_avg: Any
+
+
+def rmsprop(
+    lr: LearningRate = 1e-2,
+    alpha: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    centered: bool = False,
+) -> GradientTransformation:
+    """RMSprop, as ``torch.optim.RMSprop`` (momentum, centered, L2 decay).
+
+    Example:
+        >>> import fnloop.optim as flo
+        >>> tx = flo.rmsprop(lr=1e-2, momentum=0.9, centered=True)
+    """
+    schedule = as_schedule(lr)
+    alpha = _check("alpha", alpha, opt="rmsprop")
+    eps = _check("eps", eps, opt="rmsprop")
+    weight_decay = _check("weight_decay", weight_decay, opt="rmsprop")
+    momentum = _check("momentum", momentum, opt="rmsprop")
+
+    def init(params: Any) -> RMSpropState:
+        return RMSpropState(
+            new_count(),
+            schedule(0).to(torch.float64),
+            _zeros(params),
+            _zeros(params) if momentum else None,
+            _zeros(params) if centered else None,
+        )
+
+    def step(g: list[torch.Tensor], state: RMSpropState, p: list[torch.Tensor]) -> tuple[list[torch.Tensor], RMSpropState]:
+        if weight_decay:
+            g = fe.add(g, p, alpha=weight_decay)
+        sq = fe.addcmul(fe.mul(tree_leaves(state.square_avg), alpha), g, g, 1 - alpha)
+        grad_avg = state.grad_avg
+        if centered:
+            ga = fe.lerp(tree_leaves(grad_avg), g, 1 - alpha)
+            avg = fe.add(fe.sqrt(fe.addcmul(sq, ga, ga, -1)), eps)
+            grad_avg = leaves_like(grad_avg, ga)
+        else:
+            avg = fe.add(fe.sqrt(sq), eps)
+        buf = state.momentum_buffer
+        lr_now = host(state.lr)
+        if momentum:
+            new_buf = fe.addcdiv(fe.mul(tree_leaves(buf), momentum), g, avg)
+            new_p = axpy(p, new_buf, -lr_now)
+            buf = leaves_like(buf, new_buf)
+        else:
+            new_p = addcdiv(p, g, avg, -lr_now)
+        count = state.count + 1
+        new_state = RMSpropState(count, next_lr(schedule, state.lr, count), leaves_like(state.square_avg, sq), buf, grad_avg)
+        return new_p, new_state
+
+    return _fused(init, step)
+
+
+class AdagradState(NamedTuple):
+    count: torch.Tensor
+    lr: torch.Tensor
+    sum: Any
+
+
+def adagrad(
+    lr: LearningRate = 1e-2,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    initial_accumulator_value: float = 0.0,
+    eps: float = 1e-10,
+) -> GradientTransformation:
+    """Adagrad, as ``torch.optim.Adagrad`` (``lr_decay``, L2 decay, initial accumulator).
+
+    Example:
+        >>> import fnloop.optim as flo
+        >>> tx = flo.adagrad(lr=1e-2, lr_decay=1e-3)
+    """
+    schedule = as_schedule(lr)
+    lr_decay = _check("lr_decay", lr_decay, opt="adagrad")
+    weight_decay = _check("weight_decay", weight_decay, opt="adagrad")
+    initial_accumulator_value = _check("initial_accumulator_value", initial_accumulator_value, opt="adagrad")
+    eps = _check("eps", eps, opt="adagrad")
+
+    def init(params: Any) -> AdagradState:
+        acc = [torch.full_like(p, initial_accumulator_value) for p in tree_leaves(params)]
+        return AdagradState(new_count(), schedule(0).to(torch.float64), leaves_like(params, acc))
+
+    def step(g: list[torch.Tensor], state: AdagradState, p: list[torch.Tensor]) -> tuple[list[torch.Tensor], AdagradState]:
+        count = state.count + 1
+        if weight_decay:
+            g = fe.add(g, p, alpha=weight_decay)
+        minus_clr = -host(state.lr) / (1 + (host(count) - 1) * lr_decay)
+        total = fe.addcmul(tree_leaves(state.sum), g, g, 1)
+        std = fe.add(fe.sqrt(total), eps)
+        new_p = addcdiv(p, fe.mul(g, minus_clr), std, 1.0)
+        new_state = AdagradState(count, next_lr(schedule, state.lr, count), leaves_like(state.sum, total))
+        return new_p, new_state
+
+    return _fused(init, step)

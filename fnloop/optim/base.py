@@ -1,0 +1,282 @@
+"""The optax-shaped core: ``GradientTransformation``, ``chain``, ``apply_updates`` and the
+learning-rate plumbing shared by every optimizer.
+
+Example:
+    >>> import torch, fnloop.optim as flo
+    >>> tx = flo.chain(flo.clip_by_global_norm(1.0), flo.sgd(lr=0.1))
+    >>> params = {"w": torch.ones(2)}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": torch.ones(2)}, state, params)
+    >>> flo.apply_updates(params, updates)["w"]
+    tensor([0.9293, 0.9293])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from fnloop.errors import ConfigError
+from fnloop.optim import _foreach as fe
+from fnloop.optim import schedules
+from fnloop.tree import NAMESPACE, tree_flatten, tree_leaves
+
+__all__ = [
+    "GradientTransformation",
+    "EmptyState",
+    "identity",
+    "chain",
+    "apply_updates",
+    "ScaleByLearningRateState",
+    "scale_by_learning_rate",
+    "learning_rate",
+    "as_schedule",
+    "leaves_like",
+    "new_count",
+    "host",
+    "from_apply",
+    "fused_apply",
+    "axpy",
+    "addcdiv",
+]
+
+Schedule = Callable[[Any], torch.Tensor]
+LearningRate = float | Schedule
+
+
+class GradientTransformation(NamedTuple):
+    """A pair of pure functions.
+
+    ``init(params) -> opt_state`` and ``update(grads, opt_state, params) -> (updates, opt_state)``.
+    Neither mutates its inputs.
+    """
+
+    init: Callable[[Any], Any]
+    update: Callable[..., tuple[Any, Any]]
+
+
+class EmptyState(NamedTuple):
+    """The state of a stateless transform."""
+
+
+def identity() -> GradientTransformation:
+    """The transform that returns the gradients unchanged.
+
+    Example:
+        >>> import torch, fnloop.optim as flo
+        >>> flo.identity().update({"w": torch.ones(1)}, flo.EmptyState())[0]
+        {'w': tensor([1.])}
+    """
+    return GradientTransformation(lambda params: EmptyState(), lambda updates, state, params=None: (updates, state))
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply transforms one after the other; the state is the tuple of their states.
+
+    Example:
+        >>> import fnloop.optim as flo
+        >>> tx = flo.chain(flo.clip_by_global_norm(1.0), flo.adam(lr=1e-3))
+    """
+    for i, t in enumerate(transforms):
+        if not isinstance(t, GradientTransformation):
+            raise ConfigError(f"chain: argument {i} is a {type(t).__name__}, expected a GradientTransformation")
+
+    def init(params: Any) -> tuple[Any, ...]:
+        return tuple(t.init(params) for t in transforms)
+
+    def update(updates: Any, state: tuple[Any, ...], params: Any = None) -> tuple[Any, tuple[Any, ...]]:
+        new_state = []
+        for t, s in zip(transforms, state):
+            updates, s = t.update(updates, s, params)
+            new_state.append(s)
+        return updates, tuple(new_state)
+
+    last_apply = fused_apply(transforms[-1]) if transforms else None
+
+    def apply(grads: Any, state: tuple[Any, ...], params: Any) -> tuple[Any, tuple[Any, ...]]:
+        new_state = []
+        for t, s in zip(transforms[:-1], state):
+            grads, s = t.update(grads, s, params)
+            new_state.append(s)
+        new_params, s = last_apply(grads, state[-1], params)  # type: ignore[misc]
+        return new_params, (*new_state, s)
+
+    if transforms:
+        update.apply = apply  # type: ignore[attr-defined]
+    return GradientTransformation(init, update)
+
+
+def leaves_like(tree: Any, leaves: list[torch.Tensor]) -> Any:
+    """Rebuild ``tree``'s structure with new leaves."""
+    return optree.tree_structure(tree, namespace=NAMESPACE).unflatten(leaves)
+
+
+def apply_updates(params: Any, updates: Any) -> Any:
+    """``params + updates`` leaf by leaf (one multi-tensor op), cast to the params' dtypes.
+
+    Example:
+        >>> import torch, fnloop.optim as flo
+        >>> flo.apply_updates({"w": torch.ones(2)}, {"w": torch.full((2,), -0.5)})
+        {'w': tensor([0.5000, 0.5000])}
+    """
+    p, spec = tree_flatten(params)
+    u = tree_leaves(updates)
+    if len(p) != len(u):
+        raise ConfigError(f"apply_updates: params have {len(p)} leaves but updates have {len(u)}")
+    return spec.unflatten(fe.add(p, u))
+
+
+def host(value: torch.Tensor) -> Any:
+    """A host-side scalar of the optimizer state (a step counter or a learning rate, kept as a
+    0-d CPU tensor) as a Python number in eager mode, as torch.optim reads them (no device sync);
+    the tensor (int counters as float64) while compiling or under ``torch.func`` transforms.
+    """
+    if torch.compiler.is_compiling() or fe._is_wrapped(value) or value.device.type != "cpu":
+        return value.to(torch.float64) if not value.is_floating_point() else value
+    return value.item()
+
+
+def from_apply(init: Callable[[Any], Any], apply: Callable[[Any, Any, Any], tuple[Any, Any]]) -> GradientTransformation:
+    """A transform defined by a fused ``apply(grads, opt_state, params) -> (new_params, opt_state)``.
+
+    ``update`` returns ``new_params - params`` (params default to zeros); ``fused_apply(tx)``
+    returns ``apply`` itself, which steps use to update the params with the same arithmetic as
+    torch.optim's in-place kernels.
+    """
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        if params is None:
+            params = leaves_like(updates, [torch.zeros_like(u) for u in tree_leaves(updates)])
+        new_params, state = apply(updates, state, params)
+        return leaves_like(updates, fe.sub(tree_leaves(new_params), tree_leaves(params))), state
+
+    update.apply = apply  # type: ignore[attr-defined]
+    return GradientTransformation(init, update)
+
+
+def fused_apply(tx: GradientTransformation) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
+    """``(grads, opt_state, params) -> (new_params, opt_state)`` for any transform: the fused
+    path where it has one, else ``update`` followed by :func:`apply_updates`.
+
+    Example:
+        >>> import torch, fnloop.optim as flo
+        >>> tx = flo.sgd(lr=0.5)
+        >>> p = {"w": torch.ones(1)}
+        >>> flo.fused_apply(tx)({"w": torch.ones(1)}, tx.init(p), p)[0]
+        {'w': tensor([0.5000])}
+    """
+    fused = getattr(tx.update, "apply", None)
+    if fused is not None:
+        return fused  # type: ignore[no-any-return]
+
+    def apply(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+        updates, state = tx.update(grads, state, params)
+        return apply_updates(params, updates), state
+
+    return apply
+
+
+def axpy(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: Any) -> list[torch.Tensor]:
+    """``x + alpha * y`` (one fused kernel when ``alpha`` is a Python number, as torch.optim)."""
+    if isinstance(alpha, torch.Tensor):
+        return fe.add(xs, fe.mul(ys, alpha))
+    return fe.add(xs, ys, alpha=alpha)
+
+
+def addcdiv(xs: list[torch.Tensor], ys: list[torch.Tensor], zs: list[torch.Tensor], value: Any) -> list[torch.Tensor]:
+    """``x + value * y / z`` (one fused kernel when ``value`` is a Python number)."""
+    if isinstance(value, torch.Tensor):
+        return fe.add(xs, fe.mul(fe.div(ys, zs), value))
+    return fe.addcdiv(xs, ys, zs, value)
+
+
+def new_count() -> torch.Tensor:
+    """A fresh step counter: an int64 0-d CPU tensor."""
+    return torch.zeros((), dtype=torch.int64)
+
+
+def as_schedule(lr: LearningRate, *, name: str = "lr") -> Schedule:
+    """Turn a float or a schedule into a schedule; validate a float learning rate.
+
+    Example:
+        >>> import fnloop.optim as flo
+        >>> float(flo.as_schedule(0.1)(5))
+        0.1
+    """
+    if callable(lr):
+        return lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ConfigError(f"{name} must be a non-negative float or a schedule (fnloop.optim.warmup_cosine, ...), got {lr!r}")
+    return schedules.constant(float(lr))
+
+
+def is_constant(schedule: Schedule) -> bool:
+    """Whether the schedule never changes (the LR tensor in the state need not be recomputed)."""
+    return isinstance(schedule, schedules._Constant)
+
+
+def next_lr(schedule: Schedule, lr: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The learning rate in force after ``count`` updates."""
+    return lr if is_constant(schedule) else schedule(count).to(lr.dtype)
+
+
+class ScaleByLearningRateState(NamedTuple):
+    """``count``: updates done; ``lr``: the learning rate the next update uses."""
+
+    count: torch.Tensor
+    lr: torch.Tensor
+
+
+def scale_by_learning_rate(lr: LearningRate, *, flip_sign: bool = True) -> GradientTransformation:
+    """Multiply the updates by ``-lr`` (``lr`` when ``flip_sign=False``); a schedule is evaluated on
+    the transform's own count and the LR in force is kept in the state.
+
+    Example:
+        >>> import torch, fnloop.optim as flo
+        >>> tx = flo.scale_by_learning_rate(0.5)
+        >>> tx.update({"w": torch.ones(1)}, tx.init({"w": torch.ones(1)}))[0]
+        {'w': tensor([-0.5000])}
+    """
+    schedule = as_schedule(lr)
+    sign = -1.0 if flip_sign else 1.0
+
+    def init(params: Any) -> ScaleByLearningRateState:
+        return ScaleByLearningRateState(new_count(), schedule(0).to(torch.float64))
+
+    def update(updates: Any, state: ScaleByLearningRateState, params: Any = None) -> tuple[Any, Any]:
+        factor = sign * host(state.lr)
+        out = leaves_like(updates, fe.mul(tree_leaves(updates), factor))
+        count = state.count + 1
+        return out, ScaleByLearningRateState(count, next_lr(schedule, state.lr, count))
+
+    return GradientTransformation(init, update)
+
+
+def _find_lr(node: Any) -> torch.Tensor | None:
+    if isinstance(node, tuple) and hasattr(node, "_fields") and "lr" in node._fields:
+        return node.lr  # type: ignore[no-any-return]
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, (list, tuple)) else ()
+    for child in children:
+        found = _find_lr(child)
+        if found is not None:
+            return found
+    return None
+
+
+def learning_rate(opt_state: Any) -> torch.Tensor:
+    """The learning rate in force (for the next update), read back from an optimizer state.
+
+    Example:
+        >>> import torch, fnloop.optim as flo
+        >>> tx = flo.sgd(lr=flo.step_lr(0.1, step_size=1, gamma=0.5))
+        >>> float(flo.learning_rate(tx.init({"w": torch.ones(1)})))
+        0.1
+    """
+    found = _find_lr(opt_state)
+    if found is None:
+        raise ConfigError("learning_rate: this optimizer state holds no learning rate (no state with an `lr` field)")
+    return found

@@ -1,0 +1,158 @@
+"""Transforms that wrap another one: gradient accumulation, non-finite skipping, moving averages.
+
+Example:
+    >>> import fnloop.optim as flo
+    >>> tx = flo.multi_steps(flo.apply_if_finite(flo.adamw(lr=1e-3)), every_k=4)
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from fnloop.errors import ConfigError
+from fnloop.optim import _foreach as fe
+from fnloop.optim.base import GradientTransformation, from_apply, fused_apply, host, leaves_like, new_count
+from fnloop.tree import tree_flatten, tree_leaves
+
+__all__ = ["MultiStepsState", "multi_steps", "ApplyIfFiniteState", "apply_if_finite", "EmaState", "ema"]
+
+
+def _zeros(tree: Any) -> Any:
+    return leaves_like(tree, [torch.zeros_like(x) for x in tree_leaves(tree)])
+
+
+def _select(cond: torch.Tensor, new: Any, old: Any) -> Any:
+    """``new`` where ``cond`` else ``old``, leaf by leaf, for tensor leaves (other leaves from ``new``)."""
+    new_leaves, spec = tree_flatten(new)
+    old_leaves = tree_leaves(old)
+    out = [torch.where(cond, n, o) if isinstance(n, torch.Tensor) else n for n, o in zip(new_leaves, old_leaves)]
+    return spec.unflatten(out)
+
+
+class MultiStepsState(NamedTuple):
+    """``mini_step``: micro-batches accumulated so far; ``grad_acc``: their gradient sum."""
+
+    mini_step: torch.Tensor
+    gradient_step: torch.Tensor
+    grad_acc: Any
+    inner_state: Any
+
+
+def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransformation:
+    """Gradient accumulation: sum the gradients of ``every_k`` micro-batches and apply ``inner`` to
+    their mean on the last one; the other calls return zero updates.
+
+    With a mean loss, ``every_k`` micro-batches of size ``b`` give the step of one batch of size
+    ``every_k * b``. In eager mode the branch is taken on the host-side counter; while compiling
+    both branches are traced and selected with ``torch.where`` (no graph break, no recompilation).
+
+    Example:
+        >>> import fnloop.optim as flo
+        >>> tx = flo.multi_steps(flo.sgd(lr=0.1), every_k=4)
+    """
+    if isinstance(every_k, bool) or not isinstance(every_k, int) or every_k < 1:
+        raise ConfigError(f"multi_steps: every_k must be an int >= 1, got {every_k!r}")
+
+    def init(params: Any) -> MultiStepsState:
+        return MultiStepsState(new_count(), new_count(), _zeros(params), inner.init(params))
+
+    inner_apply = fused_apply(inner)
+
+    def apply(grads: Any, state: MultiStepsState, params: Any) -> tuple[Any, MultiStepsState]:
+        if every_k == 1:
+            new_params, inner_state = inner_apply(grads, state.inner_state, params)
+            return new_params, state._replace(gradient_step=state.gradient_step + 1, inner_state=inner_state)
+        acc = fe.add(tree_leaves(state.grad_acc), tree_leaves(grads))
+        mini = host(state.mini_step)
+        if not isinstance(mini, torch.Tensor):  # eager: branch on the host-side counter
+            if mini < every_k - 1:
+                return params, state._replace(mini_step=state.mini_step + 1, grad_acc=leaves_like(state.grad_acc, acc))
+            mean = leaves_like(grads, fe.div(acc, float(every_k)))
+            new_params, inner_state = inner_apply(mean, state.inner_state, params)
+            zero = torch.zeros_like(state.mini_step)
+            return new_params, MultiStepsState(zero, state.gradient_step + 1, _zeros(state.grad_acc), inner_state)
+        emit = state.mini_step == every_k - 1
+        mean = leaves_like(grads, fe.div(acc, float(every_k)))
+        new_params, inner_state = inner_apply(mean, state.inner_state, params)
+        new_state = MultiStepsState(
+            torch.where(emit, torch.zeros_like(state.mini_step), state.mini_step + 1),
+            torch.where(emit, state.gradient_step + 1, state.gradient_step),
+            leaves_like(state.grad_acc, fe.where(emit, [torch.zeros_like(a) for a in acc], acc)),
+            _select(emit, inner_state, state.inner_state),
+        )
+        return _select(emit, new_params, params), new_state
+
+    return from_apply(init, apply)
+
+
+class ApplyIfFiniteState(NamedTuple):
+    """``notfinite_count``: consecutive skipped updates; ``total_notfinite``: all skipped updates."""
+
+    notfinite_count: torch.Tensor
+    last_finite: torch.Tensor
+    total_notfinite: torch.Tensor
+    inner_state: Any
+
+
+def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
+    """Skip an update whose gradients hold a NaN or an infinity: the update is zero and ``inner``'s
+    state is left unchanged. Decided with ``torch.where`` (no host sync); skips are counted.
+
+    Example:
+        >>> import fnloop.optim as flo
+        >>> tx = flo.apply_if_finite(flo.adam(lr=1e-3))
+    """
+
+    def init(params: Any) -> ApplyIfFiniteState:
+        leaves = tree_leaves(params)
+        device = leaves[0].device if leaves else None
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        return ApplyIfFiniteState(zero, torch.ones((), dtype=torch.bool, device=device), zero.clone(), inner.init(params))
+
+    inner_apply = fused_apply(inner)
+
+    def apply(grads: Any, state: ApplyIfFiniteState, params: Any) -> tuple[Any, ApplyIfFiniteState]:
+        finite = fe.all_finite(tree_leaves(grads))
+        new_params, inner_state = inner_apply(grads, state.inner_state, params)
+        new_state = ApplyIfFiniteState(
+            torch.where(finite, torch.zeros_like(state.notfinite_count), state.notfinite_count + 1),
+            finite,
+            state.total_notfinite + (~finite).to(torch.int64),
+            _select(finite, inner_state, state.inner_state),
+        )
+        return _select(finite, new_params, params), new_state
+
+    return from_apply(init, apply)
+
+
+class EmaState(NamedTuple):
+    count: torch.Tensor
+    ema: Any
+
+
+def ema(decay: float, debias: bool = True) -> GradientTransformation:
+    """Replace the updates by their exponential moving average (optax's ``ema``); with ``debias``
+    the average is divided by ``1 - decay**count``.
+
+    Example:
+        >>> import fnloop.optim as flo
+        >>> tx = flo.chain(flo.ema(0.9), flo.sgd(lr=0.1))
+    """
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
+        raise ConfigError(f"ema: decay must be in [0, 1], got {decay!r}")
+
+    def init(params: Any) -> EmaState:
+        return EmaState(new_count(), _zeros(params))
+
+    def update(updates: Any, state: EmaState, params: Any = None) -> tuple[Any, EmaState]:
+        count = state.count + 1
+        avg = fe.lerp(tree_leaves(state.ema), tree_leaves(updates), 1 - decay)
+        out = avg
+        if debias:
+            c = host(count)
+            out = fe.div(avg, 1 - decay**c)
+        return leaves_like(updates, out), EmaState(count, leaves_like(state.ema, avg))
+
+    return GradientTransformation(init, update)

@@ -1,0 +1,77 @@
+"""Randomness derived from the state: ``state.rng`` folded with ``state.step``.
+
+A step runs with the global torch generators seeded from ``(rng, step)`` and restores them
+afterwards, so dropout is reproducible and the caller's RNG stream is left as it was.
+
+Example:
+    >>> import torch, fnloop as fl
+    >>> before = torch.get_rng_state()
+    >>> with fl.rng.seeded(fl.rng.fold(7, 3), []):
+    ...     a = torch.rand(1)
+    >>> with fl.rng.seeded(fl.rng.fold(7, 3), []):
+    ...     b = torch.rand(1)
+    >>> bool(a == b) and bool((torch.get_rng_state() == before).all())
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+__all__ = ["fold", "seeded", "state_seed"]
+
+_MASK = (1 << 64) - 1
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def fold(key: int, *data: int) -> int:
+    """Fold integers into a key: a deterministic 63-bit mix (splitmix64).
+
+    Example:
+        >>> import fnloop as fl
+        >>> fl.rng.fold(0, 1) != fl.rng.fold(0, 2)
+        True
+    """
+    x = key & _MASK
+    for d in data:
+        x = _splitmix64(x ^ _splitmix64(d & _MASK))
+    return x >> 1
+
+
+def state_seed(rng: torch.Tensor, step: torch.Tensor) -> int | None:
+    """The seed of a step, or None under ``torch.func`` transforms (``vmap``'s ``randomness``
+    argument then decides) and while compiling (the seed is set outside the compiled region)."""
+    if _is_wrapped(rng) or _is_wrapped(step) or torch.compiler.is_compiling():
+        return None
+    return fold(int(rng), int(step))
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, cuda_devices: Sequence[int]) -> Iterator[None]:
+    """Seed the CPU generator (and those of ``cuda_devices``) inside the block; restore after.
+
+    Example:
+        >>> import torch, fnloop as fl
+        >>> with fl.rng.seeded(1, []):
+        ...     x = torch.rand(2)
+    """
+    gens = [torch.default_generator] + [torch.cuda.default_generators[d] for d in cuda_devices]
+    saved = [g.get_state() for g in gens]
+    try:
+        if seed is not None:
+            for g in gens:
+                g.manual_seed(seed)
+        yield
+    finally:
+        for g, s in zip(gens, saved):
+            g.set_state(s)

@@ -1,0 +1,143 @@
+"""The trainer state: one frozen pytree record holding everything a run needs.
+
+Example:
+    >>> import torch, fnloop as fl, fnloop.optim as flo
+    >>> state = fl.TrainState.create(torch.nn.Linear(2, 1), flo.sgd(lr=0.1), seed=0)
+    >>> sorted(state.params)
+    ['bias', 'weight']
+    >>> int(state.step)
+    0
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from fnloop.tree import dataclass, field
+from fnloop.types import GradientTransformationLike, TensorDict
+
+__all__ = ["LoopState", "TrainState", "Status"]
+
+
+class Status:
+    """Values of ``LoopState.status``."""
+
+    INITIALIZING = "initializing"
+    RUNNING = "running"
+    FINISHED = "finished"
+    INTERRUPTED = "interrupted"
+    FAILED = "failed"
+
+
+@dataclass
+class LoopState:
+    """Loop counters owned by the driver; every field is a pytree leaf, so a checkpoint holds them.
+
+    Attributes:
+        epoch: current epoch (0-based).
+        batch_idx: batches of the current epoch already consumed.
+        global_step: optimizer steps taken (Lightning's ``global_step``).
+        samples_seen: training samples consumed in total.
+        val_count: validation runs done (sanity checks excluded).
+        stop: a stop was requested (by a callback, a signal or a policy).
+        status: one of :class:`Status`.
+        callbacks: per-callback state (best scores, counters), keyed by callback key.
+        logger_step: the step loggers write at.
+    """
+
+    epoch: int = 0
+    batch_idx: int = 0
+    global_step: int = 0
+    samples_seen: int = 0
+    val_count: int = 0
+    stop: bool = False
+    status: str = Status.INITIALIZING
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    logger_step: int = 0
+
+
+def _meta_template(module: torch.nn.Module) -> torch.nn.Module:
+    """A structural copy of ``module`` whose parameters and buffers live on the meta device."""
+    memo: dict[int, Any] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(meta, t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
+@dataclass
+class TrainState:
+    """The whole trainer state.
+
+    Leaves: ``step`` (int64 0-d CPU tensor, calls of the train step so far), ``params`` and
+    ``buffers`` (dicts keyed like ``module.named_parameters()``), ``opt_state``, ``rng``
+    (int64 0-d CPU tensor, the run's key) and ``loop`` (:class:`LoopState`). Static:
+    ``module`` (a template on the meta device, holding no weight memory) and ``tx``.
+    """
+
+    step: torch.Tensor
+    params: TensorDict
+    buffers: TensorDict
+    opt_state: Any
+    rng: torch.Tensor
+    loop: LoopState
+    module: torch.nn.Module = field(static=True, compare=False)
+    tx: GradientTransformationLike = field(static=True, compare=False)
+
+    @classmethod
+    def create(
+        cls,
+        module: torch.nn.Module,
+        tx: GradientTransformationLike,
+        *,
+        seed: int = 0,
+        params: TensorDict | None = None,
+        init_from: tuple[str, str, str] | None = None,
+    ) -> TrainState:
+        """Build a state from a module and an optimizer.
+
+        The state gets its own copy of the weights; ``module`` itself is left as it was.
+
+        Args:
+            module: the model; its parameters (requires_grad or not) become ``params`` and
+                its buffers ``buffers``.
+            tx: a ``GradientTransformation`` from :mod:`fnloop.optim`.
+            seed: the run's RNG key (dropout etc. derive from it and the step).
+            params: start from these weights (a dict like ``state.params``) instead of the module's.
+            init_from: ``(root_url, name, version)`` of a model published with
+                :mod:`fnloop.registry`; its params and buffers replace the module's.
+
+        Example:
+            >>> import torch, fnloop as fl, fnloop.optim as flo
+            >>> s = fl.TrainState.create(torch.nn.Linear(3, 2), flo.adam(lr=1e-3), seed=1)
+            >>> s.params["weight"].shape
+            torch.Size([2, 3])
+        """
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"TrainState.create: module must be a torch.nn.Module, got {type(module).__name__}")
+        new_params = {n: p.detach().clone() for n, p in module.named_parameters()}
+        new_buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+        if init_from is not None:
+            from fnloop import registry
+
+            loaded = registry.load(*init_from)
+            params = {n: loaded[n] for n in new_params if n in loaded}
+            new_buffers.update({n: loaded[n] for n in new_buffers if n in loaded})
+        if params is not None:
+            from fnloop.tree import check_same_structure
+
+            check_same_structure(new_params, dict(params), what="TrainState.create(params=...)")
+            new_params = {n: torch.as_tensor(params[n]).detach().clone() for n in new_params}
+        return cls(
+            step=torch.zeros((), dtype=torch.int64),
+            params=new_params,
+            buffers=new_buffers,
+            opt_state=tx.init(new_params),
+            rng=torch.tensor(int(seed), dtype=torch.int64),
+            loop=LoopState(),
+            module=_meta_template(module),
+            tx=tx,
+        )

@@ -1,0 +1,284 @@
+"""Pure steps: ``train_step``, ``eval_step``, ``predict_step`` and ``compile``.
+
+A step never mutates its inputs, never performs I/O or host syncs, and is deterministic:
+the same ``(state, batch)`` gives bitwise the same result.
+
+Example:
+    >>> import torch, fnloop as fl, fnloop.optim as flo
+    >>> state = fl.TrainState.create(torch.nn.Linear(3, 1), flo.sgd(lr=0.1), seed=0)
+    >>> def loss_fn(model, batch):
+    ...     x, y = batch
+    ...     return torch.nn.functional.mse_loss(model(x), y)
+    >>> step = fl.train_step(loss_fn)
+    >>> state, metrics = step(state, (torch.ones(4, 3), torch.zeros(4, 1)))
+    >>> int(state.step), sorted(metrics)
+    (1, ['loss'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from fnloop import rng as _rng
+from fnloop.bind import Bound, bind
+from fnloop.errors import StepError
+from fnloop.optim.base import fused_apply
+from fnloop.state import TrainState
+from fnloop.tree import check_same_structure, tree_leaves, tree_structure
+
+__all__ = ["TrainStep", "EvalStep", "PredictStep", "train_step", "eval_step", "predict_step", "compile"]
+
+
+def _set_mode(module: torch.nn.Module, training: bool) -> None:
+    if module.training != training:
+        module.train(training)
+
+
+def _cuda_devices(params: Mapping[str, torch.Tensor]) -> list[int]:
+    for p in params.values():
+        return [p.device.index or 0] if p.device.type == "cuda" else []
+    return []
+
+
+def _check_batch_device(batch: Any, params: Mapping[str, torch.Tensor], name: str) -> None:
+    device = next(iter(params.values())).device if params else None
+    if device is None:
+        return
+    for leaf in tree_leaves(batch):
+        if isinstance(leaf, torch.Tensor) and leaf.device != device:
+            raise StepError(
+                f"{name}: a batch tensor is on {leaf.device} but the params are on {device}; "
+                f"move the batch with fnloop.to_device(batch, {str(device)!r}) (the Trainer does this)"
+            )
+
+
+def _check_state(state: Any, name: str) -> None:
+    if not isinstance(state, TrainState):
+        raise StepError(f"{name}: expected a fnloop.TrainState as first argument, got {type(state).__name__}")
+
+
+def _split_loss(out: Any, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    aux: dict[str, torch.Tensor] = {}
+    if isinstance(out, tuple):
+        if len(out) != 2 or not isinstance(out[1], Mapping):
+            raise StepError(f"{name}: loss_fn must return a loss or (loss, {{'metric': tensor, ...}}), got a tuple of {len(out)}")
+        out, aux = out[0], dict(out[1])
+    if not isinstance(out, torch.Tensor) or out.ndim != 0 or not out.is_floating_point():
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise StepError(f"{name}: loss_fn must return a scalar (0-d) floating-point tensor, got {shape}; reduce it with .mean()")
+    return out, aux
+
+
+class _Cached:
+    """Per (module, tx) cores, built lazily; ``compile_kwargs`` turns them into compiled cores."""
+
+    def __init__(self, compile_kwargs: dict[str, Any] | None):
+        self.compile_kwargs = compile_kwargs
+        self.cores: dict[tuple[int, int], tuple[Any, Callable[..., Any]]] = {}
+
+    def get(self, key_objs: tuple[Any, Any], build: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
+        key = (id(key_objs[0]), id(key_objs[1]))
+        hit = self.cores.get(key)
+        if hit is not None and hit[0][0] is key_objs[0] and hit[0][1] is key_objs[1]:
+            return hit[1]
+        core = build()
+        if self.compile_kwargs is not None:
+            core = torch.compile(core, **{"fullgraph": True, **self.compile_kwargs})
+        self.cores[key] = (key_objs, core)
+        return core
+
+
+class TrainStep:
+    """``(state, batch) -> (state, metrics)``: one gradient step of ``loss_fn``.
+
+    Metrics are ``{"loss": loss, **aux}`` as detached tensors.
+    """
+
+    def __init__(self, loss_fn: Callable[..., Any], *, compile_kwargs: dict[str, Any] | None = None):
+        if not callable(loss_fn):
+            raise StepError(f"train_step: loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
+        self._cache = _Cached(compile_kwargs)
+        self._checked: tuple[Any, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"train_step({getattr(self.loss_fn, '__qualname__', self.loss_fn)!r})"
+
+    def _build(self, module: torch.nn.Module, tx: Any) -> Callable[..., Any]:
+        loss_fn = self.loss_fn
+        compiled = self._cache.compile_kwargs is not None
+        apply = fused_apply(tx)
+
+        def core(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], opt_state: Any, batch: Any) -> Any:
+            with torch.enable_grad():
+                leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+                new_buffers = {k: v.clone() for k, v in buffers.items()}
+                if compiled:
+                    out = _functional_loss(loss_fn, module, leaves, new_buffers, batch)
+                else:
+                    with bind(module, leaves, new_buffers) as model:
+                        out = loss_fn(model, batch)
+                loss, aux = _split_loss(out, "train_step")
+                names = list(leaves)
+                grads_list = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
+            grads = {k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, grads_list)}
+            new_params, new_opt_state = apply(grads, opt_state, params)
+            metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
+            return new_params, new_buffers, new_opt_state, metrics
+
+        return core
+
+    def _validate(self, state: TrainState) -> None:
+        key = (state.module, state.tx)
+        if self._checked is not None and self._checked[0] is key[0] and self._checked[1] is key[1]:
+            if state.params.keys() == self._checked_names:
+                return
+        expected = {n: p for n, p in state.module.named_parameters()}
+        check_same_structure(expected, state.params, what="state.params vs the module's parameters")
+        reference = state.tx.init(state.params)
+        check_same_structure(reference, state.opt_state, what="state.opt_state vs tx.init(state.params)")
+        self._checked = key
+        self._checked_names = state.params.keys()
+        self._opt_spec = tree_structure(reference)
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        _check_state(state, "train_step")
+        self._validate(state)
+        _check_batch_device(batch, state.params, "train_step")
+        module = state.module
+        _set_mode(module, True)
+        core = self._cache.get((module, state.tx), lambda: self._build(module, state.tx))
+        with _rng.seeded(_rng.state_seed(state.rng, state.step), _cuda_devices(state.params)):
+            params, buffers, opt_state, metrics = core(state.params, state.buffers, state.opt_state, batch)
+        new_state = state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state)
+        return new_state, metrics
+
+
+def _functional_loss(loss_fn: Callable[..., Any], module: torch.nn.Module, params: Any, buffers: Any, batch: Any) -> Any:
+    """``loss_fn`` with the module called through ``torch.func.functional_call`` (traceable)."""
+
+    class _Functional(Bound):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return torch.func.functional_call(self.module, (self.params, self.buffers), args, kwargs, strict=False)
+
+    return loss_fn(_Functional(module, params, buffers), batch)
+
+
+class _EvalLike:
+    """Shared driver of eval and predict steps: eval mode, no grad, seeded RNG."""
+
+    kind = "eval_step"
+
+    def __init__(self, fn: Callable[..., Any], *, compile_kwargs: dict[str, Any] | None = None):
+        if not callable(fn):
+            raise StepError(f"{self.kind}: fn must be callable, got {type(fn).__name__}")
+        self.fn = fn
+        self._cache = _Cached(compile_kwargs)
+
+    def __repr__(self) -> str:
+        return f"{self.kind}({getattr(self.fn, '__qualname__', self.fn)!r})"
+
+    def _finish(self, out: Any) -> Any:
+        return out
+
+    def _build(self, module: torch.nn.Module) -> Callable[..., Any]:
+        fn = self.fn
+        compiled = self._cache.compile_kwargs is not None
+
+        def core(params: Any, buffers: Any, batch: Any) -> Any:
+            with torch.no_grad():
+                if compiled:
+                    return self._finish(_functional_loss(fn, module, params, buffers, batch))
+                with bind(module, params, buffers) as model:
+                    return self._finish(fn(model, batch))
+
+        return core
+
+    def __call__(self, state: TrainState, batch: Any) -> Any:
+        _check_state(state, self.kind)
+        _check_batch_device(batch, state.params, self.kind)
+        module = state.module
+        _set_mode(module, False)
+        core = self._cache.get((module, None), lambda: self._build(module))
+        with _rng.seeded(_rng.state_seed(state.rng, state.step), _cuda_devices(state.params)):
+            return core(state.params, state.buffers, batch)
+
+
+class EvalStep(_EvalLike):
+    """``(state, batch) -> metrics``: ``fn(model, batch)`` returns a loss tensor (reported as
+    ``"loss"``) or a dict of scalar tensors; module in eval mode, no grad."""
+
+    kind = "eval_step"
+
+    def _finish(self, out: Any) -> dict[str, torch.Tensor]:
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
+            out = {"loss": out[0], **out[1]}
+        elif isinstance(out, torch.Tensor):
+            out = {"loss": out}
+        if not isinstance(out, Mapping):
+            raise StepError(f"eval_step: fn must return a tensor or a dict of tensors, got {type(out).__name__}")
+        for k, v in out.items():
+            if not isinstance(v, torch.Tensor) or v.ndim != 0:
+                raise StepError(f"eval_step: metric {k!r} must be a scalar (0-d) tensor, got {getattr(v, 'shape', type(v).__name__)}")
+        return dict(out)
+
+
+class PredictStep(_EvalLike):
+    """``(state, batch) -> outputs``: whatever ``fn(model, batch)`` returns; eval mode, no grad."""
+
+    kind = "predict_step"
+
+
+def train_step(loss_fn: Callable[..., Any]) -> TrainStep:
+    """Build the pure train step of ``loss_fn(model, batch) -> loss | (loss, {"acc": ...})``.
+
+    ``model`` is the state's module bound to its params and buffers (callable like the module,
+    plus ``.params`` and ``.buffers``). The step computes the gradients, applies ``state.tx`` and
+    returns the new state (step + 1, new params, buffers and optimizer state) and the metrics.
+
+    Example:
+        >>> import torch, fnloop as fl
+        >>> step = fl.train_step(lambda model, batch: model(batch).square().mean())
+    """
+    return TrainStep(loss_fn)
+
+
+def eval_step(fn: Callable[..., Any]) -> EvalStep:
+    """Build the pure eval step of ``fn(model, batch) -> loss | {"name": scalar tensor}``.
+
+    Example:
+        >>> import torch, fnloop as fl
+        >>> step = fl.eval_step(lambda model, batch: {"loss": model(batch).square().mean()})
+    """
+    return EvalStep(fn)
+
+
+def predict_step(fn: Callable[..., Any]) -> PredictStep:
+    """Build the pure predict step of ``fn(model, batch) -> outputs``.
+
+    Example:
+        >>> import fnloop as fl
+        >>> step = fl.predict_step(lambda model, batch: model(batch).argmax(-1))
+    """
+    return PredictStep(fn)
+
+
+def compile(step: Any, **torch_compile_kwargs: Any) -> Any:  # noqa: A001
+    """The same step with its computation under ``torch.compile(fullgraph=True)``.
+
+    The RNG seeding and the state bookkeeping stay outside the compiled region, and every value
+    that changes between steps (learning rate, counters) is a tensor input, so the step compiles
+    once.
+
+    Example:
+        >>> import torch, fnloop as fl
+        >>> fast = fl.compile(fl.train_step(lambda model, batch: model(batch).square().mean()))
+    """
+    if isinstance(step, TrainStep):
+        return TrainStep(step.loss_fn, compile_kwargs=torch_compile_kwargs)
+    if isinstance(step, _EvalLike):
+        return type(step)(step.fn, compile_kwargs=torch_compile_kwargs)
+    raise StepError(f"compile: expected a step from fnloop.train_step/eval_step/predict_step, got {type(step).__name__}")
