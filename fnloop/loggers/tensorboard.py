@@ -1,0 +1,171 @@
+"""TensorBoard sink on ``tensorboardX.SummaryWriter``.
+
+Each metric becomes a scalar series tagged with its key (``"train/loss"``), written through
+``add_scalar``, which queues events for a background thread (flushed every ``flush_secs``
+and at ``finalize``). Hyperparameters go to TensorBoard's HPARAMS tab in the run folder
+itself (flattened to ``"a.b"`` keys, values it cannot show turned into strings) and to
+``hparams.yaml``; ``finalize`` closes the HPARAMS session with its status.
+
+Every writer this sink opens gets its own event file name, so a sink reopened after
+``finalize`` (``fit`` then ``test``) or several sinks in one folder never overwrite a file.
+
+Example:
+    >>> import tempfile
+    >>> sink = TensorBoardLogger(log_dir=tempfile.mkdtemp())
+    >>> sink.log_metrics({"train/loss": 0.5, "lr": 1e-3}, step=10)
+    >>> sink.finalize("finished")
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from fnloop.errors import ConfigError
+from fnloop.loggers.base import check_status, scalar_metrics
+from fnloop.loggers.file_logger import FileLogger
+from fnloop.loggers.hparams import flatten_hparams
+
+__all__ = ["TensorBoardLogger"]
+
+_FILE_NUMBERS = itertools.count()
+_END_STATUS = {
+    "finished": "STATUS_SUCCESS",
+    "failed": "STATUS_FAILURE",
+    "interrupted": "STATUS_UNKNOWN",
+}
+
+
+def _session_end_summary(status: str) -> Any:
+    """The HPARAMS plugin's session-end record for ``status``."""
+    from tensorboardX.proto.api_pb2 import Status
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData, SessionEndInfo
+    from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+
+    info = SessionEndInfo(status=Status.Value(_END_STATUS[status]), end_time_secs=time.time())
+    content = HParamsPluginData(session_end_info=info, version=0).SerializeToString()
+    plugin = SummaryMetadata.PluginData(plugin_name="hparams", content=content)
+    metadata = SummaryMetadata(plugin_data=plugin)
+    return Summary(value=[Summary.Value(tag="_hparams_/session_end_info", metadata=metadata)])
+
+
+class TensorBoardLogger(FileLogger):
+    """Scalars and hyperparameters as TensorBoard event files in the run folder.
+
+    Args:
+        root_dir: folder holding every run (point ``tensorboard --logdir`` at it).
+        name: experiment name; the run folder is ``root_dir/name/version_<n>``.
+        version: ``None`` for the next free version, an int, or a folder name.
+        log_dir: write into exactly this folder instead of a versioned one.
+        flush_secs: seconds between background flushes of the event file.
+        max_queue: events held in the writer's queue before ``add_scalar`` waits for it.
+
+    Example:
+        >>> import tempfile
+        >>> sink = TensorBoardLogger(tempfile.mkdtemp(), "exp")
+        >>> sink.log_hparams({"optim": {"lr": 0.1}}, {"val/loss": 0.3})
+        >>> sink.finalize("finished")
+        >>> sink.log_dir.endswith("exp/version_0")
+        True
+    """
+
+    def __init__(
+        self,
+        root_dir: str | os.PathLike[str] = "runs",
+        name: str | None = "default",
+        version: int | str | None = None,
+        *,
+        log_dir: str | os.PathLike[str] | None = None,
+        flush_secs: float = 10,
+        max_queue: int = 100,
+    ) -> None:
+        super().__init__(root_dir, name, version, log_dir=log_dir)
+        if not flush_secs > 0:
+            raise ConfigError(f"TensorBoardLogger(flush_secs={flush_secs!r}): give seconds > 0")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+            raise ConfigError(f"TensorBoardLogger(max_queue={max_queue!r}): give an int >= 1")
+        self.flush_secs = flush_secs
+        self.max_queue = max_queue
+        self._writer: Any = None
+        self._tb_hparams: dict[str, bool | int | float | str] = {}
+        self._hparam_metrics: dict[str, None] = {}
+        self._session_open = False
+
+    @property
+    def writer(self) -> Any:
+        """The open ``tensorboardX.SummaryWriter`` (opened on demand; ``None`` off rank 0).
+
+        Use it for what this sink does not wrap (histograms, images, text).
+        """
+        if self._writer is None:
+            folder = self._folder()
+            if folder is None:
+                return None
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError as err:
+                raise ConfigError(
+                    "TensorBoardLogger needs the tensorboardX package: pip install tensorboardX"
+                ) from err
+            self._writer = SummaryWriter(
+                logdir=folder,
+                flush_secs=self.flush_secs,
+                max_queue=self.max_queue,
+                filename_suffix=f".{os.getpid()}.{next(_FILE_NUMBERS):06d}",
+            )
+        return self._writer
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Add one scalar per key at ``step``."""
+        values = self._prepare(metrics, step)
+        if values is None:
+            return
+        writer = self.writer
+        for key, value in values.items():
+            writer.add_scalar(key, value, self._last_step)
+
+    def log_hparams(
+        self, params: Mapping[str, Any], metrics: Mapping[str, float] | None = None
+    ) -> None:
+        """Record hyperparameters for the HPARAMS tab and ``hparams.yaml``.
+
+        Later calls add to (and override keys of) earlier ones. The keys of ``metrics`` become
+        the HPARAMS tab's metric columns, which show the last value of the scalar series with
+        that tag; their values are added as scalars at the last step logged.
+        """
+        values = scalar_metrics(metrics or {})
+        if self._write_hparams(params) is None:
+            return
+        from tensorboardX.summary import hparams
+
+        self._tb_hparams.update(flatten_hparams(params))
+        self._hparam_metrics.update(dict.fromkeys(values))
+        experiment, session_start, _ = hparams(self._tb_hparams, dict(self._hparam_metrics))
+        writer = self.writer
+        writer.file_writer.add_summary(experiment)
+        writer.file_writer.add_summary(session_start)
+        self._session_open = True
+        for key, value in values.items():
+            writer.add_scalar(key, value, self._last_step)
+
+    def flush(self) -> None:
+        """Write queued events to disk now."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def finalize(self, status: str) -> None:
+        """End the HPARAMS session with ``status``, flush and close the event file.
+
+        Safe to call again; logging afterwards opens a new event file in the same folder.
+        """
+        check_status(status)
+        if self._writer is None:
+            return
+        if self._session_open:
+            self._writer.file_writer.add_summary(_session_end_summary(status))
+            self._session_open = False
+        self._writer.close()
+        self._writer = None
