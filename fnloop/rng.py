@@ -51,7 +51,7 @@ def fold(key: int, *data: int) -> int:
 def state_seed(rng: torch.Tensor, step: torch.Tensor) -> int | None:
     """The seed of a step, or None under ``torch.func`` transforms (``vmap``'s ``randomness``
     argument then decides) and while compiling (the seed is set outside the compiled region)."""
-    if _is_wrapped(rng) or _is_wrapped(step) or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _is_wrapped(rng) or _is_wrapped(step):
         return None
     return fold(int(rng), int(step))
 

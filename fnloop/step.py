@@ -112,19 +112,32 @@ class TrainStep:
         compiled = self._cache.compile_kwargs is not None
         apply = fused_apply(tx)
 
-        def core(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], opt_state: Any, batch: Any) -> Any:
+        def grads_eager(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], batch: Any) -> Any:
             with torch.enable_grad():
                 leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-                new_buffers = {k: v.clone() for k, v in buffers.items()}
-                if compiled:
-                    out = _functional_loss(loss_fn, module, leaves, new_buffers, batch)
-                else:
-                    with bind(module, leaves, new_buffers) as model:
-                        out = loss_fn(model, batch)
-                loss, aux = _split_loss(out, "train_step")
-                names = list(leaves)
-                grads_list = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
-            grads = {k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(names, grads_list)}
+                with bind(module, leaves, buffers) as model:
+                    loss, aux = _split_loss(loss_fn(model, batch), "train_step")
+                grads_list = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            grads = {k: (g if g is not None else torch.zeros_like(params[k])) for k, g in zip(leaves, grads_list)}
+            return grads, loss, aux
+
+        def grads_traced(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], batch: Any) -> Any:
+            def loss_of(p: dict[str, torch.Tensor]) -> Any:
+                loss, aux = _split_loss(_functional_loss(loss_fn, module, p, buffers, batch), "train_step")
+                return loss, (loss, aux)
+
+            with torch.enable_grad():
+                grads, (loss, aux) = torch.func.grad(loss_of, has_aux=True)(params)
+            return grads, loss, aux
+
+        def compute_grads(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], batch: Any) -> Any:
+            # torch.func transforms (vmap) and dynamo need the functional path; eager autograd is faster.
+            traced = compiled or torch.compiler.is_compiling() or any(_rng._is_wrapped(p) for p in params.values())
+            return (grads_traced if traced else grads_eager)(params, buffers, batch)
+
+        def core(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], opt_state: Any, batch: Any) -> Any:
+            new_buffers = {k: v.clone() for k, v in buffers.items()}  # updated in place by BatchNorm & co.
+            grads, loss, aux = compute_grads(params, new_buffers, batch)
             new_params, new_opt_state = apply(grads, opt_state, params)
             metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
             return new_params, new_buffers, new_opt_state, metrics
@@ -157,13 +170,15 @@ class TrainStep:
         return new_state, metrics
 
 
+class _Functional(Bound):
+    """A bound module that calls through ``torch.func.functional_call`` (what dynamo traces)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self.module, (self.params, self.buffers), args, kwargs, strict=False)
+
+
 def _functional_loss(loss_fn: Callable[..., Any], module: torch.nn.Module, params: Any, buffers: Any, batch: Any) -> Any:
     """``loss_fn`` with the module called through ``torch.func.functional_call`` (traceable)."""
-
-    class _Functional(Bound):
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            return torch.func.functional_call(self.module, (self.params, self.buffers), args, kwargs, strict=False)
-
     return loss_fn(_Functional(module, params, buffers), batch)
 
 

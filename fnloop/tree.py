@@ -109,13 +109,20 @@ def dataclass(cls: type[T] | None = None, /, **kwargs: Any) -> Any:
             tuple(getattr(obj, n) for n in meta),
         ),
     )
-    cls.replace = _replace  # type: ignore[attr-defined]
+    names = frozenset(data + meta)
+
+    def replace(self: Any, **changes: Any) -> Any:
+        """Return a copy with the given fields changed."""
+        unknown = changes.keys() - names
+        if unknown:
+            raise TypeError(f"{cls.__name__}.replace: unknown field(s) {sorted(unknown)}; fields are {sorted(names)}")
+        new = object.__new__(cls)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
+
+    cls.replace = replace  # type: ignore[attr-defined]
     return cls
-
-
-def _replace(self: T, **changes: Any) -> T:
-    """Return a copy with the given fields changed."""
-    return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
 def tree_map(fn: Callable[..., Any], tree: Any, /, *rest: Any, **kwargs: Any) -> Any:

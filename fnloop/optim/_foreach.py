@@ -17,7 +17,7 @@ Tensors = Sequence[torch.Tensor]
 
 
 def _fallback(xs: Tensors) -> bool:
-    return bool(xs) and _is_wrapped(xs[0])
+    return bool(xs) and not torch.compiler.is_compiling() and _is_wrapped(xs[0])
 
 
 def _pairwise(name: str, op: Any) -> Any:
@@ -98,3 +98,60 @@ def all_finite(xs: Tensors) -> torch.Tensor:
     if not flags:
         return torch.tensor(True)
     return torch.stack(flags).all()
+
+
+# In-place variants, for tensors the caller has just allocated itself (never for inputs).
+
+
+def _inplace_pairwise(name: str) -> Any:
+    fused = getattr(torch, f"_foreach_{name}_")
+
+    def fn(xs: Tensors, ys: Any, **kwargs: Any) -> list[torch.Tensor]:
+        if _fallback(xs):
+            if isinstance(ys, (list, tuple)):
+                for x, y in zip(xs, ys):
+                    getattr(x, f"{name}_")(y, **kwargs)
+            else:
+                for x in xs:
+                    getattr(x, f"{name}_")(ys, **kwargs)
+        else:
+            fused(xs, ys, **kwargs)
+        return list(xs)
+
+    fn.__name__ = f"{name}_"
+    return fn
+
+
+add_ = _inplace_pairwise("add")
+mul_ = _inplace_pairwise("mul")
+div_ = _inplace_pairwise("div")
+
+
+def sqrt_(xs: Tensors) -> list[torch.Tensor]:
+    """In-place square root of every leaf."""
+    if _fallback(xs):
+        for x in xs:
+            x.sqrt_()
+    else:
+        torch._foreach_sqrt_(xs)
+    return list(xs)
+
+
+def addcmul_(xs: Tensors, ys: Tensors, zs: Tensors, value: float = 1.0) -> list[torch.Tensor]:
+    """In-place ``x += value * y * z``."""
+    if _fallback(xs):
+        for x, y, z in zip(xs, ys, zs):
+            x.addcmul_(y, z, value=value)
+    else:
+        torch._foreach_addcmul_(xs, ys, zs, value)
+    return list(xs)
+
+
+def addcdiv_(xs: Tensors, ys: Tensors, zs: Tensors, value: float = 1.0) -> list[torch.Tensor]:
+    """In-place ``x += value * y / z``."""
+    if _fallback(xs):
+        for x, y, z in zip(xs, ys, zs):
+            x.addcdiv_(y, z, value=value)
+    else:
+        torch._foreach_addcdiv_(xs, ys, zs, value)
+    return list(xs)

@@ -26,6 +26,7 @@ from fnloop.optim.base import (
     GradientTransformation,
     LearningRate,
     addcdiv,
+    addcdiv_,
     as_schedule,
     axpy,
     from_apply,
@@ -34,7 +35,7 @@ from fnloop.optim.base import (
     new_count,
     next_lr,
 )
-from fnloop.tree import tree_leaves
+from fnloop.tree import tree_flatten, tree_leaves
 
 __all__ = ["SGDState", "AdamState", "RMSpropState", "AdagradState", "sgd", "adam", "adamw", "rmsprop", "adagrad"]
 
@@ -51,13 +52,15 @@ def _zeros(params: Any) -> Any:
 
 
 def _fused(
-    init: Callable[[Any], Any], step: Callable[[list[torch.Tensor], Any, list[torch.Tensor]], tuple[list[torch.Tensor], Any]]
+    init: Callable[[Any], Any], step: Callable[[list[torch.Tensor], Any, list[torch.Tensor], Any], tuple[list[torch.Tensor], Any]]
 ) -> GradientTransformation:
-    """A transform from ``step(grad leaves, state, param leaves) -> (new param leaves, state)``."""
+    """A transform from ``step(grad leaves, state, param leaves, treespec) -> (new param leaves, state)``;
+    state trees shaped like the params are read and rebuilt with the params' treespec."""
 
     def apply(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
-        new_params, state = step(tree_leaves(grads), state, tree_leaves(params))
-        return leaves_like(params, new_params), state
+        p, spec = tree_flatten(params)
+        new_params, state = step(spec.flatten_up_to(grads), state, p, spec)
+        return spec.unflatten(new_params), state
 
     return from_apply(init, apply)
 
@@ -91,22 +94,22 @@ def sgd(
     def init(params: Any) -> SGDState:
         return SGDState(new_count(), schedule(0).to(torch.float64), _zeros(params) if momentum else None)
 
-    def step(g: list[torch.Tensor], state: SGDState, p: list[torch.Tensor]) -> tuple[list[torch.Tensor], SGDState]:
+    def step(g: list[torch.Tensor], state: SGDState, p: list[torch.Tensor], spec: Any) -> tuple[list[torch.Tensor], SGDState]:
         if weight_decay:
             g = fe.add(g, p, alpha=weight_decay)
         buf = state.momentum_buffer
         if momentum:
-            old = tree_leaves(buf)
-            decayed = fe.mul(old, momentum)
+            old = spec.flatten_up_to(buf)
             if not dampening:  # the zero-initialised buffer gives torch's first step exactly
-                new = fe.add(decayed, g)
+                new = fe.add_(fe.mul(old, momentum), g)
             else:  # torch copies the gradient into the buffer at the first step
                 first = host(state.count) == 0
-                new = fe.where(first, g, fe.add(decayed, g, alpha=1 - dampening)) if isinstance(first, torch.Tensor) else (
-                    list(g) if first else fe.add(decayed, g, alpha=1 - dampening)
-                )
+                if isinstance(first, torch.Tensor):
+                    new = fe.where(first, g, fe.add_(fe.mul(old, momentum), g, alpha=1 - dampening))
+                else:
+                    new = list(g) if first else fe.add_(fe.mul(old, momentum), g, alpha=1 - dampening)
             g = fe.add(g, new, alpha=momentum) if nesterov else new
-            buf = leaves_like(buf, new)
+            buf = spec.unflatten(new)
         new_p = axpy(p, g, -host(state.lr))
         count = state.count + 1
         return new_p, SGDState(count, next_lr(schedule, state.lr, count), buf)
@@ -143,30 +146,32 @@ def _adam(
             new_count(), schedule(0).to(torch.float64), _zeros(params), _zeros(params), _zeros(params) if amsgrad else None
         )
 
-    def step(g: list[torch.Tensor], state: AdamState, p: list[torch.Tensor]) -> tuple[list[torch.Tensor], AdamState]:
+    def step(g: list[torch.Tensor], state: AdamState, p: list[torch.Tensor], spec: Any) -> tuple[list[torch.Tensor], AdamState]:
         lr_now = host(state.lr)
         if weight_decay and decoupled:
             if mask is None:
                 p = fe.mul(p, 1 - lr_now * weight_decay)
             else:
-                flags = tree_leaves(mask(p) if callable(mask) else mask)
-                p = [x * (1 - lr_now * weight_decay) if f else x for x, f in zip(p, flags)]
+                flags = tree_leaves(mask(spec.unflatten(p)) if callable(mask) else mask)
+                p = [x * (1 - lr_now * weight_decay) if f else x.clone() for x, f in zip(p, flags)]
         elif weight_decay:
             g = fe.add(g, p, alpha=weight_decay)
         count = state.count + 1
-        mu = fe.lerp(tree_leaves(state.mu), g, 1 - b1)
-        nu = fe.addcmul(fe.mul(tree_leaves(state.nu), b2), g, g, 1 - b2)
-        nu_max = fe.maximum(tree_leaves(state.nu_max), nu) if amsgrad else None
+        mu = fe.lerp(spec.flatten_up_to(state.mu), g, 1 - b1)
+        nu = fe.addcmul_(fe.mul(spec.flatten_up_to(state.nu), b2), g, g, 1 - b2)
+        nu_max = fe.maximum(spec.flatten_up_to(state.nu_max), nu) if amsgrad else None
         c = host(count)
         bias_correction1, bias_correction2 = 1 - b1**c, 1 - b2**c
-        denom = fe.add(fe.div(fe.sqrt(nu_max if amsgrad else nu), bias_correction2**0.5), eps)
-        new_p = addcdiv(p, mu, denom, -(lr_now / bias_correction1))
+        denom = fe.add_(fe.div_(fe.sqrt(nu_max if amsgrad else nu), bias_correction2**0.5), eps)
+        step_size = -(lr_now / bias_correction1)
+        # p is a fresh tensor when decoupled decay ran: update it in place (same kernels as torch)
+        new_p = addcdiv_(p, mu, denom, step_size) if weight_decay and decoupled else addcdiv(p, mu, denom, step_size)
         new_state = AdamState(
             count,
             next_lr(schedule, state.lr, count),
-            leaves_like(state.mu, mu),
-            leaves_like(state.nu, nu),
-            leaves_like(state.nu_max, nu_max) if amsgrad else None,
+            spec.unflatten(mu),
+            spec.unflatten(nu),
+            spec.unflatten(nu_max) if amsgrad else None,
         )
         return new_p, new_state
 
@@ -201,8 +206,8 @@ def adamw(
     """AdamW, as ``torch.optim.AdamW`` (decoupled weight decay).
 
     Args:
-        mask: a tree of bools like the params (or a function of the param leaves returning a
-            list of bools); weight decay applies only where it is True (e.g. not to biases).
+        mask: a tree of bools like the params (or a function params -> that tree, such as
+            ``flo.ndim_mask(2)``); weight decay applies only where it is True (e.g. not to biases).
 
     Example:
         >>> import fnloop.optim as flo
@@ -248,27 +253,27 @@ def rmsprop(
             _zeros(params) if centered else None,
         )
 
-    def step(g: list[torch.Tensor], state: RMSpropState, p: list[torch.Tensor]) -> tuple[list[torch.Tensor], RMSpropState]:
+    def step(g: list[torch.Tensor], state: RMSpropState, p: list[torch.Tensor], spec: Any) -> tuple[list[torch.Tensor], RMSpropState]:
         if weight_decay:
             g = fe.add(g, p, alpha=weight_decay)
-        sq = fe.addcmul(fe.mul(tree_leaves(state.square_avg), alpha), g, g, 1 - alpha)
+        sq = fe.addcmul_(fe.mul(spec.flatten_up_to(state.square_avg), alpha), g, g, 1 - alpha)
         grad_avg = state.grad_avg
         if centered:
-            ga = fe.lerp(tree_leaves(grad_avg), g, 1 - alpha)
-            avg = fe.add(fe.sqrt(fe.addcmul(sq, ga, ga, -1)), eps)
-            grad_avg = leaves_like(grad_avg, ga)
+            ga = fe.lerp(spec.flatten_up_to(grad_avg), g, 1 - alpha)
+            avg = fe.add_(fe.sqrt_(fe.addcmul(sq, ga, ga, -1)), eps)
+            grad_avg = spec.unflatten(ga)
         else:
-            avg = fe.add(fe.sqrt(sq), eps)
+            avg = fe.add_(fe.sqrt(sq), eps)
         buf = state.momentum_buffer
         lr_now = host(state.lr)
         if momentum:
-            new_buf = fe.addcdiv(fe.mul(tree_leaves(buf), momentum), g, avg)
+            new_buf = fe.addcdiv_(fe.mul(spec.flatten_up_to(buf), momentum), g, avg)
             new_p = axpy(p, new_buf, -lr_now)
-            buf = leaves_like(buf, new_buf)
+            buf = spec.unflatten(new_buf)
         else:
             new_p = addcdiv(p, g, avg, -lr_now)
         count = state.count + 1
-        new_state = RMSpropState(count, next_lr(schedule, state.lr, count), leaves_like(state.square_avg, sq), buf, grad_avg)
+        new_state = RMSpropState(count, next_lr(schedule, state.lr, count), spec.unflatten(sq), buf, grad_avg)
         return new_p, new_state
 
     return _fused(init, step)
@@ -303,15 +308,15 @@ def adagrad(
         acc = [torch.full_like(p, initial_accumulator_value) for p in tree_leaves(params)]
         return AdagradState(new_count(), schedule(0).to(torch.float64), leaves_like(params, acc))
 
-    def step(g: list[torch.Tensor], state: AdagradState, p: list[torch.Tensor]) -> tuple[list[torch.Tensor], AdagradState]:
+    def step(g: list[torch.Tensor], state: AdagradState, p: list[torch.Tensor], spec: Any) -> tuple[list[torch.Tensor], AdagradState]:
         count = state.count + 1
         if weight_decay:
             g = fe.add(g, p, alpha=weight_decay)
         minus_clr = -host(state.lr) / (1 + (host(count) - 1) * lr_decay)
-        total = fe.addcmul(tree_leaves(state.sum), g, g, 1)
-        std = fe.add(fe.sqrt(total), eps)
+        total = fe.addcmul(spec.flatten_up_to(state.sum), g, g, 1)
+        std = fe.add_(fe.sqrt(total), eps)
         new_p = addcdiv(p, fe.mul(g, minus_clr), std, 1.0)
-        new_state = AdagradState(count, next_lr(schedule, state.lr, count), leaves_like(state.sum, total))
+        new_state = AdagradState(count, next_lr(schedule, state.lr, count), spec.unflatten(total))
         return new_p, new_state
 
     return _fused(init, step)

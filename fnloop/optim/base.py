@@ -42,6 +42,7 @@ __all__ = [
     "fused_apply",
     "axpy",
     "addcdiv",
+    "addcdiv_",
 ]
 
 Schedule = Callable[[Any], torch.Tensor]
@@ -185,6 +186,13 @@ def axpy(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: Any) -> list[tor
     if isinstance(alpha, torch.Tensor):
         return fe.add(xs, fe.mul(ys, alpha))
     return fe.add(xs, ys, alpha=alpha)
+
+
+def addcdiv_(xs: list[torch.Tensor], ys: list[torch.Tensor], zs: list[torch.Tensor], value: Any) -> list[torch.Tensor]:
+    """In-place ``x += value * y / z`` on tensors the caller allocated (fused for a Python number)."""
+    if isinstance(value, torch.Tensor):
+        return fe.add_(xs, fe.mul(fe.div(ys, zs), value))
+    return fe.addcdiv_(xs, ys, zs, value)
 
 
 def addcdiv(xs: list[torch.Tensor], ys: list[torch.Tensor], zs: list[torch.Tensor], value: Any) -> list[torch.Tensor]:

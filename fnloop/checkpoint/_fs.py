@@ -1,0 +1,251 @@
+"""Filesystem helpers for checkpoints: fsspec URLs, durable local writes, temporary folders.
+
+Every checkpoint location is a URL or a plain path that :func:`fsspec.core.url_to_fs`
+understands (``/x``, ``relative/x``, ``file:///x``, ``memory://x``, ``s3://bucket/x``).
+Local disks get the durable protocol: write into a temporary sibling, fsync every file and
+the folder, rename into place, fsync the parent. Temporary names carry the host and process
+that own them, so a reader never removes the folder of a save that is still running.
+
+Example:
+    >>> from fnloop.checkpoint import _fs
+    >>> fs, path = _fs.resolve("memory://ckpt/step-1")
+    >>> path
+    '/ckpt/step-1'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from fnloop.errors import CheckpointError
+
+__all__ = [
+    "TMP_PREFIX",
+    "resolve",
+    "is_local",
+    "join_url",
+    "fsync_path",
+    "tmp_name",
+    "is_stale_tmp",
+    "remove_stale_tmp",
+    "list_names",
+    "remove_tree",
+    "write_file_atomic",
+]
+
+TMP_PREFIX = ".tmp-"
+STALE_AFTER_S = 24 * 3600.0
+"""A temporary entry made on another host is removed only once it is this old."""
+
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def resolve(url: str | os.PathLike[str]) -> tuple[Any, str]:
+    """``(filesystem, path)`` for a URL or a plain path.
+
+    Example:
+        >>> fs, path = resolve("memory://a/b")
+        >>> path
+        '/a/b'
+    """
+    try:
+        return fsspec.core.url_to_fs(os.fspath(url))
+    except (ValueError, ImportError) as e:
+        raise CheckpointError(f"{os.fspath(url)}: cannot open this location ({e}); use a path or an fsspec URL") from e
+
+
+def is_local(fs: Any) -> bool:
+    """Whether ``fs`` is the local disk (where rename and fsync give an atomic, durable commit).
+
+    Example:
+        >>> is_local(resolve("/tmp")[0])
+        True
+    """
+    return isinstance(fs, LocalFileSystem)
+
+
+def join_url(url: str | os.PathLike[str], *names: str) -> str:
+    """``url/name/...`` keeping the scheme of ``url``.
+
+    Example:
+        >>> join_url("memory://runs/", "step-1", "meta.json")
+        'memory://runs/step-1/meta.json'
+    """
+    return "/".join([os.fspath(url).rstrip("/"), *names])
+
+
+def fsync_path(path: str) -> None:
+    """fsync a local file or folder (a folder fsync makes renames inside it durable).
+
+    Example:
+        >>> fsync_path("/tmp")
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_name(name: str) -> str:
+    """A temporary sibling name for ``name`` tagged with this host and process.
+
+    Example:
+        >>> tmp_name("step-1").startswith(".tmp-")
+        True
+    """
+    return f"{TMP_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}-{name}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale_tmp(name: str, path: str) -> bool:
+    """Whether the local temporary entry ``name`` at ``path`` was left by a save that died.
+
+    An entry of this host is stale when its process is gone; one of another host (shared
+    storage) when it is older than ``STALE_AFTER_S``.
+
+    Example:
+        >>> is_stale_tmp("step-1", "/tmp/step-1")
+        False
+    """
+    if not name.startswith(TMP_PREFIX):
+        return False
+    parts = name[len(TMP_PREFIX) :].split("-", 3)
+    if len(parts) == 4 and parts[0] == _HOST and parts[1].isdigit():
+        return not _pid_alive(int(parts[1]))
+    try:
+        return time.time() - os.lstat(path).st_mtime > STALE_AFTER_S
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_tmp(directory: str) -> list[str]:
+    """Remove the stale temporary entries directly inside a local ``directory``; return their names.
+
+    Example:
+        >>> remove_stale_tmp("/nonexistent-folder")
+        []
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        if is_stale_tmp(entry.name, entry.path):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    pass
+            removed.append(entry.name)
+    return removed
+
+
+def list_names(fs: Any, path: str) -> Iterator[str]:
+    """Names of the entries directly inside ``path`` (none when it does not exist), fresh from the store.
+
+    Example:
+        >>> list(list_names(resolve("memory://nothing-here")[0], "/nothing-here"))
+        []
+    """
+    if is_local(fs):
+        try:
+            yield from (e.name for e in os.scandir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        return
+    fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+        if name:
+            yield name
+
+
+def remove_tree(fs: Any, path: str, *, marker: str | None = None) -> None:
+    """Delete the folder ``path``; ``marker`` (e.g. ``meta.json``) goes first so a crash leaves no valid folder.
+
+    On a local disk the folder is first renamed to a temporary name, which is atomic.
+
+    Example:
+        >>> fs, p = resolve("memory://rm-me")
+        >>> fs.pipe(p + "/meta.json", b"{}")
+        >>> remove_tree(fs, p, marker="meta.json"); fs.exists(p)
+        False
+    """
+    if is_local(fs):
+        parent, name = os.path.split(path.rstrip("/"))
+        doomed = os.path.join(parent, tmp_name(name))
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:
+            return
+        fsync_path(parent)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return
+    if marker is not None:
+        try:
+            fs.rm_file(f"{path}/{marker}")
+        except FileNotFoundError:
+            pass
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def write_file_atomic(fs: Any, path: str, data: bytes) -> None:
+    """Replace the file ``path`` by ``data`` so a reader sees the old or the new content, never a mix.
+
+    Local: temporary sibling, fsync, ``os.replace``, fsync of the folder. Other filesystems:
+    write a temporary sibling, then move it over ``path``.
+
+    Example:
+        >>> fs, p = resolve("memory://idx/index.json")
+        >>> write_file_atomic(fs, p, b"{}"); fs.cat_file(p)
+        b'{}'
+    """
+    parent, name = path.rstrip("/").rsplit("/", 1)
+    tmp = f"{parent}/{tmp_name(name)}"
+    if is_local(fs):
+        os.makedirs(parent, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        fsync_path(parent)
+        return
+    fs.makedirs(parent, exist_ok=True)
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, path)
