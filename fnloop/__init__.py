@@ -1,6 +1,19 @@
 """fnloop: a functional, immutable-state training engine for PyTorch."""
 
+from fnloop import connectors as connectors
+from fnloop import metrics as metrics
 from fnloop import rng as rng
+from fnloop.callbacks import Callback as Callback
+from fnloop.callbacks import EarlyStopping as EarlyStopping
+from fnloop.callbacks import LearningRateMonitor as LearningRateMonitor
+from fnloop.callbacks import ProgressBar as ProgressBar
+from fnloop.callbacks import Timer as Timer
+from fnloop.callbacks import request_stop as request_stop
+from fnloop.connectors.device import to_device as to_device
+from fnloop.loggers import ConsoleLogger as ConsoleLogger
+from fnloop.loggers import CSVLogger as CSVLogger
+from fnloop.loggers import JSONLLogger as JSONLLogger
+from fnloop.loggers import TensorBoardLogger as TensorBoardLogger
 from fnloop.bind import bind as bind
 from fnloop.errors import CheckpointError as CheckpointError
 from fnloop.errors import ConfigError as ConfigError
@@ -14,6 +27,7 @@ from fnloop.step import compile as compile  # noqa: A004
 from fnloop.step import eval_step as eval_step
 from fnloop.step import predict_step as predict_step
 from fnloop.step import train_step as train_step
+from fnloop.trainer import Trainer as Trainer
 from fnloop.tree import check_same_structure as check_same_structure
 from fnloop.tree import dataclass as dataclass
 from fnloop.tree import field as field

@@ -39,6 +39,7 @@ class LoopState:
     Attributes:
         epoch: current epoch (0-based).
         batch_idx: batches of the current epoch already consumed.
+        total_batch_idx: training batches consumed over all epochs.
         global_step: optimizer steps taken (Lightning's ``global_step``).
         samples_seen: training samples consumed in total.
         val_count: validation runs done (sanity checks excluded).
@@ -50,6 +51,7 @@ class LoopState:
 
     epoch: int = 0
     batch_idx: int = 0
+    total_batch_idx: int = 0
     global_step: int = 0
     samples_seen: int = 0
     val_count: int = 0

@@ -36,3 +36,4 @@ __all__ = [
     "resolve_datamodule",
     "shard",
 ]
+from fnloop.connectors import signals as signals  # noqa: E402

@@ -84,7 +84,20 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
         )
         return _select(emit, new_params, params), new_state
 
-    return from_apply(init, apply)
+    def flush(state: MultiStepsState, params: Any) -> tuple[Any, MultiStepsState]:
+        """Apply a partial accumulation now (gradient sum / every_k, as Lightning does at the end
+        of an epoch whose batch count is not a multiple of every_k); eager only."""
+        if int(state.mini_step) == 0:
+            return params, state
+        mean = leaves_like(params, fe.div(tree_leaves(state.grad_acc), float(every_k)))
+        new_params, inner_state = inner_apply(mean, state.inner_state, params)
+        zero = torch.zeros_like(state.mini_step)
+        return new_params, MultiStepsState(zero, state.gradient_step + 1, _zeros(state.grad_acc), inner_state)
+
+    tx = from_apply(init, apply)
+    tx.update.flush = flush  # type: ignore[attr-defined]
+    tx.update.every_k = every_k  # type: ignore[attr-defined]
+    return tx
 
 
 class ApplyIfFiniteState(NamedTuple):

@@ -1,0 +1,11 @@
+"""Callbacks: hooks that receive the state and may return a new one."""
+
+from fnloop.callbacks.base import Callback as Callback
+from fnloop.callbacks.base import callback_state as callback_state
+from fnloop.callbacks.base import request_stop as request_stop
+from fnloop.callbacks.base import with_callback_state as with_callback_state
+from fnloop.callbacks.early_stopping import EarlyStopping as EarlyStopping
+from fnloop.callbacks.misc import LearningRateMonitor as LearningRateMonitor
+from fnloop.callbacks.misc import Timer as Timer
+from fnloop.callbacks.misc import parse_duration as parse_duration
+from fnloop.callbacks.progress import ProgressBar as ProgressBar

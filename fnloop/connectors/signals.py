@@ -1,0 +1,66 @@
+"""OS signals turned into a stop request that the fit loop reads at step boundaries.
+
+During ``fit``, SIGTERM and SIGUSR1 (configurable) ask the loop to finish the current step,
+save a checkpoint and return with status ``interrupted``. A first SIGINT does the same; a
+second raises ``KeyboardInterrupt`` at once. Handlers are installed only in the main thread and
+the previous ones are restored when the block exits.
+
+Example:
+    >>> import fnloop as fl
+    >>> with fl.connectors.signals.stop_signals() as sig:
+    ...     sig.requested
+    False
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+__all__ = ["StopRequest", "stop_signals", "DEFAULT_SIGNALS"]
+
+DEFAULT_SIGNALS: tuple[int, ...] = tuple(
+    s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None), signal.SIGINT) if s is not None
+)
+
+
+class StopRequest:
+    """Set by the handlers; ``signum`` is the first signal received."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None
+        self.sigints = 0
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            self.sigints += 1
+            if self.sigints > 1:
+                raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
+        self.requested = True
+
+
+@contextlib.contextmanager
+def stop_signals(signals: Sequence[int] | None = None) -> Iterator[StopRequest]:
+    """Install stop handlers for ``signals`` (default SIGTERM, SIGUSR1, SIGINT) inside the block.
+
+    Outside the main thread nothing is installed (the request never fires).
+    """
+    request = StopRequest()
+    chosen = DEFAULT_SIGNALS if signals is None else tuple(signals)
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {}
+    try:
+        for signum in chosen:
+            previous[signum] = signal.signal(signum, request.handle)
+        yield request
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

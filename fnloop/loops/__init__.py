@@ -1,0 +1,1 @@
+"""The driver's loops: fit, evaluate, predict, and Lightning's loop rules as pure functions."""

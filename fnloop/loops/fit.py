@@ -1,0 +1,266 @@
+"""The fit loop: pure steps composed with Lightning's loop rules; every counter in ``state.loop``.
+
+The loop reads top to bottom like a hand-written one. Effects (logging, progress, checkpoint
+files, signals) happen here and nowhere else; the steps stay pure.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fnloop.callbacks.misc import parse_duration
+from fnloop.callbacks.progress import ProgressBar
+from fnloop.connectors.device import device_of
+from fnloop.errors import ConfigError, StepError
+from fnloop.loops import rules
+from fnloop.loops.data import batches_on, data_seed, limited, make_source, require, stage_data
+from fnloop.loops.evaluate import evaluate, prefixed
+from fnloop.loops.logging import Window, make_logger
+from fnloop.loops.prepare import prepare_state
+from fnloop.state import Status
+
+__all__ = ["run_fit"]
+
+
+def _hook(callbacks: list[Any], name: str, state: Any, *args: Any) -> Any:
+    for cb in callbacks:
+        out = getattr(cb, name)(state, *args)
+        if out is not None:
+            state = out
+    return state
+
+
+def _loop(state: Any, **changes: Any) -> Any:
+    return state.replace(loop=state.loop.replace(**changes))
+
+
+class _Run:
+    """What one ``fit`` call holds besides the state: configuration resolved once and effects."""
+
+    def __init__(self, trainer: Any, train_step: Any, val_step: Any, train_src: Any, val_src: Any, checkpoint: Any):
+        self.trainer = trainer
+        self.train_step = train_step
+        self.val_step = val_step
+        self.train_src = train_src
+        self.val_src = val_src
+        self.checkpoint = checkpoint
+        self.callbacks = list(trainer.callback_list)
+        self.bar = None
+        if trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in self.callbacks):
+            self.bar = ProgressBar()
+            self.callbacks.append(self.bar)
+        self.logger = make_logger(trainer)
+        self.max_epochs = trainer.resolved_max_epochs
+        self.max_steps = trainer.resolved_max_steps
+        self.max_time = parse_duration(trainer.max_time)
+        self.accumulate = trainer.accumulate_grad_batches
+        self.window = Window()
+        self.started = time.monotonic()
+
+    # --- validation ----------------------------------------------------------------------------
+
+    def val_batches(self, epoch: int) -> int | None:
+        if self.val_step is None or self.val_src is None:
+            return 0
+        return limited(self.val_src, epoch, self.trainer.limit("val"), "val")
+
+    def validate(self, state: Any) -> Any:
+        n = self.val_batches(state.loop.epoch)
+        metrics = prefixed(evaluate(state, self.val_step, self.val_src, n, epoch=0), "val")
+        state = _loop(state, val_count=state.loop.val_count + 1)
+        self.logger.log_metrics(metrics, step=state.loop.global_step)
+        state = _hook(self.callbacks, "on_validation_end", state, metrics)
+        if self.checkpoint is not None:
+            state = self.checkpoint.on_validation_end(state, metrics)
+        return state
+
+    def sanity_check(self, state: Any) -> None:
+        n_val = self.val_batches(0)
+        steps = self.trainer.num_sanity_val_steps
+        if self.trainer.dev_batches or steps == 0 or n_val == 0:
+            return
+        n = n_val if steps == -1 else (steps if n_val is None else min(steps, n_val))
+        evaluate(state, self.val_step, self.val_src, n)
+
+    # --- logging -------------------------------------------------------------------------------
+
+    def flush_window(self, state: Any) -> Any:
+        if not len(self.window):
+            return state
+        means, bad, seconds, samples = self.window.reduce()
+        first_step = self.window.first_step
+        self.window = Window()
+        self.window.first_step = state.loop.global_step
+        if bad is not None and self.trainer.on_nonfinite != "skip":
+            where = f"the loss became non-finite at batch {bad} of the logging window that started at global step {first_step} (epoch {state.loop.epoch})"
+            if self.trainer.on_nonfinite == "raise":
+                raise StepError(
+                    f"{where}; lower the learning rate, clip gradients (gradient_clip_val), or set "
+                    "Trainer(on_nonfinite='skip') to skip such updates"
+                )
+            state = _loop(state, stop=True)
+        logged = prefixed(means, "train")
+        if seconds > 0:
+            logged["throughput/samples_per_sec"] = samples / seconds
+        for cb in self.callbacks:
+            logged.update(cb.log(state))
+        step = state.loop.global_step
+        self.logger.log_metrics(logged, step=step)
+        for cb in self.callbacks:
+            cb.on_log(logged, step)
+        return _loop(state, logger_step=step)
+
+    # --- stopping ------------------------------------------------------------------------------
+
+    def can_stop(self, state: Any, epochs_done: int) -> bool:
+        return rules.can_stop_early(
+            epoch=epochs_done, global_step=state.loop.global_step, min_epochs=self.trainer.min_epochs, min_steps=self.trainer.min_steps
+        )
+
+    def out_of_budget(self, state: Any) -> bool:
+        if self.max_steps != -1 and state.loop.global_step >= self.max_steps:
+            return True
+        return self.max_time is not None and time.monotonic() - self.started >= self.max_time
+
+
+def run_fit(
+    trainer: Any,
+    state: Any,
+    train_step: Any,
+    train_data: Any,
+    *,
+    val_step: Any = None,
+    val_data: Any = None,
+    datamodule: Any = None,
+    ckpt_path: str | None = None,
+    checkpoint: Any = None,
+) -> Any:
+    """``Trainer.fit``: see its docstring."""
+    from fnloop.state import TrainState
+
+    if not isinstance(state, TrainState):
+        raise ConfigError(f"Trainer.fit: state must be a fnloop.TrainState, got {type(state).__name__}")
+    train_data = require(
+        stage_data(train_data, datamodule, "train", fit=True), "train_data", "pass train_data= or a datamodule with train_data()"
+    )
+    val_data = stage_data(val_data, datamodule, "val", fit=True) if val_step is not None else None
+    seed = data_seed(trainer, state)
+    no_shuffle = bool(trainer.overfit_batches)
+    train_src = make_source(train_data, seed=seed, stage="train", no_shuffle=no_shuffle)
+    val_src = make_source(val_data, seed=seed, stage="val") if val_data is not None else None
+    state = prepare_state(
+        state,
+        accumulate=trainer.accumulate_grad_batches,
+        clip_val=trainer.gradient_clip_val,
+        clip_algorithm=trainer.gradient_clip_algorithm,
+        skip_nonfinite=trainer.on_nonfinite == "skip",
+    )
+    if ckpt_path is not None:
+        from fnloop.checkpoint.resume import resume_from
+
+        state = resume_from(ckpt_path, state, checkpoint)
+    run = _Run(trainer, train_step, val_step, train_src, val_src, checkpoint)
+    from fnloop.connectors.signals import stop_signals
+
+    with stop_signals(trainer.stop_signals) as signals:
+        try:
+            state = _fit(run, state, signals)
+        except KeyboardInterrupt:
+            state = _loop(run.last_state, status=Status.INTERRUPTED)
+            state = _finish(run, state)
+        except BaseException as exc:
+            failed = _loop(run.last_state, status=Status.FAILED)
+            for cb in run.callbacks:
+                cb.on_exception(failed, exc)
+            run.logger.finalize("failed")
+            raise
+    return state
+
+
+def _finish(run: _Run, state: Any) -> Any:
+    state = run.flush_window(state)
+    state = _hook(run.callbacks, "on_fit_end", state)
+    if run.checkpoint is not None:
+        state = run.checkpoint.on_fit_end(state)
+    run.logger.finalize(state.loop.status if state.loop.status in ("finished", "interrupted") else "finished")
+    return state
+
+
+def _fit(run: _Run, state: Any, signals: Any) -> Any:
+    trainer, step, src = run.trainer, run.train_step, run.train_src
+    device = device_of(state.params)
+    flush = getattr(state.tx.update, "flush", None)
+    fresh = state.loop.global_step == 0 and state.loop.batch_idx == 0 and state.loop.epoch == 0
+    run.last_state = state = _loop(state, status=Status.RUNNING)
+    state = _hook(run.callbacks, "on_fit_start", state)
+    if fresh and run.val_step is not None:
+        run.sanity_check(state)
+    run.window.first_step = state.loop.global_step
+    stopped = False
+    while not stopped and not rules.fit_done(
+        epoch=state.loop.epoch, global_step=state.loop.global_step, max_epochs=run.max_epochs, max_steps=run.max_steps
+    ):
+        if state.loop.stop and run.can_stop(state, state.loop.epoch):
+            break
+        epoch = state.loop.epoch
+        n = limited(src, epoch, trainer.limit("train"), "train")
+        check_batch = rules.val_check_batch(
+            n, trainer.val_check_interval or 1.0, check_val_every_n_epoch=trainer.check_val_every_n_epoch
+        ) if run.val_batches(epoch) != 0 else None
+        if run.bar is not None:
+            run.bar.total = n
+        state = _hook(run.callbacks, "on_train_epoch_start", state)
+        run.last_state = state
+        batch_idx = state.loop.batch_idx
+        for batch in batches_on(src, epoch, batch_idx, n, device):
+            state, metrics = step(state, batch)
+            batch_size = src.batch_size_of(batch)
+            stepped = rules.is_optimizer_step(batch_idx, n_batches=n, accumulate=run.accumulate)
+            if stepped and flush is not None and n is not None and batch_idx + 1 == n:
+                params, opt_state = flush(state.opt_state, state.params)  # Lightning steps on a partial window
+                state = state.replace(params=params, opt_state=opt_state)
+            loop = state.loop
+            state = _loop(
+                state,
+                batch_idx=batch_idx + 1,
+                global_step=loop.global_step + stepped,
+                samples_seen=loop.samples_seen + batch_size,
+                total_batch_idx=loop.total_batch_idx + 1,
+            )
+            run.last_state = state
+            run.window.add(metrics, batch_size)
+            state = _hook(run.callbacks, "on_train_batch_end", state, metrics)
+            run.last_state = state
+            if stepped and state.loop.global_step % trainer.log_every_n_steps == 0:
+                state = run.flush_window(state)
+            if check_batch is not None and rules.should_validate(
+                batch_idx, total_batch_idx=state.loop.total_batch_idx - 1, epoch=epoch, n_batches=n,
+                check_batch=check_batch, check_val_every_n_epoch=trainer.check_val_every_n_epoch,
+            ):
+                state = run.validate(state)
+            if run.checkpoint is not None:
+                state = run.checkpoint.on_train_batch_end(state)
+            run.last_state = state
+            batch_idx += 1
+            if signals.requested:
+                state = _loop(state, status=Status.INTERRUPTED)
+                return _finish(run, _interrupted(run, state))
+            if run.out_of_budget(state) or (state.loop.stop and run.can_stop(state, epoch)):
+                stopped = True
+                break
+        if n is None and not stopped or n is not None and batch_idx >= n:  # the epoch is complete
+            state = _hook(run.callbacks, "on_train_epoch_end", state)
+            state = _loop(state, epoch=epoch + 1, batch_idx=0)
+            if run.checkpoint is not None:
+                state = run.checkpoint.on_train_epoch_end(state)
+            run.last_state = state
+    state = _loop(state, status=Status.FINISHED)
+    run.last_state = state
+    return _finish(run, state)
+
+
+def _interrupted(run: _Run, state: Any) -> Any:
+    if run.checkpoint is not None:
+        state = run.checkpoint.on_interrupt(state)
+    return state
