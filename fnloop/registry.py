@@ -55,7 +55,8 @@ def _read_index(root_url: str | os.PathLike[str], name: str) -> dict[str, Any] |
         index = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{url}: malformed JSON ({e}); the registry entry is damaged") from e
-    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("versions"), list):
+    valid = isinstance(index, dict) and index.get("format") == INDEX_FORMAT and isinstance(index.get("versions"), list)
+    if not valid:
         raise CheckpointError(f"{url}: not an fnloop registry index (format {INDEX_FORMAT!r} with a 'versions' list)")
     return index
 
@@ -73,7 +74,8 @@ def _write_index(root_url: str | os.PathLike[str], name: str, index: dict[str, A
 
 def _names(root_url: str | os.PathLike[str]) -> list[str]:
     fs, path = _fs.resolve(root_url)
-    return sorted(n for n in _fs.list_names(fs, path) if not n.startswith(".") and fs.exists(f"{path}/{n}/{INDEX_FILE}"))
+    names = [n for n in _fs.list_names(fs, path) if not n.startswith(".")]
+    return sorted(n for n in names if fs.exists(f"{path}/{n}/{INDEX_FILE}"))
 
 
 def _index_or_raise(root_url: str | os.PathLike[str], name: str) -> dict[str, Any]:
@@ -110,7 +112,8 @@ def _weights(state_or_params: Any) -> dict[str, dict[str, torch.Tensor]]:
         )
     for key, value in {**params, **buffers}.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise ConfigError(f"registry.publish: entry {key!r} is a {type(value).__name__}; weights must be str -> Tensor")
+            kind = type(value).__name__
+            raise ConfigError(f"registry.publish: entry {key!r} is a {kind}; weights must be str -> Tensor")
     return {"params": dict(params), "buffers": dict(buffers)}
 
 

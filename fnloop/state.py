@@ -19,7 +19,12 @@ import torch
 from fnloop.tree import dataclass, field
 from fnloop.types import GradientTransformationLike, TensorDict
 
-__all__ = ["LoopState", "TrainState", "Status"]
+__all__ = ["LoopState", "TrainState", "Status", "CallbackStates"]
+
+
+class CallbackStates(dict):  # type: ignore[type-arg]
+    """Per-callback states (JSON-like values), kept as ONE pytree leaf: callbacks come and go
+    between runs without changing the state's tree structure, and checkpoints store it as JSON."""
 
 
 class Status:
@@ -57,7 +62,7 @@ class LoopState:
     val_count: int = 0
     stop: bool = False
     status: str = Status.INITIALIZING
-    callbacks: dict[str, Any] = field(default_factory=dict)
+    callbacks: CallbackStates = field(default_factory=CallbackStates)
     logger_step: int = 0
 
 

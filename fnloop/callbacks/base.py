@@ -94,5 +94,7 @@ def callback_state(state: Any, key: str, default: Mapping[str, Any]) -> dict[str
 
 def with_callback_state(state: Any, key: str, value: Mapping[str, Any]) -> Any:
     """The state with ``state.loop.callbacks[key]`` replaced (a new dict, the old one untouched)."""
-    callbacks = {**state.loop.callbacks, key: dict(value)}
+    from fnloop.state import CallbackStates
+
+    callbacks = CallbackStates({**state.loop.callbacks, key: dict(value)})
     return state.replace(loop=state.loop.replace(callbacks=callbacks))

@@ -1,4 +1,4 @@
-"""Filesystem helpers for checkpoints: fsspec URLs, durable local writes, temporary folders.
+"""Filesystem helpers for checkpoints: fsspec URLs, atomic local commits, temporary folders.
 
 Every checkpoint location is a URL or a plain path that :func:`fsspec.core.url_to_fs`
 understands (``/x``, ``relative/x``, ``file:///x``, ``memory://x``, ``s3://bucket/x``).

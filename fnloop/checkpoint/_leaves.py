@@ -8,6 +8,7 @@ reports every difference at once.
 
 Example:
     >>> import torch
+
     >>> from fnloop.checkpoint import _leaves
     >>> tensors, entries, _ = _leaves.split({"w": torch.zeros(2), "epoch": 3}, "x")
     >>> list(tensors), entries[0]
@@ -16,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from typing import Any
@@ -25,6 +27,7 @@ import torch
 
 from fnloop.checkpoint._safetensors import DTYPE_CODES
 from fnloop.errors import CheckpointError, ConfigError
+from fnloop.state import CallbackStates
 from fnloop.tree import tree_flatten_with_path
 
 __all__ = [
@@ -68,6 +71,8 @@ def encode_value(x: Any) -> tuple[Any, str]:
         return f, "float"
     if isinstance(x, str):
         return str(x), "str"
+    if isinstance(x, CallbackStates):
+        return json.dumps(x, allow_nan=True, sort_keys=True), "callbacks"
     raise TypeError(type(x).__name__)
 
 
@@ -91,6 +96,13 @@ def decode_value(value: Any, type_name: str) -> Any:
             return float(value)
     if type_name == "str" and isinstance(value, str):
         return value
+    if type_name == "callbacks" and isinstance(value, str):
+        try:
+            decoded = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"callback states are not valid JSON: {e}") from None
+        if isinstance(decoded, dict):
+            return CallbackStates(decoded)
     raise ValueError(f"value {value!r} is not a valid {type_name}")
 
 
@@ -106,13 +118,16 @@ def encode_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
     for key, value in (metrics or {}).items():
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
-                raise ConfigError(f"metrics[{key!r}]: a tensor of shape {list(value.shape)}; pass one number per metric")
+                raise ConfigError(
+                    f"metrics[{key!r}]: a tensor of shape {list(value.shape)}; pass one number per metric"
+                )
             value = value.item()
         try:
             out[str(key)] = encode_value(value)[0]
         except TypeError:
             raise ConfigError(
-                f"metrics[{key!r}]: a {type(value).__name__} cannot be stored; pass numbers, strings or 1-element tensors"
+                f"metrics[{key!r}]: a {type(value).__name__} cannot be stored; "
+                "pass numbers, strings or 1-element tensors"
             ) from None
     return out
 
@@ -151,15 +166,17 @@ def split(tree: Any, where: str) -> tuple[dict[str, torch.Tensor], list[dict[str
             if leaf.dtype not in DTYPE_CODES:
                 problems.append(f"  {path}: dtype {_dtype_name(leaf.dtype)} cannot be stored; convert it")
             elif leaf.layout != torch.strided or leaf.device.type == "meta":
-                problems.append(f"  {path}: a {leaf.layout} tensor on {leaf.device} cannot be stored; make it dense with data")
+                problems.append(f"  {path}: a {leaf.layout} tensor on {leaf.device} cannot be stored; make it dense")
             else:
                 tensors[path] = leaf
-                entries.append({"path": path, "kind": "tensor", "dtype": _dtype_name(leaf.dtype), "shape": list(leaf.shape)})
+                dtype, shape = _dtype_name(leaf.dtype), list(leaf.shape)
+                entries.append({"path": path, "kind": "tensor", "dtype": dtype, "shape": shape})
             continue
         try:
             value, type_name = encode_value(leaf)
         except TypeError:
-            problems.append(f"  {path}: a {type(leaf).__name__} leaf; only tensors and int/float/bool/str/None are stored")
+            kind = type(leaf).__name__
+            problems.append(f"  {path}: a {kind} leaf; only tensors and int/float/bool/str/None are stored")
             continue
         entries.append({"path": path, "kind": "value", "value": value, "type": type_name})
     if problems:

@@ -106,7 +106,7 @@ def rank_best(checkpoints: Sequence[Checkpoint], mode: str) -> list[str]:
 
 
 def to_delete(checkpoints: Sequence[Checkpoint], policy: KeepPolicy, *, protect: str | None = None) -> list[str]:
-    """Names to delete: those not among the last ``keep_last``, the best ``keep_best``, nor a multiple of ``keep_every_n_steps``.
+    """Names of the checkpoints that no keep rule (last n, best n, multiple of n steps) protects.
 
     With no keep option set nothing is deleted. The newest checkpoint and ``protect`` (the one
     just written) are always kept.

@@ -15,7 +15,7 @@ Example:
     >>> from fnloop.checkpoint import _safetensors as sf
     >>> buf = io.BytesIO()
     >>> digest, size = sf.write(buf, {"w": torch.ones(2)})
-    >>> sf.parse(bytearray(buf.getvalue()), "mem")["w"]
+    >>> sf.parse(buf.getvalue(), "mem")["w"]
     tensor([1., 1.])
 """
 
@@ -28,7 +28,7 @@ import struct
 import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 import torch
 
@@ -64,6 +64,12 @@ CHUNK = 16 << 20
 PARALLEL_HASH_MIN = 32 << 20
 """Below this many bytes the hash runs inline; above, on a worker thread beside the I/O."""
 MAX_HEADER = 100 << 20
+
+
+class Writable(Protocol):
+    """Anything with ``write(bytes-like)``: an open binary file, an fsspec file, a durable writer."""
+
+    def write(self, data: Any, /) -> Any: ...
 
 
 class Hasher:
@@ -151,7 +157,7 @@ def header(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[str]]:
     return struct.pack("<Q", len(raw)) + raw, order
 
 
-def write(out: BinaryIO, tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
+def write(out: Writable, tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
     """Write ``tensors`` to the open binary file ``out``; return ``(sha256 hex, bytes written)``.
 
     Tensors may be on any device, non-contiguous or share storage: each is written on its own.
@@ -160,7 +166,7 @@ def write(out: BinaryIO, tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
     Example:
         >>> import io, torch
         >>> write(io.BytesIO(), {"x": torch.arange(3)})[1]
-        104
+        120
     """
     _check_byteorder()
     head, order = header(tensors)
@@ -182,20 +188,20 @@ def write(out: BinaryIO, tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
         hasher.close()
 
 
-def read_into(read: Callable[[memoryview], int | None], size: int, *, hash: bool = True) -> tuple[bytearray, str]:
-    """Fill a new buffer of ``size`` bytes with ``read`` (a ``readinto``) while hashing it.
+def read_into(read: Callable[[memoryview], int | None], size: int, *, hash: bool = True) -> tuple[torch.Tensor, str]:
+    """Fill a new uint8 tensor of ``size`` bytes with ``read`` (a ``readinto``) while hashing it.
 
-    Returns ``(buffer, sha256 hex)`` (an empty digest with ``hash=False``); the buffer is
-    shorter than ``size`` if the source ended early.
+    The buffer is not zero-filled first. Returns ``(buffer, sha256 hex)`` (an empty digest
+    with ``hash=False``); the buffer is shorter than ``size`` if the source ended early.
 
     Example:
         >>> import io
         >>> buf, digest = read_into(io.BytesIO(b"abc").readinto, 3)
-        >>> bytes(buf), digest[:8]
+        >>> bytes(buf.numpy()), digest[:8]
         (b'abc', 'ba7816bf')
     """
-    buf = bytearray(size)
-    view = memoryview(buf)
+    buf = torch.empty(size, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
     hasher = Hasher(parallel=size >= PARALLEL_HASH_MIN) if hash else None
     filled = 0
     try:
@@ -211,10 +217,7 @@ def read_into(read: Callable[[memoryview], int | None], size: int, *, hash: bool
     finally:
         if hasher is not None:
             hasher.close()
-    del view
-    if filled < size:
-        buf = bytearray(memoryview(buf)[:filled])
-    return buf, digest
+    return (buf if filled == size else buf[:filled].clone()), digest
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -227,35 +230,41 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _bad(where: str, reason: str) -> CheckpointError:
-    return CheckpointError(f"{where}: not a valid safetensors file ({reason}); the file is corrupt or of another format")
+    return CheckpointError(
+        f"{where}: not a valid safetensors file ({reason}); the file is corrupt or of another format"
+    )
 
 
-def parse(buf: bytearray, where: str) -> dict[str, torch.Tensor]:
+def parse(buf: torch.Tensor | bytes | bytearray, where: str) -> dict[str, torch.Tensor]:
     """Tensors stored in ``buf`` (a whole safetensors file), as views of ``buf`` where aligned.
 
-    Every offset, dtype and shape is checked; ``where`` names the file in error messages.
+    ``buf`` is a 1-D uint8 tensor (as :func:`read_into` returns) or bytes. Every offset, dtype
+    and shape is checked; ``where`` names the file in error messages.
 
     Example:
         >>> import io, torch
         >>> f = io.BytesIO(); _ = write(f, {"x": torch.arange(3)})
-        >>> parse(bytearray(f.getvalue()), "x.safetensors")["x"]
+        >>> parse(f.getvalue(), "x.safetensors")["x"]
         tensor([0, 1, 2])
     """
     _check_byteorder()
-    if len(buf) < 8:
-        raise _bad(where, f"{len(buf)} bytes, shorter than the 8-byte header length")
-    (n,) = struct.unpack_from("<Q", buf, 0)
-    if n > MAX_HEADER or 8 + n > len(buf):
-        raise _bad(where, f"header length {n} does not fit in a file of {len(buf)} bytes")
+    if not isinstance(buf, torch.Tensor):
+        buf = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
+    raw = memoryview(buf.numpy())
+    if len(raw) < 8:
+        raise _bad(where, f"{len(raw)} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack_from("<Q", raw, 0)
+    if n > MAX_HEADER or 8 + n > len(raw):
+        raise _bad(where, f"header length {n} does not fit in a file of {len(raw)} bytes")
     try:
-        entries = json.loads(bytes(buf[8 : 8 + n]).decode("utf-8"), object_pairs_hook=_no_duplicates)
+        entries = json.loads(bytes(raw[8 : 8 + n]).decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise _bad(where, f"unreadable header: {e}") from e
     if not isinstance(entries, dict):
         raise _bad(where, "the header is not a JSON object")
     entries.pop("__metadata__", None)
     base = 8 + n
-    data_len = len(buf) - base
+    data_len = len(raw) - base
     spans = []
     for name, e in entries.items():
         try:
@@ -264,8 +273,7 @@ def parse(buf: bytearray, where: str) -> dict[str, torch.Tensor]:
             begin, end = (int(o) for o in e["data_offsets"])
         except (KeyError, TypeError, ValueError) as err:
             raise _bad(where, f"entry {name!r} is malformed ({err!r})") from err
-        itemsize = dtype.itemsize
-        if any(s < 0 for s in shape) or end - begin != math.prod(shape) * itemsize:
+        if any(s < 0 for s in shape) or end - begin != math.prod(shape) * dtype.itemsize:
             raise _bad(where, f"entry {name!r}: shape {shape} of {e['dtype']} does not match offsets {begin}..{end}")
         spans.append((begin, end, name, dtype, shape))
     spans.sort()
@@ -276,17 +284,11 @@ def parse(buf: bytearray, where: str) -> dict[str, torch.Tensor]:
         cursor = end
     if cursor != data_len:
         raise _bad(where, f"tensor data is {data_len} bytes, the header describes {cursor}")
-    address = torch.frombuffer(buf, dtype=torch.uint8, count=1).data_ptr() if len(buf) else 0
+    del raw
     out: dict[str, torch.Tensor] = {}
     for begin, end, name, dtype, shape in spans:
-        if begin == end:
-            out[name] = torch.empty(shape, dtype=dtype)
-            continue
-        itemsize = dtype.itemsize
-        count = (end - begin) // itemsize
-        if (address + base + begin) % itemsize:
-            piece = bytearray(buf[base + begin : base + end])
-            out[name] = torch.frombuffer(piece, dtype=dtype, count=count).reshape(shape)
-        else:
-            out[name] = torch.frombuffer(buf, dtype=dtype, count=count, offset=base + begin).reshape(shape)
+        piece = buf[base + begin : base + end]
+        if piece.data_ptr() % dtype.itemsize or piece.storage_offset() % dtype.itemsize:
+            piece = piece.clone()  # misaligned for this dtype (files from other writers)
+        out[name] = piece.view(dtype).reshape(shape)
     return out

@@ -24,15 +24,21 @@ from typing import Any
 
 import torch
 
-from fnloop.checkpoint import _fs, _leaves, _safetensors
+from fnloop.checkpoint import _durable, _fs, _leaves, _safetensors
+from fnloop.checkpoint._read import FORMAT, FORMAT_VERSION, META_FILE, STATE_FILE, load_tensors, own, read_meta
 from fnloop.errors import CheckpointError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "STATE_FILE", "META_FILE", "save", "restore", "restore_params", "restore_weights", "read_meta"]
-
-FORMAT = "fnloop-checkpoint"
-FORMAT_VERSION = 1
-STATE_FILE = "state.safetensors"
-META_FILE = "meta.json"
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "STATE_FILE",
+    "META_FILE",
+    "save",
+    "restore",
+    "restore_params",
+    "restore_weights",
+    "read_meta",
+]
 
 
 def _fnloop_version() -> str:
@@ -59,7 +65,9 @@ def _refuse_existing(exists_meta: bool, names: list[str], url: str, overwrite: b
     if overwrite:
         return
     if exists_meta:
-        raise CheckpointError(f"{url}: a checkpoint already exists here; pass overwrite=True to replace it or pick another URL")
+        raise CheckpointError(
+            f"{url}: a checkpoint already exists here; pass overwrite=True to replace it or pick another URL"
+        )
     other = [n for n in names if n != STATE_FILE]
     if other:
         raise CheckpointError(
@@ -68,39 +76,43 @@ def _refuse_existing(exists_meta: bool, names: list[str], url: str, overwrite: b
         )
 
 
-def _save_local(fs: Any, path: str, url: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], overwrite: bool) -> None:
+def _save_local(
+    fs: Any, path: str, url: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], overwrite: bool
+) -> None:
     final = os.path.abspath(path)
     parent, name = os.path.split(final)
     if os.path.exists(final) and not os.path.isdir(final):
         raise CheckpointError(f"{url}: exists and is a file, not a checkpoint folder; remove it or pick another URL")
-    _refuse_existing(os.path.exists(os.path.join(final, META_FILE)), list(_fs.list_names(fs, final)) if os.path.isdir(final) else [], url, overwrite)
+    names = list(_fs.list_names(fs, final)) if os.path.isdir(final) else []
+    _refuse_existing(os.path.exists(os.path.join(final, META_FILE)), names, url, overwrite)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, _fs.tmp_name(name))
     os.mkdir(tmp)
+    old = None
     try:
-        with open(os.path.join(tmp, STATE_FILE), "wb") as f:
+        with _durable.durable_file(os.path.join(tmp, STATE_FILE)) as f:
             meta["sha256"], meta["state_bytes"] = _safetensors.write(f, tensors)
-            f.flush()
-            os.fsync(f.fileno())
-        with open(os.path.join(tmp, META_FILE), "wb") as f:
+        with _durable.durable_file(os.path.join(tmp, META_FILE)) as f:
             f.write(_encode_meta(meta))
-            f.flush()
-            os.fsync(f.fileno())
         _fs.fsync_path(tmp)
-        old = None
-        if os.path.exists(final):
+        if os.path.exists(final):  # overwrite: move the old folder aside, then swap the new one in
             old = os.path.join(parent, _fs.tmp_name(name))
             os.rename(final, old)
         os.rename(tmp, final)
         _fs.fsync_path(parent)
     except BaseException:
+        if old is not None and not os.path.exists(final):
+            os.rename(old, final)
+            old = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_remote(fs: Any, path: str, url: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], overwrite: bool) -> None:
+def _save_remote(
+    fs: Any, path: str, url: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], overwrite: bool
+) -> None:
     meta_path = f"{path}/{META_FILE}"
     fs.invalidate_cache(path)
     has_meta = fs.exists(meta_path)
@@ -117,7 +129,9 @@ def _encode_meta(meta: dict[str, Any]) -> bytes:
     return json.dumps(meta, indent=1, allow_nan=False, ensure_ascii=False).encode("utf-8")
 
 
-def save(tree: Any, url: str | os.PathLike[str], *, metrics: dict[str, Any] | None = None, overwrite: bool = False) -> str:
+def save(
+    tree: Any, url: str | os.PathLike[str], *, metrics: dict[str, Any] | None = None, overwrite: bool = False
+) -> str:
     """Save a pytree (a ``TrainState`` or any fnloop pytree) as a checkpoint folder at ``url``.
 
     Args:
@@ -165,124 +179,6 @@ def save(tree: Any, url: str | os.PathLike[str], *, metrics: dict[str, Any] | No
     return url
 
 
-def _valid_entry(e: Any) -> bool:
-    if not isinstance(e, dict) or not isinstance(e.get("path"), str):
-        return False
-    if e.get("kind") == "tensor":
-        shape = e.get("shape")
-        return (
-            e.get("dtype") in _leaves.DTYPES_BY_NAME
-            and isinstance(shape, list)
-            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
-        )
-    if e.get("kind") != "value" or "value" not in e:
-        return False
-    try:
-        _leaves.decode_value(e["value"], e.get("type", ""))
-    except ValueError:
-        return False
-    return True
-
-
-def _check_meta(meta: Any, where: str) -> dict[str, Any]:
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CheckpointError(f"{where}: not an fnloop checkpoint (format {found!r}, expected {FORMAT!r})")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{where}: format_version {version!r} is not supported by this fnloop (it reads {FORMAT_VERSION}); "
-            "use the fnloop version that wrote it (see fnloop_version in the file)"
-        )
-    sha, leaves = meta.get("sha256"), meta.get("leaves")
-    if not isinstance(sha, str) or len(sha) != 64 or not isinstance(leaves, list):
-        raise CheckpointError(f"{where}: malformed, 'sha256' must be a hex digest and 'leaves' a list")
-    if not isinstance(meta.get("metrics", {}), dict) or not isinstance(meta.get("state_bytes", 0), int):
-        raise CheckpointError(f"{where}: malformed, 'metrics' must be an object and 'state_bytes' an integer")
-    for i, e in enumerate(leaves):
-        if not _valid_entry(e):
-            raise CheckpointError(f"{where}: malformed leaf entry leaves[{i}] = {e!r}; the checkpoint is damaged")
-    return meta
-
-
-def read_meta(url: str | os.PathLike[str]) -> dict[str, Any]:
-    """The parsed and checked ``meta.json`` of the checkpoint at ``url`` (metrics decoded).
-
-    Example:
-        >>> import torch
-        >>> url = save({"w": torch.zeros(1)}, "memory://doc/meta-example", metrics={"loss": 0.5}, overwrite=True)
-        >>> read_meta(url)["metrics"]
-        {'loss': 0.5}
-    """
-    url = os.fspath(url)
-    fs, path = _fs.resolve(url)
-    where = _fs.join_url(url, META_FILE)
-    try:
-        raw = fs.cat_file(f"{path}/{META_FILE}")
-    except FileNotFoundError:
-        if fs.exists(f"{path}/{STATE_FILE}"):
-            reason = "meta.json is missing, so the save never finished (a folder without meta.json is not a checkpoint)"
-        elif fs.exists(path):
-            reason = "the folder has no meta.json, so it is not a checkpoint"
-        else:
-            reason = "no checkpoint here (the folder does not exist)"
-        raise CheckpointError(f"{url}: {reason}") from None
-    except OSError as e:
-        raise CheckpointError(f"{where}: cannot read ({e})") from e
-    try:
-        meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{where}: malformed JSON ({e}); the checkpoint is damaged") from e
-    meta = _check_meta(meta, where)
-    meta["metrics"] = _leaves.decode_metrics(meta.get("metrics", {}))
-    return meta
-
-
-def _load_tensors(url: str, meta: dict[str, Any], verify: bool) -> dict[str, torch.Tensor]:
-    fs, path = _fs.resolve(url)
-    where = _fs.join_url(url, STATE_FILE)
-    state_path = f"{path}/{STATE_FILE}"
-    try:
-        if _fs.is_local(fs):
-            size = os.path.getsize(state_path)
-            with open(state_path, "rb", buffering=0) as f:
-                buf, digest = _safetensors.read_into(f.readinto, size, hash=verify)
-        else:
-            size = fs.size(state_path)
-            with fs.open(state_path, "rb") as f:
-                buf, digest = _safetensors.read_into(f.readinto, size, hash=verify)
-    except FileNotFoundError:
-        raise CheckpointError(f"{where}: missing; the checkpoint is incomplete") from None
-    except OSError as e:
-        raise CheckpointError(f"{where}: cannot read ({e})") from e
-    expected = meta.get("state_bytes")
-    if expected and len(buf) != expected:
-        raise CheckpointError(f"{where}: truncated or replaced, {len(buf)} bytes where meta.json records {expected}")
-    if verify and digest != meta["sha256"]:
-        raise CheckpointError(
-            f"{where}: checksum mismatch (sha256 {digest[:16]}..., meta.json records {meta['sha256'][:16]}...); "
-            "the file is corrupt or was replaced, restore another checkpoint"
-        )
-    tensors = _safetensors.parse(buf, where)
-    want = {e["path"]: e for e in meta["leaves"] if e["kind"] == "tensor"}
-    bad = sorted(set(want) ^ set(tensors))
-    bad += [
-        p
-        for p, t in tensors.items()
-        if p in want and (want[p]["dtype"] != str(t.dtype).removeprefix("torch.") or want[p]["shape"] != list(t.shape))
-    ]
-    if bad:
-        raise CheckpointError(f"{where}: does not agree with meta.json on {bad[:10]}; the checkpoint is damaged")
-    return tensors
-
-
-def _own(tensors: dict[str, torch.Tensor], keep: set[str]) -> dict[str, torch.Tensor]:
-    """The tensors in ``keep``, copied out of the file buffer when the rest of it is dropped."""
-    if len(keep) == len(tensors):
-        return tensors
-    return {k: v.clone() if v.device.type == "cpu" else v for k, v in tensors.items() if k in keep}
-
-
 def restore(
     url: str | os.PathLike[str], like: Any = None, *, map_location: Any = None, verify: bool = True
 ) -> Any:
@@ -309,11 +205,12 @@ def restore(
     """
     url = os.fspath(url)
     meta = read_meta(url)
-    tensors = _load_tensors(url, meta, verify)
+    tensors = load_tensors(url, meta, verify)
     if like is None:
         order = [e["path"] for e in meta["leaves"] if e["kind"] == "tensor"]
         return {p: tensors[p].to(map_location) if map_location is not None else tensors[p] for p in order}
-    return _leaves.rebuild(like, meta["leaves"], tensors, url, map_location=map_location, stored_tree=meta.get("treespec", ""))
+    stored_tree = meta.get("treespec", "")
+    return _leaves.rebuild(like, meta["leaves"], tensors, url, map_location=map_location, stored_tree=stored_tree)
 
 
 def restore_params(url: str | os.PathLike[str], *, map_location: Any = None) -> dict[str, torch.Tensor]:
@@ -330,12 +227,12 @@ def restore_params(url: str | os.PathLike[str], *, map_location: Any = None) -> 
     """
     url = os.fspath(url)
     meta = read_meta(url)
-    tensors = _load_tensors(url, meta, verify=True)
+    tensors = load_tensors(url, meta, verify=True)
     paths = [e["path"] for e in meta["leaves"] if e["kind"] == "tensor"]
     weights = [p for p in paths if p.startswith(("params/", "buffers/"))]
     if not any(p.startswith("params/") for p in paths):
         weights = paths
-    kept = _own(tensors, set(weights))
+    kept = own(tensors, set(weights))
     out = {p.split("/", 1)[1] if p.startswith(("params/", "buffers/")) else p: kept[p] for p in weights}
     return {k: v.to(map_location) for k, v in out.items()} if map_location is not None else out
 
@@ -355,8 +252,9 @@ def restore_weights(url: str | os.PathLike[str], like: Any, *, map_location: Any
     """
     url = os.fspath(url)
     meta = read_meta(url)
-    tensors = _load_tensors(url, meta, verify=True)
+    tensors = load_tensors(url, meta, verify=True)
     entries = [e for e in meta["leaves"] if e["path"].startswith(("params/", "buffers/"))]
-    kept = _own(tensors, {e["path"] for e in entries})
-    sub = _leaves.rebuild({"params": like.params, "buffers": like.buffers}, entries, kept, url, map_location=map_location)
+    kept = own(tensors, {e["path"] for e in entries})
+    weights = {"params": like.params, "buffers": like.buffers}
+    sub = _leaves.rebuild(weights, entries, kept, url, map_location=map_location)
     return like.replace(params=sub["params"], buffers=sub["buffers"])

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from fnloop.checkpoint import _fs, _leaves, _policy
+from fnloop.checkpoint._background import BackgroundWriter
 from fnloop.checkpoint.format import META_FILE, read_meta, restore, save
 from fnloop.errors import CheckpointError, ConfigError, FnloopError
-from fnloop.tree import tree_flatten_with_path
 
 __all__ = ["CheckpointManager"]
 
@@ -82,9 +81,14 @@ class CheckpointManager:
         async_save: bool = False,
         filename: str = "step-{step:08d}",
     ) -> None:
-        for name, value in [("keep_last", keep_last), ("keep_best", keep_best), ("keep_every_n_steps", keep_every_n_steps)]:
-            _positive(name, value)
-        for name, value in [("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)]:
+        counts = {
+            "keep_last": keep_last,
+            "keep_best": keep_best,
+            "keep_every_n_steps": keep_every_n_steps,
+            "every_n_steps": every_n_steps,
+            "every_n_epochs": every_n_epochs,
+        }
+        for name, value in counts.items():
             _positive(name, value)
         _positive("every_n_seconds", every_n_seconds, float)
         if mode not in ("min", "max"):
@@ -103,9 +107,7 @@ class CheckpointManager:
         if _fs.is_local(self._fs):
             _fs.remove_stale_tmp(self._path)
         self._metrics: dict[str, float | None] = {}
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future[None] | None = None
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._background = BackgroundWriter() if self.async_save else None
         self._closed = False
         listed = self._list()
         self._last = _policy.LastSave(step=listed[-1][0] if listed else None, time=time.monotonic())
@@ -121,7 +123,9 @@ class CheckpointManager:
         """``time.monotonic()`` of the last save (construction time before the first one)."""
         return self._last.time
 
-    def should_save(self, step: int, epoch: int | None = None, now: float | None = None, *, final: bool = False) -> bool:
+    def should_save(
+        self, step: int, epoch: int | None = None, now: float | None = None, *, final: bool = False
+    ) -> bool:
         """Whether the save triggers ask for a save at ``step``; pure, nothing is recorded.
 
         Args:
@@ -202,25 +206,6 @@ class CheckpointManager:
         if self._closed:
             raise FnloopError(f"CheckpointManager({self.directory!r}) is closed; create a new one")
 
-    def _snapshot(self, tree: Any) -> Any:
-        """CPU copies of the tensor leaves, into the buffers of the previous snapshot where they fit."""
-        paths, leaves, spec = tree_flatten_with_path(tree)
-        buffers: dict[str, torch.Tensor] = {}
-        out = []
-        with torch.no_grad():
-            for path, leaf in zip(paths, leaves):
-                if isinstance(leaf, torch.Tensor):
-                    buf = self._buffers.get(path)
-                    if buf is not None and buf.shape == leaf.shape and buf.dtype == leaf.dtype:
-                        buf.copy_(leaf)
-                    else:
-                        buf = leaf.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
-                    buffers[path] = buf
-                    leaf = buf
-                out.append(leaf)
-        self._buffers = buffers
-        return spec.unflatten(out)
-
     def _write(self, tree: Any, name: str, metrics: dict[str, Any]) -> None:
         save(tree, self._url(name), metrics=metrics, overwrite=True)
         self._metrics.pop(name, None)
@@ -228,7 +213,14 @@ class CheckpointManager:
             _fs.remove_tree(self._fs, f"{self._path}/{doomed}", marker=META_FILE)
             self._metrics.pop(doomed, None)
 
-    def save(self, state: Any, *, metrics: dict[str, Any] | None = None, step: int | None = None, epoch: int | None = None) -> str:
+    def save(
+        self,
+        state: Any,
+        *,
+        metrics: dict[str, Any] | None = None,
+        step: int | None = None,
+        epoch: int | None = None,
+    ) -> str:
         """Save ``state`` as the checkpoint of ``step`` (default ``int(state.step)``); return its URL.
 
         A checkpoint already at that step is replaced. With ``async_save`` the call returns
@@ -259,15 +251,12 @@ class CheckpointManager:
         plain = _leaves.decode_metrics(_leaves.encode_metrics(metrics))
         _leaves.split(state, self._url(name))
         last = _policy.LastSave(step=int(step), epoch=epoch, time=time.monotonic())
-        if not self.async_save:
+        if self._background is None:
             self._write(state, name, plain)
             self._last = last
             return self._url(name)
         self._last = last
-        snapshot = self._snapshot(state)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="fnloop-checkpoint")
-        self._pending = self._pool.submit(self._write, snapshot, name, plain)
+        self._background.submit(self._write, self._background.snapshot(state), name, plain)
         return self._url(name)
 
     def wait(self) -> None:
@@ -276,9 +265,8 @@ class CheckpointManager:
         Example:
             >>> CheckpointManager("memory://doc/wait", async_save=True).wait()
         """
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        if self._background is not None:
+            self._background.wait()
 
     def close(self) -> None:
         """Finish the save in flight (raising its error), stop the thread and free the copy buffers.
@@ -287,12 +275,9 @@ class CheckpointManager:
             >>> CheckpointManager("memory://doc/close").close()
         """
         try:
-            self.wait()
+            if self._background is not None:
+                self._background.close()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
-            self._buffers = {}
             self._closed = True
 
     def __enter__(self) -> CheckpointManager:
@@ -316,7 +301,8 @@ class CheckpointManager:
             self.wait()
             url = self.best() if which == "best" else self.latest()
             if url is None:
-                raise CheckpointError(f"{self.directory}: no {which!r} checkpoint here (found {len(self.all())} checkpoints)")
+                found = len(self.all())
+                raise CheckpointError(f"{self.directory}: no {which!r} checkpoint here ({found} checkpoints found)")
             return url
         return which
 

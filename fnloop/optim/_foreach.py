@@ -17,7 +17,8 @@ Tensors = Sequence[torch.Tensor]
 
 
 def _fallback(xs: Tensors) -> bool:
-    return bool(xs) and not torch.compiler.is_compiling() and _is_wrapped(xs[0])
+    """Per-leaf ops: under torch.func transforms, and for empty lists (no foreach kernel for those)."""
+    return not xs or (not torch.compiler.is_compiling() and _is_wrapped(xs[0]))
 
 
 def _pairwise(name: str, op: Any) -> Any:

@@ -107,7 +107,7 @@ def sgd(
                 if isinstance(first, torch.Tensor):
                     new = fe.where(first, g, fe.add_(fe.mul(old, momentum), g, alpha=1 - dampening))
                 else:
-                    new = list(g) if first else fe.add_(fe.mul(old, momentum), g, alpha=1 - dampening)
+                    new = [x.clone() for x in g] if first else fe.add_(fe.mul(old, momentum), g, alpha=1 - dampening)
             g = fe.add(g, new, alpha=momentum) if nesterov else new
             buf = spec.unflatten(new)
         new_p = axpy(p, g, -host(state.lr))

@@ -153,8 +153,8 @@ def ema(decay: float, debias: bool = True) -> GradientTransformation:
         >>> import fnloop.optim as flo
         >>> tx = flo.chain(flo.ema(0.9), flo.sgd(lr=0.1))
     """
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
-        raise ConfigError(f"ema: decay must be in [0, 1], got {decay!r}")
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+        raise ConfigError(f"ema: decay must be in [0, 1), got {decay!r}")
 
     def init(params: Any) -> EmaState:
         return EmaState(new_count(), _zeros(params))

@@ -1,0 +1,122 @@
+"""The streaming safetensors codec against the safetensors library, and its header checks."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import struct
+
+import pytest
+import safetensors.torch
+import torch
+
+from fnloop.checkpoint import _safetensors as codec
+from fnloop.errors import CheckpointError
+
+DTYPES = list(codec.DTYPE_CODES)
+
+
+def _sample(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    base = torch.arange(-12, 12, dtype=torch.int64).reshape(4, 6)
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        full = (base.float() / 4).to(dtype)
+    else:
+        full = base.to(dtype)
+    return {"full": full, "scalar": full[1, 1].clone(), "empty": torch.zeros(0, 3, dtype=dtype), "row": full[2].clone()}
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_library_files_parse_and_ours_load_in_the_library(dtype):
+    tensors = _sample(dtype)
+    theirs = codec.parse(safetensors.torch.save(tensors), "theirs")
+    assert all(_equal(tensors[k], theirs[k]) for k in tensors)
+    out = io.BytesIO()
+    digest, size = codec.write(out, tensors)
+    data = out.getvalue()
+    assert size == len(data) and digest == hashlib.sha256(data).hexdigest()
+    loaded = safetensors.torch.load(data)
+    assert sorted(loaded) == sorted(tensors) and all(_equal(tensors[k], loaded[k]) for k in tensors)
+
+
+def test_mixed_dtypes_are_aligned_and_views_of_one_buffer():
+    tensors = {
+        "a": torch.ones(3, dtype=torch.int8),
+        "b": torch.randn(5, dtype=torch.float64),
+        "c": torch.ones(1, dtype=torch.bfloat16),
+    }
+    out = io.BytesIO()
+    codec.write(out, tensors)
+    buf, _ = codec.read_into(io.BytesIO(out.getvalue()).readinto, len(out.getvalue()))
+    parsed = codec.parse(buf, "mixed")
+    assert all(_equal(tensors[k], parsed[k]) for k in tensors)
+    assert parsed["b"].data_ptr() % 8 == 0
+    assert all(t.untyped_storage().data_ptr() == buf.data_ptr() for t in parsed.values()), "aligned tensors are views"
+
+
+def _file(entries: dict, data: bytes) -> bytearray:
+    head = json.dumps(entries).encode()
+    return bytearray(struct.pack("<Q", len(head)) + head + data)
+
+
+def test_misaligned_offsets_are_copied():
+    value = torch.tensor([1.5, -2.0], dtype=torch.float32)
+    entries = {
+        "i": {"dtype": "I8", "shape": [1], "data_offsets": [0, 1]},
+        "f": {"dtype": "F32", "shape": [2], "data_offsets": [1, 9]},
+    }
+    raw = _file(entries, b"\x07" + value.numpy().tobytes())
+    parsed = codec.parse(raw, "odd")
+    assert torch.equal(parsed["f"], value) and parsed["i"].item() == 7
+    padded = torch.zeros(len(raw) + 1, dtype=torch.uint8)
+    padded[1:] = torch.frombuffer(raw, dtype=torch.uint8)
+    shifted = codec.parse(padded[1:], "shifted")
+    assert torch.equal(shifted["f"], value) and shifted["i"].item() == 7
+
+
+@pytest.mark.parametrize(
+    ("entries", "data", "reason"),
+    [
+        ({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "does not match offsets"),
+        ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "header describes 8"),
+        ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, "header describes 4"),
+        ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "gap or overlap"),
+        ({"x": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "malformed"),
+        ({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "does not match offsets"),
+        ([1, 2], b"", "not a JSON object"),
+    ],
+)
+def test_bad_headers(entries, data, reason):
+    with pytest.raises(CheckpointError, match=reason) as err:
+        codec.parse(_file(entries, data), "some/file.safetensors")
+    assert "some/file.safetensors" in str(err.value)
+
+
+def test_bad_lengths_and_duplicate_keys():
+    with pytest.raises(CheckpointError, match="shorter than"):
+        codec.parse(bytearray(b"\1\2"), "f")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        codec.parse(bytearray(struct.pack("<Q", 10**6) + b"{}"), "f")
+    head = b'{"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}'
+    with pytest.raises(CheckpointError, match="duplicate key"):
+        codec.parse(bytearray(struct.pack("<Q", len(head)) + head + b"\0"), "f")
+
+
+def test_parallel_hashing_matches_hashlib(monkeypatch):
+    monkeypatch.setattr(codec, "PARALLEL_HASH_MIN", 0)
+    monkeypatch.setattr(codec, "CHUNK", 1000)
+    tensors = {f"t{i}": torch.randn(777 * (i + 1)) for i in range(4)}
+    out = io.BytesIO()
+    digest, _ = codec.write(out, tensors)
+    data = out.getvalue()
+    assert digest == hashlib.sha256(data).hexdigest()
+    buf, again = codec.read_into(io.BytesIO(data).readinto, len(data))
+    assert again == digest and bytes(buf.numpy()) == data
+    short, _ = codec.read_into(io.BytesIO(data[:5000]).readinto, len(data))
+    assert short.numel() == 5000
