@@ -29,3 +29,5 @@ __all__ = [
     "restore_weights",
     "save",
 ]
+from fnloop.checkpoint.callback import ModelCheckpoint as ModelCheckpoint
+from fnloop.checkpoint.callback import resume_from as resume_from

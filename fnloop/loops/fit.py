@@ -45,7 +45,9 @@ class _Run:
         self.train_src = train_src
         self.val_src = val_src
         self.checkpoint = checkpoint
-        self.callbacks = list(trainer.callback_list)
+        self.callbacks = [c for c in trainer.callback_list if c is not checkpoint]
+        if checkpoint is not None:  # last, so it saves what the other callbacks returned
+            self.callbacks.append(checkpoint)
         self.bar = None
         if trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in self.callbacks):
             self.bar = ProgressBar()
@@ -70,10 +72,7 @@ class _Run:
         metrics = prefixed(evaluate(state, self.val_step, self.val_src, n, epoch=0), "val")
         state = _loop(state, val_count=state.loop.val_count + 1)
         self.logger.log_metrics(metrics, step=state.loop.global_step)
-        state = _hook(self.callbacks, "on_validation_end", state, metrics)
-        if self.checkpoint is not None:
-            state = self.checkpoint.on_validation_end(state, metrics)
-        return state
+        return _hook(self.callbacks, "on_validation_end", state, metrics)
 
     def sanity_check(self, state: Any) -> None:
         n_val = self.val_batches(0)
@@ -156,11 +155,11 @@ def run_fit(
         clip_algorithm=trainer.gradient_clip_algorithm,
         skip_nonfinite=trainer.on_nonfinite == "skip",
     )
+    run = _Run(trainer, train_step, val_step, train_src, val_src, _checkpoint_of(trainer, checkpoint))
     if ckpt_path is not None:
-        from fnloop.checkpoint.resume import resume_from
+        from fnloop.checkpoint.callback import resume_from
 
-        state = resume_from(ckpt_path, state, checkpoint)
-    run = _Run(trainer, train_step, val_step, train_src, val_src, checkpoint)
+        state = resume_from(ckpt_path, state, run.checkpoint.manager if run.checkpoint is not None else None)
     from fnloop.connectors.signals import stop_signals
 
     with stop_signals(trainer.stop_signals) as signals:
@@ -178,11 +177,19 @@ def run_fit(
     return state
 
 
+def _checkpoint_of(trainer: Any, checkpoint: Any) -> Any:
+    """The ModelCheckpoint of this fit: from ``checkpoint=`` or among the callbacks."""
+    from fnloop.checkpoint.callback import ModelCheckpoint
+
+    if checkpoint is None:
+        found = [c for c in trainer.callback_list if isinstance(c, ModelCheckpoint)]
+        return found[-1] if found else None
+    return checkpoint if isinstance(checkpoint, ModelCheckpoint) else ModelCheckpoint(checkpoint)
+
+
 def _finish(run: _Run, state: Any) -> Any:
     state = run.flush_window(state)
     state = _hook(run.callbacks, "on_fit_end", state)
-    if run.checkpoint is not None:
-        state = run.checkpoint.on_fit_end(state)
     run.logger.finalize(state.loop.status if state.loop.status in ("finished", "interrupted") else "finished")
     return state
 
@@ -239,28 +246,17 @@ def _fit(run: _Run, state: Any, signals: Any) -> Any:
                 check_batch=check_batch, check_val_every_n_epoch=trainer.check_val_every_n_epoch,
             ):
                 state = run.validate(state)
-            if run.checkpoint is not None:
-                state = run.checkpoint.on_train_batch_end(state)
             run.last_state = state
             batch_idx += 1
-            if signals.requested:
-                state = _loop(state, status=Status.INTERRUPTED)
-                return _finish(run, _interrupted(run, state))
+            if signals.requested:  # the step is done: save (ModelCheckpoint.on_fit_end) and return
+                return _finish(run, _loop(state, status=Status.INTERRUPTED))
             if run.out_of_budget(state) or (state.loop.stop and run.can_stop(state, epoch)):
                 stopped = True
                 break
         if n is None and not stopped or n is not None and batch_idx >= n:  # the epoch is complete
             state = _hook(run.callbacks, "on_train_epoch_end", state)
             state = _loop(state, epoch=epoch + 1, batch_idx=0)
-            if run.checkpoint is not None:
-                state = run.checkpoint.on_train_epoch_end(state)
             run.last_state = state
     state = _loop(state, status=Status.FINISHED)
     run.last_state = state
     return _finish(run, state)
-
-
-def _interrupted(run: _Run, state: Any) -> Any:
-    if run.checkpoint is not None:
-        state = run.checkpoint.on_interrupt(state)
-    return state
