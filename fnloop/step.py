@@ -55,9 +55,27 @@ def _check_batch_device(batch: Any, params: Mapping[str, torch.Tensor], name: st
             )
 
 
+_DONATED = "_fnloop_donated"
+
+
+def mark_donated(state: Any) -> None:
+    """Mark a state whose tensors were given to an in-place update; steps refuse it afterwards."""
+    object.__setattr__(state, _DONATED, True)
+
+
+def check_not_donated(state: Any, name: str) -> None:
+    """Raise if ``state`` was donated (its tensors may have been overwritten)."""
+    if state.__dict__.get(_DONATED, False):
+        raise StepError(
+            f"{name}: this state was donated to Trainer.fit (its tensors were updated in place); use the state "
+            "fit returned, or Trainer(donate=False) to keep the input state"
+        )
+
+
 def _check_state(state: Any, name: str) -> None:
     if not isinstance(state, TrainState):
         raise StepError(f"{name}: expected a fnloop.TrainState as first argument, got {type(state).__name__}")
+    check_not_donated(state, name)
 
 
 def _split_loss(out: Any, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -135,29 +153,45 @@ class TrainStep:
             traced = compiled or torch.compiler.is_compiling() or any(_rng._is_wrapped(p) for p in params.values())
             return (grads_traced if traced else grads_eager)(params, buffers, batch)
 
-        def core(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], opt_state: Any, batch: Any) -> Any:
-            new_buffers = {k: v.clone() for k, v in buffers.items()}  # updated in place by BatchNorm & co.
+        def core(
+            params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], opt_state: Any, batch: Any, donate: bool = False
+        ) -> Any:
+            # BatchNorm & co. update buffers in place: work on copies unless the caller donated them
+            new_buffers = dict(buffers) if donate else {k: v.clone() for k, v in buffers.items()}
             grads, loss, aux = compute_grads(params, new_buffers, batch)
-            new_params, new_opt_state = apply(grads, opt_state, params)
+            new_params, new_opt_state = apply(grads, opt_state, params, donate=donate) if donate else apply(grads, opt_state, params)
             metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
             return new_params, new_buffers, new_opt_state, metrics
 
         return core
 
     def _validate(self, state: TrainState) -> None:
+        """Params must match the module and the optimizer state must have ``tx.init``'s structure
+        (checked fully once per module/optimizer, then by treespec equality: ~3 us)."""
         key = (state.module, state.tx)
         if self._checked is not None and self._checked[0] is key[0] and self._checked[1] is key[1]:
-            if state.params.keys() == self._checked_names:
+            if state.params.keys() == self._checked_names and tree_structure(state.opt_state) == self._opt_spec:
                 return
         expected = {n: p for n, p in state.module.named_parameters()}
         check_same_structure(expected, state.params, what="state.params vs the module's parameters")
-        reference = state.tx.init(state.params)
+        meta = {k: torch.empty_like(v, device="meta") for k, v in state.params.items()}
+        reference = state.tx.init(meta)  # structure only: no memory
         check_same_structure(reference, state.opt_state, what="state.opt_state vs tx.init(state.params)")
         self._checked = key
         self._checked_names = state.params.keys()
         self._opt_spec = tree_structure(reference)
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        return self._run(state, batch, donate=False)
+
+    def donated(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """The same step, allowed to update ``state``'s params, buffers and optimizer state in
+        place (the driver's path: it never looks at the old state again). Results are bitwise
+        equal to the pure call; ``state`` is marked donated and refused by later steps.
+        A compiled step runs its pure path."""
+        return self._run(state, batch, donate=self._cache.compile_kwargs is None)
+
+    def _run(self, state: TrainState, batch: Any, donate: bool) -> tuple[TrainState, dict[str, torch.Tensor]]:
         _check_state(state, "train_step")
         self._validate(state)
         _check_batch_device(batch, state.params, "train_step")
@@ -165,7 +199,11 @@ class TrainStep:
         _set_mode(module, True)
         core = self._cache.get((module, state.tx), lambda: self._build(module, state.tx))
         with _rng.seeded(_rng.state_seed(state.rng, state.step), _cuda_devices(state.params)):
-            params, buffers, opt_state, metrics = core(state.params, state.buffers, state.opt_state, batch)
+            if donate:
+                mark_donated(state)
+                params, buffers, opt_state, metrics = core(state.params, state.buffers, state.opt_state, batch, True)
+            else:
+                params, buffers, opt_state, metrics = core(state.params, state.buffers, state.opt_state, batch)
         new_state = state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state)
         return new_state, metrics
 

@@ -56,7 +56,10 @@ class Trainer:
 
     Flags not in Lightning: ``on_nonfinite`` (``"raise"``, ``"skip"`` the update without a
     host sync, or ``"stop"``; checked at each logging boundary), ``seed`` (data order; defaults
-    to the state's RNG key), ``stop_signals`` (OS signals that stop fit cleanly).
+    to the state's RNG key), ``stop_signals`` (OS signals that stop fit cleanly), ``donate``
+    (default True: fit updates the state it is given in place, as a hand-written loop does, and
+    that state is refused afterwards; use the state fit returns. ``False`` keeps it intact at the
+    cost of a second copy of the weights and optimizer state).
 
     Example:
         >>> import fnloop as fl
@@ -90,6 +93,7 @@ class Trainer:
     seed: int | None = None
     on_nonfinite: str = "raise"
     stop_signals: Sequence[int] | None = None
+    donate: bool = True
 
     def __post_init__(self) -> None:
         _int_flag("max_epochs", self.max_epochs, low=-1, allow_none=True)

@@ -119,6 +119,7 @@ def dataclass(cls: type[T] | None = None, /, **kwargs: Any) -> Any:
         new = object.__new__(cls)
         new.__dict__.update(self.__dict__)
         new.__dict__.update(changes)
+        new.__dict__.pop("_fnloop_donated", None)  # a marker of the old object, not of its copy
         return new
 
     cls.replace = replace  # type: ignore[attr-defined]

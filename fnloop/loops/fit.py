@@ -195,7 +195,8 @@ def _finish(run: _Run, state: Any) -> Any:
 
 
 def _fit(run: _Run, state: Any, signals: Any) -> Any:
-    trainer, step, src = run.trainer, run.train_step, run.train_src
+    trainer, src = run.trainer, run.train_src
+    step = run.train_step.donated if trainer.donate and hasattr(run.train_step, "donated") else run.train_step
     device = device_of(state.params)
     flush = getattr(state.tx.update, "flush", None)
     fresh = state.loop.global_step == 0 and state.loop.batch_idx == 0 and state.loop.epoch == 0

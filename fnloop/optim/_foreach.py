@@ -156,3 +156,53 @@ def addcdiv_(xs: Tensors, ys: Tensors, zs: Tensors, value: float = 1.0) -> list[
     else:
         torch._foreach_addcdiv_(xs, ys, zs, value)
     return list(xs)
+
+
+def lerp_(xs: Tensors, ys: Tensors, weight: float) -> list[torch.Tensor]:
+    """In-place ``x += weight * (y - x)``."""
+    if _fallback(xs):
+        for x, y in zip(xs, ys):
+            x.lerp_(y, weight)
+    else:
+        torch._foreach_lerp_(xs, ys, weight)
+    return list(xs)
+
+
+def maximum_(xs: Tensors, ys: Tensors) -> list[torch.Tensor]:
+    """In-place elementwise maximum."""
+    if _fallback(xs):
+        for x, y in zip(xs, ys):
+            torch.maximum(x, y, out=x)
+    else:
+        torch._foreach_maximum_(xs, ys)
+    return list(xs)
+
+
+class StateOps:
+    """How an update produces the next value of a state tensor (params, moments, buffers):
+    out of place for a pure call, in place when the caller donated the old state."""
+
+    def __init__(self, donate: bool) -> None:
+        self.donate = donate
+
+    def mul(self, xs: Tensors, y: Any) -> list[torch.Tensor]:
+        return mul_(xs, y) if self.donate else mul(xs, y)
+
+    def add(self, xs: Tensors, ys: Any, **kwargs: Any) -> list[torch.Tensor]:
+        return add_(xs, ys, **kwargs) if self.donate else add(xs, ys, **kwargs)
+
+    def lerp(self, xs: Tensors, ys: Tensors, weight: float) -> list[torch.Tensor]:
+        return lerp_(xs, ys, weight) if self.donate else lerp(xs, ys, weight)
+
+    def maximum(self, xs: Tensors, ys: Tensors) -> list[torch.Tensor]:
+        return maximum_(xs, ys) if self.donate else maximum(xs, ys)
+
+    def addcmul(self, xs: Tensors, ys: Tensors, zs: Tensors, value: float = 1.0) -> list[torch.Tensor]:
+        return addcmul_(xs, ys, zs, value) if self.donate else addcmul(xs, ys, zs, value)
+
+    def addcdiv(self, xs: Tensors, ys: Tensors, zs: Tensors, value: float = 1.0) -> list[torch.Tensor]:
+        return addcdiv_(xs, ys, zs, value) if self.donate else addcdiv(xs, ys, zs, value)
+
+
+PURE = StateOps(False)
+DONATE = StateOps(True)

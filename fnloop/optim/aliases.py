@@ -26,7 +26,6 @@ from fnloop.optim.base import (
     GradientTransformation,
     LearningRate,
     addcdiv,
-    addcdiv_,
     as_schedule,
     axpy,
     from_apply,
@@ -54,12 +53,13 @@ def _zeros(params: Any) -> Any:
 def _fused(
     init: Callable[[Any], Any], step: Callable[[list[torch.Tensor], Any, list[torch.Tensor], Any], tuple[list[torch.Tensor], Any]]
 ) -> GradientTransformation:
-    """A transform from ``step(grad leaves, state, param leaves, treespec) -> (new param leaves, state)``;
-    state trees shaped like the params are read and rebuilt with the params' treespec."""
+    """A transform from ``step(grad leaves, state, param leaves, treespec, ops) -> (new param leaves, state)``;
+    state trees shaped like the params are read and rebuilt with the params' treespec, and new
+    state tensors are produced with ``ops`` (in place into a donated old state, else out of place)."""
 
-    def apply(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+    def apply(grads: Any, state: Any, params: Any, *, donate: bool = False) -> tuple[Any, Any]:
         p, spec = tree_flatten(params)
-        new_params, state = step(spec.flatten_up_to(grads), state, p, spec)
+        new_params, state = step(spec.flatten_up_to(grads), state, p, spec, fe.DONATE if donate else fe.PURE)
         return spec.unflatten(new_params), state
 
     return from_apply(init, apply)
@@ -94,23 +94,23 @@ def sgd(
     def init(params: Any) -> SGDState:
         return SGDState(new_count(), schedule(0).to(torch.float64), _zeros(params) if momentum else None)
 
-    def step(g: list[torch.Tensor], state: SGDState, p: list[torch.Tensor], spec: Any) -> tuple[list[torch.Tensor], SGDState]:
+    def step(g: list[torch.Tensor], state: SGDState, p: list[torch.Tensor], spec: Any, ops: fe.StateOps) -> tuple[list[torch.Tensor], SGDState]:
         if weight_decay:
             g = fe.add(g, p, alpha=weight_decay)
         buf = state.momentum_buffer
         if momentum:
             old = spec.flatten_up_to(buf)
             if not dampening:  # the zero-initialised buffer gives torch's first step exactly
-                new = fe.add_(fe.mul(old, momentum), g)
+                new = fe.add_(ops.mul(old, momentum), g)
             else:  # torch copies the gradient into the buffer at the first step
                 first = host(state.count) == 0
                 if isinstance(first, torch.Tensor):
-                    new = fe.where(first, g, fe.add_(fe.mul(old, momentum), g, alpha=1 - dampening))
+                    new = fe.where(first, g, fe.add_(ops.mul(old, momentum), g, alpha=1 - dampening))
                 else:
-                    new = [x.clone() for x in g] if first else fe.add_(fe.mul(old, momentum), g, alpha=1 - dampening)
+                    new = [x.clone() for x in g] if first else fe.add_(ops.mul(old, momentum), g, alpha=1 - dampening)
             g = fe.add(g, new, alpha=momentum) if nesterov else new
             buf = spec.unflatten(new)
-        new_p = axpy(p, g, -host(state.lr))
+        new_p = axpy(p, g, -host(state.lr), ops)
         count = state.count + 1
         return new_p, SGDState(count, next_lr(schedule, state.lr, count), buf)
 
@@ -146,26 +146,27 @@ def _adam(
             new_count(), schedule(0).to(torch.float64), _zeros(params), _zeros(params), _zeros(params) if amsgrad else None
         )
 
-    def step(g: list[torch.Tensor], state: AdamState, p: list[torch.Tensor], spec: Any) -> tuple[list[torch.Tensor], AdamState]:
+    def step(g: list[torch.Tensor], state: AdamState, p: list[torch.Tensor], spec: Any, ops: fe.StateOps) -> tuple[list[torch.Tensor], AdamState]:
         lr_now = host(state.lr)
         if weight_decay and decoupled:
             if mask is None:
-                p = fe.mul(p, 1 - lr_now * weight_decay)
+                p = ops.mul(p, 1 - lr_now * weight_decay)
             else:
                 flags = tree_leaves(mask(spec.unflatten(p)) if callable(mask) else mask)
-                p = [x * (1 - lr_now * weight_decay) if f else x.clone() for x, f in zip(p, flags)]
+                kept = p if ops.donate else [x.clone() for x in p]  # updated in place below
+                p = [ops.mul([x], 1 - lr_now * weight_decay)[0] if f else k for x, k, f in zip(p, kept, flags)]
         elif weight_decay:
             g = fe.add(g, p, alpha=weight_decay)
         count = state.count + 1
-        mu = fe.lerp(spec.flatten_up_to(state.mu), g, 1 - b1)
-        nu = fe.addcmul_(fe.mul(spec.flatten_up_to(state.nu), b2), g, g, 1 - b2)
-        nu_max = fe.maximum(spec.flatten_up_to(state.nu_max), nu) if amsgrad else None
+        mu = ops.lerp(spec.flatten_up_to(state.mu), g, 1 - b1)
+        nu = fe.addcmul_(ops.mul(spec.flatten_up_to(state.nu), b2), g, g, 1 - b2)
+        nu_max = ops.maximum(spec.flatten_up_to(state.nu_max), nu) if amsgrad else None
         c = host(count)
         bias_correction1, bias_correction2 = 1 - b1**c, 1 - b2**c
         denom = fe.add_(fe.div_(fe.sqrt(nu_max if amsgrad else nu), bias_correction2**0.5), eps)
         step_size = -(lr_now / bias_correction1)
         # p is a fresh tensor when decoupled decay ran: update it in place (same kernels as torch)
-        new_p = addcdiv_(p, mu, denom, step_size) if weight_decay and decoupled else addcdiv(p, mu, denom, step_size)
+        new_p = addcdiv(p, mu, denom, step_size, fe.DONATE if weight_decay and decoupled else ops)
         new_state = AdamState(
             count,
             next_lr(schedule, state.lr, count),
@@ -253,13 +254,13 @@ def rmsprop(
             _zeros(params) if centered else None,
         )
 
-    def step(g: list[torch.Tensor], state: RMSpropState, p: list[torch.Tensor], spec: Any) -> tuple[list[torch.Tensor], RMSpropState]:
+    def step(g: list[torch.Tensor], state: RMSpropState, p: list[torch.Tensor], spec: Any, ops: fe.StateOps) -> tuple[list[torch.Tensor], RMSpropState]:
         if weight_decay:
             g = fe.add(g, p, alpha=weight_decay)
-        sq = fe.addcmul_(fe.mul(spec.flatten_up_to(state.square_avg), alpha), g, g, 1 - alpha)
+        sq = fe.addcmul_(ops.mul(spec.flatten_up_to(state.square_avg), alpha), g, g, 1 - alpha)
         grad_avg = state.grad_avg
         if centered:
-            ga = fe.lerp(spec.flatten_up_to(grad_avg), g, 1 - alpha)
+            ga = ops.lerp(spec.flatten_up_to(grad_avg), g, 1 - alpha)
             avg = fe.add_(fe.sqrt_(fe.addcmul(sq, ga, ga, -1)), eps)
             grad_avg = spec.unflatten(ga)
         else:
@@ -267,11 +268,11 @@ def rmsprop(
         buf = state.momentum_buffer
         lr_now = host(state.lr)
         if momentum:
-            new_buf = fe.addcdiv_(fe.mul(spec.flatten_up_to(buf), momentum), g, avg)
-            new_p = axpy(p, new_buf, -lr_now)
+            new_buf = fe.addcdiv_(ops.mul(spec.flatten_up_to(buf), momentum), g, avg)
+            new_p = axpy(p, new_buf, -lr_now, ops)
             buf = spec.unflatten(new_buf)
         else:
-            new_p = addcdiv(p, g, avg, -lr_now)
+            new_p = addcdiv(p, g, avg, -lr_now, ops)
         count = state.count + 1
         new_state = RMSpropState(count, next_lr(schedule, state.lr, count), spec.unflatten(sq), buf, grad_avg)
         return new_p, new_state
@@ -308,14 +309,14 @@ def adagrad(
         acc = [torch.full_like(p, initial_accumulator_value) for p in tree_leaves(params)]
         return AdagradState(new_count(), schedule(0).to(torch.float64), leaves_like(params, acc))
 
-    def step(g: list[torch.Tensor], state: AdagradState, p: list[torch.Tensor], spec: Any) -> tuple[list[torch.Tensor], AdagradState]:
+    def step(g: list[torch.Tensor], state: AdagradState, p: list[torch.Tensor], spec: Any, ops: fe.StateOps) -> tuple[list[torch.Tensor], AdagradState]:
         count = state.count + 1
         if weight_decay:
             g = fe.add(g, p, alpha=weight_decay)
         minus_clr = -host(state.lr) / (1 + (host(count) - 1) * lr_decay)
-        total = fe.addcmul(spec.flatten_up_to(state.sum), g, g, 1)
+        total = ops.addcmul(spec.flatten_up_to(state.sum), g, g, 1)
         std = fe.add_(fe.sqrt(total), eps)
-        new_p = addcdiv(p, fe.mul(g, minus_clr), std, 1.0)
+        new_p = addcdiv(p, fe.mul(g, minus_clr), std, 1.0, ops)
         new_state = AdagradState(count, next_lr(schedule, state.lr, count), spec.unflatten(total))
         return new_p, new_state
 

@@ -42,7 +42,6 @@ __all__ = [
     "fused_apply",
     "axpy",
     "addcdiv",
-    "addcdiv_",
 ]
 
 Schedule = Callable[[Any], torch.Tensor]
@@ -98,12 +97,12 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     last_apply = fused_apply(transforms[-1]) if transforms else None
 
-    def apply(grads: Any, state: tuple[Any, ...], params: Any) -> tuple[Any, tuple[Any, ...]]:
+    def apply(grads: Any, state: tuple[Any, ...], params: Any, *, donate: bool = False) -> tuple[Any, tuple[Any, ...]]:
         new_state = []
         for t, s in zip(transforms[:-1], state):
             grads, s = t.update(grads, s, params)
             new_state.append(s)
-        new_params, s = last_apply(grads, state[-1], params)  # type: ignore[misc]
+        new_params, s = last_apply(grads, state[-1], params, donate=donate)  # type: ignore[misc]
         return new_params, (*new_state, s)
 
     if transforms:
@@ -142,7 +141,8 @@ def host(value: torch.Tensor) -> Any:
 
 
 def from_apply(init: Callable[[Any], Any], apply: Callable[[Any, Any, Any], tuple[Any, Any]]) -> GradientTransformation:
-    """A transform defined by a fused ``apply(grads, opt_state, params) -> (new_params, opt_state)``.
+    """A transform defined by a fused ``apply(grads, opt_state, params, *, donate=False) -> (new_params, opt_state)``
+    (``donate=True``: the caller gives up ``params`` and ``opt_state``, which may be updated in place).
 
     ``update`` returns ``new_params - params`` (params default to zeros); ``fused_apply(tx)``
     returns ``apply`` itself, which steps use to update the params with the same arithmetic as
@@ -174,32 +174,27 @@ def fused_apply(tx: GradientTransformation) -> Callable[[Any, Any, Any], tuple[A
     if fused is not None:
         return fused  # type: ignore[no-any-return]
 
-    def apply(grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+    def apply(grads: Any, state: Any, params: Any, *, donate: bool = False) -> tuple[Any, Any]:
         updates, state = tx.update(grads, state, params)
         return apply_updates(params, updates), state
 
     return apply
 
 
-def axpy(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: Any) -> list[torch.Tensor]:
-    """``x + alpha * y`` (one fused kernel when ``alpha`` is a Python number, as torch.optim)."""
+def axpy(xs: list[torch.Tensor], ys: list[torch.Tensor], alpha: Any, ops: fe.StateOps = fe.PURE) -> list[torch.Tensor]:
+    """``x + alpha * y`` as the new value of ``xs`` (one fused kernel when ``alpha`` is a number)."""
     if isinstance(alpha, torch.Tensor):
-        return fe.add(xs, fe.mul(ys, alpha))
-    return fe.add(xs, ys, alpha=alpha)
+        return ops.add(xs, fe.mul(ys, alpha))
+    return ops.add(xs, ys, alpha=alpha)
 
 
-def addcdiv_(xs: list[torch.Tensor], ys: list[torch.Tensor], zs: list[torch.Tensor], value: Any) -> list[torch.Tensor]:
-    """In-place ``x += value * y / z`` on tensors the caller allocated (fused for a Python number)."""
+def addcdiv(
+    xs: list[torch.Tensor], ys: list[torch.Tensor], zs: list[torch.Tensor], value: Any, ops: fe.StateOps = fe.PURE
+) -> list[torch.Tensor]:
+    """``x + value * y / z`` as the new value of ``xs`` (one fused kernel when ``value`` is a number)."""
     if isinstance(value, torch.Tensor):
-        return fe.add_(xs, fe.mul(fe.div(ys, zs), value))
-    return fe.addcdiv_(xs, ys, zs, value)
-
-
-def addcdiv(xs: list[torch.Tensor], ys: list[torch.Tensor], zs: list[torch.Tensor], value: Any) -> list[torch.Tensor]:
-    """``x + value * y / z`` (one fused kernel when ``value`` is a Python number)."""
-    if isinstance(value, torch.Tensor):
-        return fe.add(xs, fe.mul(fe.div(ys, zs), value))
-    return fe.addcdiv(xs, ys, zs, value)
+        return ops.add(xs, fe.mul(fe.div(ys, zs), value))
+    return ops.addcdiv(xs, ys, zs, value)
 
 
 def new_count() -> torch.Tensor:

@@ -60,19 +60,20 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
 
     inner_apply = fused_apply(inner)
 
-    def apply(grads: Any, state: MultiStepsState, params: Any) -> tuple[Any, MultiStepsState]:
+    def apply(grads: Any, state: MultiStepsState, params: Any, *, donate: bool = False) -> tuple[Any, MultiStepsState]:
         if every_k == 1:
-            new_params, inner_state = inner_apply(grads, state.inner_state, params)
+            new_params, inner_state = inner_apply(grads, state.inner_state, params, donate=donate)
             return new_params, state._replace(gradient_step=state.gradient_step + 1, inner_state=inner_state)
-        acc = fe.add(tree_leaves(state.grad_acc), tree_leaves(grads))
         mini = host(state.mini_step)
+        acc = (fe.add_ if donate else fe.add)(tree_leaves(state.grad_acc), tree_leaves(grads))
         if not isinstance(mini, torch.Tensor):  # eager: branch on the host-side counter
             if mini < every_k - 1:
                 return params, state._replace(mini_step=state.mini_step + 1, grad_acc=leaves_like(state.grad_acc, acc))
             mean = leaves_like(grads, fe.div(acc, float(every_k)))
-            new_params, inner_state = inner_apply(mean, state.inner_state, params)
+            new_params, inner_state = inner_apply(mean, state.inner_state, params, donate=donate)
             zero = torch.zeros_like(state.mini_step)
-            return new_params, MultiStepsState(zero, state.gradient_step + 1, _zeros(state.grad_acc), inner_state)
+            cleared = leaves_like(state.grad_acc, [a.zero_() for a in acc]) if donate else _zeros(state.grad_acc)
+            return new_params, MultiStepsState(zero, state.gradient_step + 1, cleared, inner_state)
         emit = state.mini_step == every_k - 1
         mean = leaves_like(grads, fe.div(acc, float(every_k)))
         new_params, inner_state = inner_apply(mean, state.inner_state, params)
@@ -126,7 +127,8 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
 
     inner_apply = fused_apply(inner)
 
-    def apply(grads: Any, state: ApplyIfFiniteState, params: Any) -> tuple[Any, ApplyIfFiniteState]:
+    def apply(grads: Any, state: ApplyIfFiniteState, params: Any, *, donate: bool = False) -> tuple[Any, ApplyIfFiniteState]:
+        # the old state is kept for the select below: never donated to the inner transform
         finite = fe.all_finite(tree_leaves(grads))
         new_params, inner_state = inner_apply(grads, state.inner_state, params)
         new_state = ApplyIfFiniteState(

@@ -89,11 +89,11 @@ def _value_diff(path: str, a: torch.Tensor, b: torch.Tensor, rtol: float | None,
         if rtol is None and a.layout == torch.strided and torch.equal(a, b):
             return None
         wa, wb = _wide(a), _wide(b)
-        both_nan = torch.isnan(wa) & torch.isnan(wb)
+        nan_a, nan_b = torch.isnan(wa), torch.isnan(wb)
         diff = (wa - wb).abs()
-        ok = (wa == wb) | both_nan
+        ok = (wa == wb) | (nan_a & nan_b)
         if rtol is not None:
-            ok |= diff <= atol + rtol * wb.abs()
+            ok |= (diff <= atol + rtol * wb.abs()) & torch.isfinite(wb)
         bad = ~ok
         n_bad = int(bad.sum())
         if n_bad == 0:
@@ -101,6 +101,7 @@ def _value_diff(path: str, a: torch.Tensor, b: torch.Tensor, rtol: float | None,
         bad_diff = torch.where(bad, diff, torch.zeros_like(diff)).nan_to_num(nan=math.inf).reshape(-1)
         worst = int(bad_diff.argmax())
         max_diff = float(bad_diff[worst])
+        nan_involved = bool((nan_a | nan_b).reshape(-1)[worst])
         if rtol is None:
             score = max_diff
         else:
@@ -108,7 +109,7 @@ def _value_diff(path: str, a: torch.Tensor, b: torch.Tensor, rtol: float | None,
             score = max_diff / tolerance if tolerance > 0 else math.inf
     at = _index(worst, a.shape)
     actual, expected = a.detach().reshape(-1)[worst].item(), b.detach().reshape(-1)[worst].item()
-    shown = "nan (a NaN against a number)" if math.isinf(max_diff) else f"{max_diff:.6g}"
+    shown = "nan (a NaN against a number)" if nan_involved else f"{max_diff:.6g}"
     text = (
         f"{n_bad} of {a.numel()} elements differ, max abs diff {shown} "
         f"at index {at} (actual {actual!r}, expected {expected!r})"
@@ -190,7 +191,8 @@ def assert_trees_close(actual: Any, expected: Any, *, rtol: float = 1e-5, atol: 
     _check_structure(actual, expected, msg)
     diffs = sorted(_diffs(actual, expected, rtol, atol), key=lambda d: -d.score)
     if diffs:
-        lines = [f"{_prefix(msg)}trees are not close (rtol={rtol:g}, atol={atol:g}) at {len(diffs)} key path(s), worst first:"]
+        head = f"trees are not close (rtol={rtol:g}, atol={atol:g}) at {len(diffs)} key path(s), worst first:"
+        lines = [_prefix(msg) + head]
         lines += [f"  {_label(d.path)}: {d.text}" for d in diffs[:_MAX_CLOSE_LISTED]]
         if len(diffs) > _MAX_CLOSE_LISTED:
             lines.append(f"  ... and {len(diffs) - _MAX_CLOSE_LISTED} more")
@@ -200,8 +202,15 @@ def assert_trees_close(actual: Any, expected: Any, *, rtol: float = 1e-5, atol: 
 # --- purity ----------------------------------------------------------------------------------
 
 
+def _copy_leaf(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    duplicate = copy.deepcopy(x)
+    return duplicate if _same_python(duplicate, x) else x  # no value equality: only identity is checked
+
+
 def _snapshot(tree: Any) -> Any:
-    return tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else copy.deepcopy(x), tree)
+    return tree_map(_copy_leaf, tree)
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -241,7 +250,10 @@ def _owned_inputs(state: Any) -> list[tuple[str, torch.Tensor]]:
     return _tensor_leaves(state, "state")
 
 
-def _check_inputs(name: str, run: int, inputs: dict[str, Any], before: dict[str, Any], versions: list[tuple[str, torch.Tensor, int | None]]) -> None:
+Versions = list[tuple[str, torch.Tensor, int | None]]
+
+
+def _check_inputs(name: str, run: int, inputs: dict[str, Any], before: dict[str, Any], versions: Versions) -> None:
     changed = []
     for label, tree in inputs.items():
         try:
@@ -249,8 +261,9 @@ def _check_inputs(name: str, run: int, inputs: dict[str, Any], before: dict[str,
         except TreeMismatchError as e:
             changed.append(f"the structure of the {label} changed ({e})")
             continue
-        changed += [f"{label}/{d.path}: {d.text}" if d.path else f"{label}: {d.text}" for d in _diffs(tree, before[label], None, 0.0)]
-    bumped = [f"{path} (_version {v} -> {_version(t)})" for path, t, v in versions if v is not None and _version(t) != v]
+        for d in _diffs(tree, before[label], None, 0.0):
+            changed.append(f"{label}/{d.path}: {d.text}" if d.path else f"{label}: {d.text}")
+    bumped = [f"{p} (_version {v} -> {_version(t)})" for p, t, v in versions if v is not None and _version(t) != v]
     if changed or bumped:
         lines = [f"{name}: run {run} modified its inputs in place; a step must return new tensors instead."]
         if changed:
