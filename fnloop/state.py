@@ -48,6 +48,8 @@ class LoopState:
         global_step: optimizer steps taken (Lightning's ``global_step``).
         samples_seen: training samples consumed in total.
         val_count: validation runs done (sanity checks excluded).
+        val_pending: the last batch asked for a validation that has not run yet (an interrupted
+            run runs it first when it resumes).
         stop: a stop was requested (by a callback, a signal or a policy).
         status: one of :class:`Status`.
         callbacks: per-callback state (best scores, counters), keyed by callback key.
@@ -60,6 +62,7 @@ class LoopState:
     global_step: int = 0
     samples_seen: int = 0
     val_count: int = 0
+    val_pending: bool = False
     stop: bool = False
     status: str = Status.INITIALIZING
     callbacks: CallbackStates = field(default_factory=CallbackStates)

@@ -140,7 +140,9 @@ class Trainer:
         if self.seed is not None:
             _int_flag("seed", self.seed, low=0, allow_none=True)
         if self.min_epochs is not None and self.max_epochs not in (None, -1) and self.min_epochs > self.max_epochs:
-            raise ConfigError(f"Trainer(min_epochs={self.min_epochs}, max_epochs={self.max_epochs}): min_epochs exceeds max_epochs")
+            raise ConfigError(
+                f"Trainer(min_epochs={self.min_epochs}, max_epochs={self.max_epochs}): min_epochs must be <= max_epochs"
+            )
 
     # --- resolved values -------------------------------------------------------------------
 
@@ -150,7 +152,11 @@ class Trainer:
         cbs = self.callbacks
         if cbs is None:
             return []
-        return [cbs] if isinstance(cbs, Callback) else list(cbs)
+        if isinstance(cbs, Callback):
+            return [cbs]
+        if not isinstance(cbs, (list, tuple)):
+            raise ConfigError(f"Trainer(callbacks={cbs!r}): accepted values are a fnloop.Callback or a list of them")
+        return list(cbs)
 
     @property
     def dev_batches(self) -> int:
@@ -165,6 +171,13 @@ class Trainer:
         if self.max_epochs is None:
             return 1000 if self.max_steps == -1 and self.max_time is None else -1
         return self.max_epochs
+
+    @property
+    def resolved_val_check(self) -> tuple[int | float, int | None]:
+        """``(val_check_interval, check_val_every_n_epoch)``; ``fast_dev_run`` validates once per epoch."""
+        if self.dev_batches:
+            return 1.0, 1
+        return (self.val_check_interval if self.val_check_interval is not None else 1.0), self.check_val_every_n_epoch
 
     @property
     def resolved_max_steps(self) -> int:

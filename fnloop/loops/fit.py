@@ -70,7 +70,7 @@ class _Run:
     def validate(self, state: Any) -> Any:
         n = self.val_batches(state.loop.epoch)
         metrics = prefixed(evaluate(state, self.val_step, self.val_src, n, epoch=0), "val")
-        state = _loop(state, val_count=state.loop.val_count + 1)
+        state = _loop(state, val_count=state.loop.val_count + 1, val_pending=False)
         self.logger.log_metrics(metrics, step=state.loop.global_step)
         return _hook(self.callbacks, "on_validation_end", state, metrics)
 
@@ -88,11 +88,11 @@ class _Run:
         if not len(self.window):
             return state
         means, bad, seconds, samples = self.window.reduce()
-        first_step = self.window.first_step
+        where_of = self.window.where
         self.window = Window()
-        self.window.first_step = state.loop.global_step
         if bad is not None and self.trainer.on_nonfinite != "skip":
-            where = f"the loss became non-finite at batch {bad} of the logging window that started at global step {first_step} (epoch {state.loop.epoch})"
+            bad_step, bad_epoch = where_of[bad]
+            where = f"the loss became non-finite at global step {bad_step} (epoch {bad_epoch})"
             if self.trainer.on_nonfinite == "raise":
                 raise StepError(
                     f"{where}; lower the learning rate, clip gradients (gradient_clip_val), or set "
@@ -204,7 +204,8 @@ def _fit(run: _Run, state: Any, signals: Any) -> Any:
     state = _hook(run.callbacks, "on_fit_start", state)
     if fresh and run.val_step is not None:
         run.sanity_check(state)
-    run.window.first_step = state.loop.global_step
+    if state.loop.val_pending and run.val_step is not None:  # interrupted right before a validation
+        state = run.validate(state)
     stopped = False
     while not stopped and not rules.fit_done(
         epoch=state.loop.epoch, global_step=state.loop.global_step, max_epochs=run.max_epochs, max_steps=run.max_steps
@@ -213,9 +214,10 @@ def _fit(run: _Run, state: Any, signals: Any) -> Any:
             break
         epoch = state.loop.epoch
         n = limited(src, epoch, trainer.limit("train"), "train")
-        check_batch = rules.val_check_batch(
-            n, trainer.val_check_interval or 1.0, check_val_every_n_epoch=trainer.check_val_every_n_epoch
-        ) if run.val_batches(epoch) != 0 else None
+        interval, every_n_epochs = trainer.resolved_val_check
+        check_batch = (
+            rules.val_check_batch(n, interval, check_val_every_n_epoch=every_n_epochs) if run.val_batches(epoch) != 0 else None
+        )
         if run.bar is not None:
             run.bar.total = n
         state = _hook(run.callbacks, "on_train_epoch_start", state)
@@ -229,23 +231,25 @@ def _fit(run: _Run, state: Any, signals: Any) -> Any:
                 params, opt_state = flush(state.opt_state, state.params)  # Lightning steps on a partial window
                 state = state.replace(params=params, opt_state=opt_state)
             loop = state.loop
+            validate = check_batch is not None and rules.should_validate(
+                batch_idx, total_batch_idx=loop.total_batch_idx, epoch=epoch, n_batches=n,
+                check_batch=check_batch, check_val_every_n_epoch=every_n_epochs,
+            )
             state = _loop(
                 state,
                 batch_idx=batch_idx + 1,
                 global_step=loop.global_step + stepped,
                 samples_seen=loop.samples_seen + batch_size,
                 total_batch_idx=loop.total_batch_idx + 1,
+                val_pending=validate,
             )
             run.last_state = state
-            run.window.add(metrics, batch_size)
+            run.window.add(metrics, batch_size, loop.global_step, epoch)
             state = _hook(run.callbacks, "on_train_batch_end", state, metrics)
             run.last_state = state
             if stepped and state.loop.global_step % trainer.log_every_n_steps == 0:
                 state = run.flush_window(state)
-            if check_batch is not None and rules.should_validate(
-                batch_idx, total_batch_idx=state.loop.total_batch_idx - 1, epoch=epoch, n_batches=n,
-                check_batch=check_batch, check_val_every_n_epoch=trainer.check_val_every_n_epoch,
-            ):
+            if validate:
                 state = run.validate(state)
             run.last_state = state
             batch_idx += 1

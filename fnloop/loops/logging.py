@@ -40,11 +40,12 @@ class Window:
 
     def __init__(self) -> None:
         self.entries: list[tuple[Mapping[str, torch.Tensor], int]] = []
+        self.where: list[tuple[int, int]] = []  # (global_step, epoch) of each entry
         self.start = time.perf_counter()
-        self.first_step = 0
 
-    def add(self, metrics: Mapping[str, torch.Tensor], batch_size: int) -> None:
+    def add(self, metrics: Mapping[str, torch.Tensor], batch_size: int, global_step: int, epoch: int) -> None:
         self.entries.append((metrics, batch_size))
+        self.where.append((global_step, epoch))
 
     def __len__(self) -> int:
         return len(self.entries)
