@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -42,6 +43,7 @@ class ModelCheckpoint(Callback):
         if not isinstance(manager, CheckpointManager):
             manager = CheckpointManager(manager, **kwargs)
         self.manager = manager
+        self.seconds = 0.0  # time spent in saves (the caller's side: snapshot only for async saves)
         p = manager._save_policy
         self._triggered = any(getattr(p, a, None) for a in ("every_n_steps", "every_n_epochs", "every_n_seconds"))
 
@@ -50,8 +52,13 @@ class ModelCheckpoint(Callback):
 
     def save(self, state: Any) -> Any:
         """Save now (at ``state.loop.global_step``)."""
-        self.manager.save(state, metrics=self._metrics(state), step=state.loop.global_step, epoch=state.loop.epoch)
+        self._timed_save(state, state.loop.global_step, state.loop.epoch, self._metrics(state))
         return state
+
+    def _timed_save(self, state: Any, step: int, epoch: int, metrics: dict[str, float]) -> None:
+        t0 = time.perf_counter()
+        self.manager.save(state, metrics=metrics, step=step, epoch=epoch)
+        self.seconds += time.perf_counter() - t0
 
     def _maybe(self, state: Any) -> Any:
         if self._triggered and self.manager.should_save(state.loop.global_step, state.loop.epoch):
@@ -65,7 +72,7 @@ class ModelCheckpoint(Callback):
         # the driver calls this before advancing the epoch counter: decide on epochs completed
         done = state.replace(loop=state.loop.replace(epoch=state.loop.epoch + 1))
         if self._triggered and self.manager.should_save(state.loop.global_step, done.loop.epoch):
-            self.manager.save(done, metrics=self._metrics(state), step=state.loop.global_step, epoch=done.loop.epoch)
+            self._timed_save(done, state.loop.global_step, done.loop.epoch, self._metrics(state))
         return state
 
     def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> Any:
@@ -81,7 +88,9 @@ class ModelCheckpoint(Callback):
             self.manager.should_save(state.loop.global_step, state.loop.epoch, final=True) and last != state.loop.global_step
         ):
             self.save(state)
+        t0 = time.perf_counter()
         self.manager.wait()
+        self.seconds += time.perf_counter() - t0
         return state
 
     def on_exception(self, state: Any, exception: BaseException) -> None:

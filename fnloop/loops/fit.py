@@ -6,6 +6,7 @@ files, signals) happen here and nowhere else; the steps stay pure.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -59,6 +60,7 @@ class _Run:
         self.accumulate = trainer.accumulate_grad_batches
         self.window = Window()
         self.started = time.monotonic()
+        self.times = {"data": 0.0, "step": 0.0, "eval": 0.0}
 
     # --- validation ----------------------------------------------------------------------------
 
@@ -69,7 +71,9 @@ class _Run:
 
     def validate(self, state: Any) -> Any:
         n = self.val_batches(state.loop.epoch)
+        t0 = time.perf_counter()
         metrics = prefixed(evaluate(state, self.val_step, self.val_src, n, epoch=0), "val")
+        self.times["eval"] += time.perf_counter() - t0
         state = _loop(state, val_count=state.loop.val_count + 1, val_pending=False)
         self.logger.log_metrics(metrics, step=state.loop.global_step)
         return _hook(self.callbacks, "on_validation_end", state, metrics)
@@ -80,7 +84,9 @@ class _Run:
         if self.trainer.dev_batches or steps == 0 or n_val == 0:
             return
         n = n_val if steps == -1 else (steps if n_val is None else min(steps, n_val))
+        t0 = time.perf_counter()
         evaluate(state, self.val_step, self.val_src, n)
+        self.times["eval"] += time.perf_counter() - t0
 
     # --- logging -------------------------------------------------------------------------------
 
@@ -102,6 +108,7 @@ class _Run:
         logged = prefixed(means, "train")
         if seconds > 0:
             logged["throughput/samples_per_sec"] = samples / seconds
+            logged["throughput/batches_per_sec"] = len(where_of) / seconds
         for cb in self.callbacks:
             logged.update(cb.log(state))
         step = state.loop.global_step
@@ -111,6 +118,22 @@ class _Run:
         return _loop(state, logger_step=step)
 
     # --- stopping ------------------------------------------------------------------------------
+
+    def profile(self) -> dict[str, float]:
+        """Seconds spent waiting for data, in train steps, in evaluation, in checkpointing, other."""
+        total = time.monotonic() - self.started
+        out = {f"time/{k}_s": v for k, v in self.times.items()}
+        out["time/checkpoint_s"] = self.checkpoint.seconds if self.checkpoint is not None else 0.0
+        out["time/other_s"] = max(0.0, total - sum(out.values()))
+        out["time/total_s"] = total
+        return out
+
+    def hparams(self) -> dict[str, Any]:
+        """The Trainer flags worth recording with the run."""
+        skip = {"callbacks", "logger", "stop_signals"}
+        flags = {f.name: getattr(self.trainer, f.name) for f in dataclasses.fields(self.trainer) if f.name not in skip}
+        flags["callbacks"] = [type(c).__name__ for c in self.callbacks]
+        return {"trainer": flags}
 
     def can_stop(self, state: Any, epochs_done: int) -> bool:
         return rules.can_stop_early(
@@ -190,6 +213,12 @@ def _checkpoint_of(trainer: Any, checkpoint: Any) -> Any:
 def _finish(run: _Run, state: Any) -> Any:
     state = run.flush_window(state)
     state = _hook(run.callbacks, "on_fit_end", state)
+    profile = run.profile()
+    run.logger.log_metrics(profile, step=state.loop.global_step)
+    if run.trainer.enable_progress_bar or run.trainer.logger is not None:
+        from fnloop.loggers import format_metrics_table
+
+        print(format_metrics_table({k[5:]: v for k, v in profile.items()}, title="fit time (s)"))
     run.logger.finalize(state.loop.status if state.loop.status in ("finished", "interrupted") else "finished")
     return state
 
@@ -201,6 +230,7 @@ def _fit(run: _Run, state: Any, signals: Any) -> Any:
     flush = getattr(state.tx.update, "flush", None)
     fresh = state.loop.global_step == 0 and state.loop.batch_idx == 0 and state.loop.epoch == 0
     run.last_state = state = _loop(state, status=Status.RUNNING)
+    run.logger.log_hparams(run.hparams())
     state = _hook(run.callbacks, "on_fit_start", state)
     if fresh and run.val_step is not None:
         run.sanity_check(state)
@@ -223,8 +253,14 @@ def _fit(run: _Run, state: Any, signals: Any) -> Any:
         state = _hook(run.callbacks, "on_train_epoch_start", state)
         run.last_state = state
         batch_idx = state.loop.batch_idx
+        times = run.times
+        t0 = time.perf_counter()
         for batch in batches_on(src, epoch, batch_idx, n, device):
+            t1 = time.perf_counter()
             state, metrics = step(state, batch)
+            t2 = time.perf_counter()
+            times["data"] += t1 - t0
+            times["step"] += t2 - t1
             batch_size = src.batch_size_of(batch)
             stepped = rules.is_optimizer_step(batch_idx, n_batches=n, accumulate=run.accumulate)
             if stepped and flush is not None and n is not None and batch_idx + 1 == n:
@@ -258,6 +294,7 @@ def _fit(run: _Run, state: Any, signals: Any) -> Any:
             if run.out_of_budget(state) or (state.loop.stop and run.can_stop(state, epoch)):
                 stopped = True
                 break
+            t0 = time.perf_counter()
         if n is None and not stopped or n is not None and batch_idx >= n:  # the epoch is complete
             state = _hook(run.callbacks, "on_train_epoch_end", state)
             state = _loop(state, epoch=epoch + 1, batch_idx=0)

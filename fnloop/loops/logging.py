@@ -17,7 +17,7 @@ __all__ = ["make_logger", "Window"]
 def make_logger(trainer: Any) -> Any:
     """The run's sinks: ``logger=None/False`` -> no-op, ``True`` -> console, a sink or a list of
     sinks -> a collection sharing one run folder."""
-    from fnloop.loggers import ConsoleLogger, Logger, LoggerCollection, NullLogger
+    from fnloop.loggers import ConsoleLogger, LoggerCollection, NullLogger
 
     spec = trainer.logger
     if spec is None or spec is False:
@@ -26,7 +26,8 @@ def make_logger(trainer: Any) -> Any:
         return ConsoleLogger()
     sinks = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     for i, sink in enumerate(sinks):
-        if not isinstance(sink, Logger):
+        # look at the type: isinstance(sink, Logger) would read the log_dir property, which creates the folder
+        if not all(callable(getattr(type(sink), m, None)) for m in ("log_metrics", "log_hparams", "finalize")):
             raise ConfigError(
                 f"Trainer(logger=...): item {i} ({type(sink).__name__}) is not a logger; use fnloop.TensorBoardLogger, "
                 "CSVLogger, JSONLLogger, ConsoleLogger, or an object with log_metrics/log_hparams/finalize/log_dir"
