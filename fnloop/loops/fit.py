@@ -6,9 +6,13 @@ files, signals) happen here and nowhere else; the steps stay pure.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 from typing import Any
+
+import torch
 
 from fnloop.callbacks.misc import parse_duration
 from fnloop.callbacks.progress import ProgressBar
@@ -185,7 +189,7 @@ def run_fit(
         state = resume_from(ckpt_path, state, run.checkpoint.manager if run.checkpoint is not None else None)
     from fnloop.connectors.signals import stop_signals
 
-    with stop_signals(trainer.stop_signals) as signals:
+    with stop_signals(trainer.stop_signals) as signals, _deterministic(trainer.deterministic):
         try:
             state = _fit(run, state, signals)
         except KeyboardInterrupt:
@@ -198,6 +202,20 @@ def run_fit(
             run.logger.finalize("failed")
             raise
     return state
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` inside the block when ``enabled``."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def _checkpoint_of(trainer: Any, checkpoint: Any) -> Any:

@@ -15,15 +15,17 @@ __all__ = ["make_logger", "Window"]
 
 
 def make_logger(trainer: Any) -> Any:
-    """The run's sinks: ``logger=None/False`` -> no-op, ``True`` -> console, a sink or a list of
-    sinks -> a collection sharing one run folder."""
-    from fnloop.loggers import ConsoleLogger, LoggerCollection, NullLogger
+    """The run's sinks: ``logger=None/False`` -> no-op; ``True`` -> TensorBoard and CSV in
+    ``default_root_dir`` (``runs``) as Lightning does; a sink or a list of sinks -> a collection
+    sharing one run folder."""
+    from fnloop.loggers import CSVLogger, LoggerCollection, NullLogger, TensorBoardLogger
 
     spec = trainer.logger
     if spec is None or spec is False:
         return NullLogger()
     if spec is True:
-        return ConsoleLogger()
+        root = trainer.default_root_dir or "runs"
+        spec = [TensorBoardLogger(root), CSVLogger(root)]
     sinks = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     for i, sink in enumerate(sinks):
         # look at the type: isinstance(sink, Logger) would read the log_dir property, which creates the folder

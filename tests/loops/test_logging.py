@@ -83,3 +83,28 @@ def test_profile_and_hparams_are_logged(run):
     with open(os.path.join(run_dir, "hparams.yaml")) as f:
         hparams = f.read()
     assert "max_epochs" in hparams and "log_every_n_steps" in hparams
+
+
+def test_logger_true_writes_tensorboard_and_csv_under_default_root_dir(tmp_path):
+    data = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(4)]
+    state = fl.TrainState.create(torch.nn.Linear(3, 1), flo.sgd(lr=0.1))
+    trainer = fl.Trainer(max_epochs=1, log_every_n_steps=2, logger=True, default_root_dir=str(tmp_path), enable_progress_bar=False)
+    trainer.fit(state, fl.train_step(_loss), data)
+    (run_dir,) = glob.glob(str(tmp_path / "default" / "version_*"))
+    assert glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
+    assert os.path.exists(os.path.join(run_dir, "metrics.csv"))
+
+
+def test_deterministic_flag_is_on_during_fit_and_restored_after():
+    seen = []
+
+    class Probe(fl.Callback):
+        def on_train_batch_end(self, state, metrics):
+            seen.append(torch.are_deterministic_algorithms_enabled())
+
+    before = torch.are_deterministic_algorithms_enabled()
+    data = [(torch.randn(4, 3), torch.randn(4, 1)) for _ in range(2)]
+    state = fl.TrainState.create(torch.nn.Linear(3, 1), flo.sgd(lr=0.1))
+    fl.Trainer(max_epochs=1, deterministic=True, enable_progress_bar=False, callbacks=[Probe()]).fit(state, fl.train_step(_loss), data)
+    assert seen == [True, True]
+    assert torch.are_deterministic_algorithms_enabled() == before
