@@ -7,8 +7,9 @@ Measures, on one thread, an MLP 64-256-256-10 with AdamW at batch 64 and 512:
 * fnloop eager: ``fl.train_step(loss_fn)`` (pure: new state every call);
 * fnloop compiled: ``fl.compile(step)`` (batch 64 only; compiling takes a while).
 
-Timings interleave the contenders in short rounds and report medians, so machine noise hits
-all of them alike. Also prints the peak memory of one eager step on a 25M-parameter MLP
+Timings interleave the contenders in short rounds; a ratio is the median over rounds of the
+contender's time over the hand-written loop's time in the same round, so machine noise hits
+both sides of each ratio alike. Also prints the peak memory of one eager step on a 25M-parameter MLP
 relative to the hand-written loop (``tracemalloc`` cannot see torch's allocator, so peak RSS
 of a fresh subprocess per contender is used).
 
@@ -79,7 +80,10 @@ def contenders(batch_size: int, compile_too: bool) -> dict[str, object]:
     return out
 
 
-def time_side_by_side(fns: dict[str, object], rounds: int, per_round: int) -> dict[str, float]:
+def time_side_by_side(fns: dict[str, object], rounds: int, per_round: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median time per call of each contender, and the median over rounds of each contender's
+    time divided by the hand-written loop's time in the same round (paired: both saw the same
+    machine load)."""
     for fn in fns.values():  # warm up (and compile)
         for _ in range(10):
             fn()  # type: ignore[operator]
@@ -90,7 +94,9 @@ def time_side_by_side(fns: dict[str, object], rounds: int, per_round: int) -> di
             for _ in range(per_round):
                 fn()  # type: ignore[operator]
             samples[name].append((time.perf_counter() - t0) / per_round)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    base = samples["hand-written"]
+    ratios = {k: statistics.median(a / b for a, b in zip(v, base)) for k, v in samples.items()}
+    return {k: statistics.median(v) for k, v in samples.items()}, ratios
 
 
 _MEM_CHILD = r"""
@@ -135,15 +141,14 @@ def main() -> None:
     result: dict[str, float] = {}
     for batch_size in (64, 512):
         fns = contenders(batch_size, compile_too=batch_size == 64 and not args.no_compile)
-        times = time_side_by_side(fns, args.rounds, per_round=20 if batch_size == 64 else 5)
-        hw = times["hand-written"]
+        times, ratios = time_side_by_side(fns, args.rounds, per_round=20 if batch_size == 64 else 5)
         print(f"batch {batch_size}:")
         for name, t in times.items():
-            print(f"  {name:16s} {t * 1e6:9.1f} us/step   ratio to hand-written {t / hw:.3f}")
-        result[f"eager_over_handwritten_b{batch_size}"] = times["fnloop eager"] / hw
-        if "fnloop compiled" in times:
-            result["handwritten_over_compiled_b64"] = hw / times["fnloop compiled"]
-        result[f"handwritten_us_b{batch_size}"] = hw * 1e6
+            print(f"  {name:16s} {t * 1e6:9.1f} us/step   ratio to hand-written {ratios[name]:.3f}")
+        result[f"eager_over_handwritten_b{batch_size}"] = ratios["fnloop eager"]
+        if "fnloop compiled" in ratios:
+            result["handwritten_over_compiled_b64"] = 1.0 / ratios["fnloop compiled"]
+        result[f"handwritten_us_b{batch_size}"] = times["hand-written"] * 1e6
     hw_mem, fl_mem = peak_memory("hand-written"), peak_memory("fnloop")
     result["peak_mem_ratio_25M"] = fl_mem / hw_mem
     print(f"peak memory, 25M-parameter MLP: hand-written {hw_mem / 2**20:.0f} MiB, fnloop eager {fl_mem / 2**20:.0f} MiB, ratio {fl_mem / hw_mem:.2f}")

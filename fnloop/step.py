@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.utils._pytree as torch_pytree
 
 from fnloop import rng as _rng
 from fnloop.bind import Bound, bind
@@ -104,9 +105,32 @@ class _Cached:
             return hit[1]
         core = build()
         if self.compile_kwargs is not None:
-            core = torch.compile(core, **{"fullgraph": True, **self.compile_kwargs})
+            core = _FlatCompiled(core, self.compile_kwargs)
         self.cores[key] = (key_objs, core)
         return core
+
+
+class _FlatCompiled:
+    """``torch.compile(fullgraph=True)`` of a core, called with a flat tuple of tensors: dynamo
+    then guards on tensors only (not on nested dicts and tuples), which keeps each call cheap.
+    One compiled function per input treespec."""
+
+    def __init__(self, core: Callable[..., Any], compile_kwargs: dict[str, Any]):
+        self.core = core
+        self.compile_kwargs = {"fullgraph": True, **compile_kwargs}
+        self.by_spec: dict[Any, Callable[..., Any]] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        leaves, spec = torch_pytree.tree_flatten(args)
+        fn = self.by_spec.get(spec)
+        if fn is None:
+            core = self.core
+
+            def flat(*xs: Any) -> Any:
+                return core(*torch_pytree.tree_unflatten(list(xs), spec))
+
+            fn = self.by_spec[spec] = torch.compile(flat, **self.compile_kwargs)
+        return fn(*leaves)
 
 
 class TrainStep:

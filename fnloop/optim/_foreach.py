@@ -141,8 +141,8 @@ def sqrt_(xs: Tensors) -> list[torch.Tensor]:
 def addcmul_(xs: Tensors, ys: Tensors, zs: Tensors, value: float = 1.0) -> list[torch.Tensor]:
     """In-place ``x += value * y * z``."""
     if _fallback(xs):
-        for x, y, z in zip(xs, ys, zs):
-            x.addcmul_(y, z, value=value)
+        for x, y, z in zip(xs, ys, zs):  # no batching rule for addcmul_: compute, then copy
+            x.copy_(torch.addcmul(x, y, z, value=value))
     else:
         torch._foreach_addcmul_(xs, ys, zs, value)
     return list(xs)
@@ -152,7 +152,7 @@ def addcdiv_(xs: Tensors, ys: Tensors, zs: Tensors, value: float = 1.0) -> list[
     """In-place ``x += value * y / z``."""
     if _fallback(xs):
         for x, y, z in zip(xs, ys, zs):
-            x.addcdiv_(y, z, value=value)
+            x.copy_(torch.addcdiv(x, y, z, value=value))
     else:
         torch._foreach_addcdiv_(xs, ys, zs, value)
     return list(xs)
@@ -162,7 +162,7 @@ def lerp_(xs: Tensors, ys: Tensors, weight: float) -> list[torch.Tensor]:
     """In-place ``x += weight * (y - x)``."""
     if _fallback(xs):
         for x, y in zip(xs, ys):
-            x.lerp_(y, weight)
+            x.copy_(torch.lerp(x, y, weight))
     else:
         torch._foreach_lerp_(xs, ys, weight)
     return list(xs)

@@ -13,13 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import optree
 import torch
+import torch.utils._pytree as torch_pytree
 
 from fnloop.errors import ConfigError
 from fnloop.optim import _foreach as fe
 from fnloop.optim.base import EmptyState, GradientTransformation, leaves_like
-from fnloop.tree import NAMESPACE, tree_leaves, tree_structure
+from fnloop.tree import tree_leaves, tree_structure
 
 __all__ = [
     "clip_by_global_norm",
@@ -46,8 +46,7 @@ def global_norm(tree: Any) -> torch.Tensor:
         >>> flo.global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])})
         tensor(5.)
     """
-    with optree.dict_insertion_ordered(True, namespace=NAMESPACE):  # torch sums in parameter order
-        leaves = tree_leaves(tree)
+    leaves = torch_pytree.tree_leaves(tree)  # dicts in insertion (parameter) order, as torch sums
     if not leaves:
         return torch.tensor(0.0)
     return torch.linalg.vector_norm(torch.stack(fe.norm(leaves)))

@@ -144,7 +144,8 @@ def test_shard_property(n, world_size, drop_last, seed):
         assert count == math.ceil(n / world_size)
         assert torch.equal(interleaved[:n], indices)  # covers everything once ...
         padding = interleaved[n:]
-        assert torch.equal(padding, indices.repeat(2)[n : count * world_size])  # ... then wraps around
+        wrapped = indices.repeat(count * world_size // n + 1)  # wraps around as often as needed (n < world_size)
+        assert torch.equal(padding, wrapped[n : count * world_size])  # ... then wraps around
 
 
 @pytest.mark.parametrize(

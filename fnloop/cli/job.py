@@ -1,0 +1,159 @@
+"""What one command builds from its parsed config: the model, data, steps' functions, optimizer,
+trainer flags, checkpoint arguments and logger sinks, checked before any folder is created.
+
+Example:
+    >>> from fnloop.cli.job import make_sinks
+    >>> import tempfile
+    >>> sinks = make_sinks(["csv", "jsonl"], tempfile.mkdtemp())
+    >>> [type(s).__name__ for s in sinks.loggers]
+    ['CSVLogger', 'JSONLLogger']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import yaml
+
+from fnloop.checkpoint.manager import CheckpointManager
+from fnloop.cli.optimizer import build_optimizer
+from fnloop.cli.run_folder import run_name
+from fnloop.errors import ConfigError
+from fnloop.loggers import ConsoleLogger, CSVLogger, JSONLLogger, LoggerCollection, TensorBoardLogger
+from fnloop.trainer import Trainer
+
+__all__ = ["Job", "build_job", "make_sinks", "CHECKPOINTS"]
+
+CHECKPOINTS = "checkpoints"
+"""Subfolder of the run folder that holds the checkpoints."""
+
+_NOT_SAVED = ("run_dir", "overwrite_config")  # where and how to save, not what the run is
+_SINKS = {"tensorboard": TensorBoardLogger, "csv": CSVLogger, "jsonl": JSONLLogger}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A command's objects, built and checked from its config.
+
+    Attributes:
+        stage: ``fit``, ``validate``, ``test`` or ``predict``.
+        name: the run name.
+        root: the folder holding every run (``trainer.default_root_dir`` or ``runs``).
+        config_text: the resolved config as YAML (saved as ``config.yaml``).
+        seed: the state's seed.
+        model, data, loss_fn, metric_fn, predict_fn, tx: the run's objects.
+        trainer: the Trainer (callbacks included, no logger yet).
+        checkpoint_args: keyword arguments of the run's :class:`CheckpointManager`.
+        loggers: the ``trainer.loggers`` entries (names or sink instances).
+        ckpt_path, run_dir, overwrite_config, test_after_fit: the command's options.
+    """
+
+    stage: str
+    name: str
+    root: str
+    config_text: str
+    seed: int
+    model: torch.nn.Module
+    data: Any
+    loss_fn: Callable[..., Any]
+    metric_fn: Callable[..., Any]
+    predict_fn: Callable[..., Any] | None
+    tx: Any
+    trainer: Trainer
+    checkpoint_args: dict[str, Any]
+    loggers: Sequence[Any]
+    ckpt_path: str | None
+    run_dir: str | None
+    overwrite_config: bool
+    test_after_fit: bool
+
+    def manager(self, run_dir: str) -> CheckpointManager:
+        """The checkpoint manager of ``run_dir/checkpoints``."""
+        return CheckpointManager(os.path.join(run_dir, CHECKPOINTS), **self.checkpoint_args)
+
+
+def make_sinks(loggers: Sequence[Any], run_dir: str) -> LoggerCollection:
+    """The logger sinks of a run, all writing into ``run_dir``: names (``tensorboard``, ``csv``,
+    ``jsonl``, ``console``) or sink instances (file sinks without ``log_dir`` are pointed at it).
+
+    Example:
+        >>> make_sinks(["console"], "unused").log_dir is None
+        True
+    """
+    sinks = []
+    for entry in loggers:
+        if entry == "console":
+            sinks.append(ConsoleLogger())
+        elif isinstance(entry, str):
+            sinks.append(_SINKS[entry](log_dir=run_dir))
+        else:
+            sinks.append(entry)
+    return LoggerCollection(sinks, run_dir=run_dir)
+
+
+def _plain(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else dict(vars(value))
+
+
+def build_job(stage: str, cfg: Any, parser: Any) -> Job:
+    """Build and check everything ``cfg`` names (no folder or file is created).
+
+    Args:
+        stage: the subcommand.
+        cfg: the subcommand's parsed namespace (not instantiated).
+        parser: the subcommand's jsonargparse parser.
+
+    Raises:
+        ConfigError: a value a constructor rejects (e.g. ``trainer.max_epochs: -3``); the message
+            names the config section.
+
+    Example:
+        >>> from fnloop.cli.parser import build_parser
+        >>> parser = build_parser()
+        >>> stage, cfg = parser.parse(["fit", "--config", "examples/digits.yaml"])  # doctest: +SKIP
+        >>> build_job(stage, cfg, parser.stage_parsers[stage]).trainer.max_epochs  # doctest: +SKIP
+        40
+    """
+    cfg.name = run_name(cfg.name, cfg.get("config"))
+    dumped = yaml.safe_load(parser.dump(cfg)) or {}
+    text = yaml.safe_dump({k: v for k, v in dumped.items() if k not in _NOT_SAVED}, sort_keys=False)
+    torch.manual_seed(cfg.seed)  # the model's initial weights
+    try:
+        objs = parser.instantiate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"building the objects of the config: {err}") from None
+    tx = build_optimizer(cfg.optimizer, cfg.schedule.name, cfg.schedule.init_args)
+    flags = {k: v for k, v in _plain(objs.trainer).items() if k != "loggers"}
+    try:
+        trainer = Trainer(**flags)
+    except ConfigError as err:
+        raise ConfigError(f"trainer: {err}") from None
+    ckpt = _plain(cfg.checkpoint)
+    try:
+        CheckpointManager("memory://fnloop-cli/checked", **ckpt).close()
+    except ConfigError as err:
+        raise ConfigError(f"checkpoint: {err}") from None
+    return Job(
+        stage=stage,
+        name=cfg.name,
+        root=cfg.trainer.default_root_dir or "runs",
+        config_text=text,
+        seed=cfg.seed,
+        model=objs.model,
+        data=objs.data,
+        loss_fn=objs.loss_fn,
+        metric_fn=objs.metric_fn or objs.loss_fn,
+        predict_fn=objs.predict_fn,
+        tx=tx,
+        trainer=trainer,
+        checkpoint_args=ckpt,
+        loggers=list(objs.trainer.loggers or []),
+        ckpt_path=cfg.ckpt_path,
+        run_dir=cfg.run_dir,
+        overwrite_config=cfg.overwrite_config,
+        test_after_fit=cfg.test_after_fit,
+    )

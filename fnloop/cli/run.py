@@ -1,0 +1,233 @@
+"""The subcommands: ``fit`` (then ``test`` with ``test_after_fit``), ``validate``, ``test`` and
+``predict`` over a :class:`~fnloop.cli.job.Job`, printing where the run's files are.
+
+Exit codes: 0 done, 143 ``fit`` stopped by a signal after saving a checkpoint (resume with
+``--ckpt_path last --run_dir <run folder>``).
+
+Example:
+    >>> EXIT_INTERRUPTED
+    143
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fnloop.callbacks.base import Callback
+from fnloop.checkpoint.callback import ModelCheckpoint
+from fnloop.checkpoint.format import read_meta, restore_weights
+from fnloop.cli.job import CHECKPOINTS, Job, make_sinks
+from fnloop.cli.run_folder import choose_run_dir, save_config
+from fnloop.loggers import format_metrics_table, to_plain
+from fnloop.state import Status, TrainState
+from fnloop.step import eval_step, predict_step, train_step
+
+__all__ = ["EXIT_OK", "EXIT_INTERRUPTED", "run_job", "fit", "evaluate", "predict"]
+
+EXIT_OK = 0
+EXIT_INTERRUPTED = 143
+PREDICTIONS_FILE = "predictions.pt"
+
+_DATA_METHODS = {
+    "val": ("val_data", "val_dataloader"),
+    "test": ("test_data", "test_dataloader"),
+    "predict": ("predict_data", "predict_dataloader"),
+}
+_TITLES = {"val": "validate", "test": "test"}
+
+
+class _LastMetrics(Callback):
+    """Keeps the latest value of everything logged during fit (printed at the end)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+
+    def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> None:
+        self.values.update(metrics)
+
+    def on_log(self, metrics: Mapping[str, float], step: int) -> None:
+        self.values.update(metrics)
+
+
+def _has_data(data: Any, stage: str) -> bool:
+    return any(callable(getattr(data, m, None)) for m in _DATA_METHODS[stage])
+
+
+def _say(stage: str, text: str) -> None:
+    print(f"fnloop {stage}: {text}", flush=True)
+
+
+def _accuracy_line(metrics: Mapping[str, float], stage: str) -> None:
+    key = f"{stage}/acc"
+    if key in metrics:
+        print(f"{_TITLES.get(stage, stage)} accuracy: {metrics[key]:.4f}", flush=True)
+
+
+def _with_weights(state: TrainState, url: str) -> TrainState:
+    """``state`` with the weights of checkpoint ``url`` and its epoch and global step."""
+    state = restore_weights(url, like=state)
+    counters = {}
+    for entry in read_meta(url).get("leaves", []):
+        name = entry.get("path", "").partition("loop/")[2]
+        if name in ("epoch", "global_step") and isinstance(entry.get("value"), int):
+            counters[name] = entry["value"]
+    return state.replace(loop=state.loop.replace(**counters)) if counters else state
+
+
+def _files(run_dir: str) -> str:
+    labels: list[str] = []
+    for name in sorted(os.listdir(run_dir)):
+        label = "TensorBoard events" if name.startswith("events.") else name
+        if not name.startswith(".") and label not in labels:
+            labels.append(label)
+    return ", ".join(labels)
+
+
+def fit(job: Job) -> int:
+    """Train in the run folder, save checkpoints and logs there; then test (``test_after_fit``)
+    the best checkpoint if there is one, else the final state.
+
+    Returns:
+        0, or 143 when a signal stopped training (a checkpoint was saved).
+
+    Example:
+        >>> from fnloop.cli import main
+        >>> main(["fit", "--config", "examples/digits.yaml", "--trainer.max_epochs", "2"])  # doctest: +SKIP
+        0
+    """
+    run_dir = choose_run_dir("fit", root=job.root, name=job.name, run_dir=job.run_dir, ckpt_path=job.ckpt_path)
+    config_path = save_config(run_dir, job.config_text, overwrite=job.overwrite_config)
+    sinks = make_sinks(job.loggers, run_dir)
+    last = _LastMetrics()
+    trainer = dataclasses.replace(job.trainer, callbacks=[*job.trainer.callback_list, last], logger=sinks)
+    _say("fit", f"run folder {run_dir} (config {config_path})")
+    state = TrainState.create(job.model, job.tx, seed=job.seed)
+    with job.manager(run_dir) as manager:
+        sinks.log_hparams(to_plain(_config_dict(job)))
+        started = time.perf_counter()
+        state = trainer.fit(
+            state,
+            train_step(job.loss_fn),
+            datamodule=job.data,
+            val_step=eval_step(job.metric_fn) if _has_data(job.data, "val") else None,
+            checkpoint=ModelCheckpoint(manager),
+            ckpt_path=job.ckpt_path,
+        )
+        seconds = time.perf_counter() - started
+        loop = state.loop
+        _say("fit", f"{loop.status} after {loop.epoch} epochs ({loop.global_step} steps) in {seconds:.1f} s")
+        _say("fit", f"logs in {run_dir} ({_files(run_dir)})")
+        best = manager.best() if manager.monitor is not None else None
+        latest = manager.latest()
+        where = ", ".join(f"{k} {os.path.basename(u)}" for k, u in (("best", best), ("last", latest)) if u)
+        _say("fit", f"checkpoints in {os.path.join(run_dir, CHECKPOINTS)} ({where or 'none'})")
+        if last.values:
+            print(format_metrics_table(last.values, "Final metrics"), flush=True)
+        if loop.status == Status.INTERRUPTED:
+            _say("fit", f"interrupted; resume with: fnloop fit --config <config> --ckpt_path last --run_dir {run_dir}")
+            return EXIT_INTERRUPTED
+    if not job.test_after_fit:
+        return EXIT_OK
+    if not _has_data(job.data, "test"):
+        _say("fit", f"{type(job.data).__name__} has no test data: test skipped")
+        return EXIT_OK
+    if best is not None:
+        _say("test", f"testing the best checkpoint {best}")
+        state = _with_weights(state, best)
+    else:
+        _say("test", "testing the final state (no best checkpoint)")
+    metrics = trainer.test(state, eval_step(job.metric_fn), datamodule=job.data)
+    _accuracy_line(metrics, "test")
+    return EXIT_OK
+
+
+def _config_dict(job: Job) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(job.config_text) or {}
+
+
+def _eval_state(job: Job, run_dir: str) -> TrainState:
+    state = TrainState.create(job.model, job.tx, seed=job.seed)
+    if job.ckpt_path is None:
+        _say(job.stage, "no --ckpt_path: using the initial weights")
+        return state
+    if job.ckpt_path in ("last", "latest", "best"):
+        with job.manager(run_dir) as manager:
+            url = manager.resolve(job.ckpt_path)
+    else:
+        url = job.ckpt_path
+    _say(job.stage, f"weights from {url}")
+    return _with_weights(state, url)
+
+
+def _eval_setup(job: Job) -> tuple[str, Any, TrainState]:
+    run_dir = choose_run_dir(job.stage, root=job.root, name=job.name, run_dir=job.run_dir, ckpt_path=job.ckpt_path)
+    save_config(run_dir, job.config_text, only_if_missing=True)
+    state = _eval_state(job, run_dir)
+    trainer = dataclasses.replace(job.trainer, logger=make_sinks(job.loggers, run_dir))
+    _say(job.stage, f"run folder {run_dir}")
+    return run_dir, trainer, state
+
+
+def evaluate(job: Job) -> int:
+    """``validate`` or ``test``: the metric function over that stage's data; prints the table.
+
+    Example:
+        >>> from fnloop.cli import main
+        >>> main(["test", "--config", "examples/digits.yaml", "--ckpt_path", "best"])  # doctest: +SKIP
+        0
+    """
+    from fnloop.errors import ConfigError
+
+    stage = "val" if job.stage == "validate" else "test"
+    if not _has_data(job.data, stage):
+        raise ConfigError(f"data: {type(job.data).__name__} has no {_DATA_METHODS[stage][0]}() method; {job.stage} needs it")
+    _, trainer, state = _eval_setup(job)
+    run = trainer.validate if stage == "val" else trainer.test
+    metrics = run(state, eval_step(job.metric_fn), datamodule=job.data)
+    _accuracy_line(metrics, stage)
+    return EXIT_OK
+
+
+def predict(job: Job) -> int:
+    """``predict``: ``predict_fn`` over the predict data; the outputs of every batch, in order,
+    go to ``<run folder>/predictions.pt`` (``torch.load(path)`` reads them back).
+
+    Example:
+        >>> from fnloop.cli import main
+        >>> main(["predict", "--config", "examples/digits.yaml", "--ckpt_path", "best"])  # doctest: +SKIP
+        0
+    """
+    from fnloop.errors import ConfigError
+
+    if job.predict_fn is None:
+        raise ConfigError("predict_fn is not set: give the import path of predict_fn(model, batch) in the config")
+    if not _has_data(job.data, "predict"):
+        raise ConfigError(f"data: {type(job.data).__name__} has no predict_data() method; predict needs it")
+    run_dir, trainer, state = _eval_setup(job)
+    outputs = trainer.predict(state, predict_step(job.predict_fn), datamodule=job.data)
+    path = os.path.join(run_dir, PREDICTIONS_FILE)
+    torch.save(outputs, path)
+    _say("predict", f"{len(outputs)} batches of predictions in {path}")
+    return EXIT_OK
+
+
+def run_job(job: Job) -> int:
+    """Run the job's subcommand; return the exit code.
+
+    Example:
+        >>> run_job.__name__
+        'run_job'
+    """
+    if job.stage == "fit":
+        return fit(job)
+    if job.stage == "predict":
+        return predict(job)
+    return evaluate(job)

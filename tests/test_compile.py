@@ -1,0 +1,115 @@
+"""``fl.compile``: a train step with gradient accumulation, clipping and AdamW on a warmup-cosine
+schedule compiles once (no graph break, no recompilation over 100 steps while the learning rate
+changes) and agrees with the eager step.
+
+One compilation serves every test of this module (a module-scoped fixture): compiling takes
+most of the time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+from typing import Any
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import fnloop as fl
+import fnloop.optim as flo
+from fnloop.testing import assert_trees_close, assert_trees_equal
+
+
+def _load_scenarios() -> Any:
+    name = "fnloop_tests_scenarios"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("scenarios.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+sc = _load_scenarios()
+
+STEPS = 100
+EVERY_K = 2
+
+
+def _tx() -> flo.GradientTransformation:
+    schedule = flo.warmup_cosine(1e-3, warmup_steps=10, decay_steps=100)
+    inner = flo.chain(flo.clip_by_global_norm(1.0), flo.adamw(schedule, weight_decay=0.01))
+    return flo.multi_steps(inner, every_k=EVERY_K)
+
+
+@pytest.fixture(scope="module")
+def run() -> Any:
+    """100 compiled steps; at every step the eager step runs on the same input state too."""
+    torch._dynamo.reset()
+    counters.clear()
+    state = fl.TrainState.create(sc.make_mlp(), _tx(), seed=0)  # no dropout: eager and compiled agree
+    eager = fl.train_step(sc.loss_fn)
+    fast = fl.compile(eager)
+    batches = sc.make_batches(10, size=16)
+    records = []
+    for k in range(STEPS):
+        batch = batches[k % len(batches)]
+        # after the first call any recompilation raises (torch.compile's own recompile check)
+        with torch._dynamo.config.patch(error_on_recompile=k > 0):
+            compiled_out = fast(state, batch)
+        eager_out = eager(state, batch)
+        records.append((state, compiled_out, eager_out))
+        state = compiled_out[0]
+    seen = {
+        "graph_break": dict(counters["graph_break"]),
+        "unique_graphs": counters["stats"]["unique_graphs"],
+        "recompiles": dict(counters["recompiles"]),
+    }
+    yield records, seen
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def test_no_graph_break(run):
+    _, seen = run
+    assert seen["graph_break"] == {}
+
+
+def test_compiles_once_over_100_steps(run):
+    records, seen = run
+    assert len(records) == STEPS  # the fixture ran every step with error_on_recompile after the first
+    assert seen["unique_graphs"] == 1
+    assert seen["recompiles"] == {}
+
+
+def test_agrees_with_eager_step(run):
+    records, _ = run
+    for k, (_, (c_state, c_metrics), (e_state, e_metrics)) in enumerate(records):
+        assert_trees_close(c_metrics, e_metrics, rtol=1e-4, atol=1e-5, msg=f"metrics of step {k}")
+        assert_trees_close(c_state, e_state, rtol=1e-4, atol=1e-5, msg=f"state after step {k}")
+
+
+def test_counters_and_accumulation(run):
+    records, _ = run
+    for k, (before, (c_state, _), _) in enumerate(records):
+        assert int(c_state.step) == k + 1
+        opt = c_state.opt_state
+        assert int(opt.mini_step) == (k + 1) % EVERY_K
+        assert int(opt.gradient_step) == (k + 1) // EVERY_K
+        if (k + 1) % EVERY_K:  # an accumulating call leaves the params as they were
+            assert_trees_equal(c_state.params, before.params)
+
+
+def test_learning_rate_changes_every_optimizer_step(run):
+    records, _ = run
+    lrs = [float(flo.learning_rate(c_state.opt_state)) for _, (c_state, _), _ in records]
+    eager_lrs = [float(flo.learning_rate(e_state.opt_state)) for _, _, (e_state, _) in records]
+    assert lrs == eager_lrs
+    schedule = flo.warmup_cosine(1e-3, warmup_steps=10, decay_steps=100)
+    # after call k, (k + 1) // EVERY_K optimizer steps are done: the next one uses schedule(that)
+    assert lrs == pytest.approx([float(schedule((k + 1) // EVERY_K)) for k in range(STEPS)], rel=1e-12)
+    per_update = lrs[EVERY_K - 1 :: EVERY_K]
+    assert len(set(per_update)) == STEPS // EVERY_K  # a new value after every optimizer step
+    assert max(per_update) == pytest.approx(1e-3) and per_update[-1] < per_update[10]
