@@ -70,7 +70,7 @@ class ModelCheckpoint(Callback):
 
     def on_train_epoch_end(self, state: Any) -> Any:
         # the driver calls this before advancing the epoch counter: decide on epochs completed
-        done = state.replace(loop=state.loop.replace(epoch=state.loop.epoch + 1))
+        done = state.replace(loop=state.loop.replace(epoch=state.loop.epoch + 1, batch_idx=0))
         if self._triggered and self.manager.should_save(state.loop.global_step, done.loop.epoch):
             self._timed_save(done, state.loop.global_step, done.loop.epoch, self._metrics(state))
         return state

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -95,6 +96,12 @@ def make_sinks(loggers: Sequence[Any], run_dir: str) -> LoggerCollection:
     return LoggerCollection(sinks, run_dir=run_dir)
 
 
+def _named(section: str, err: ConfigError) -> ConfigError:
+    """``err`` with the config key in front: ``Trainer(max_epochs=-3): ...`` -> ``trainer.max_epochs: ...``."""
+    m = re.match(r"\w+\((\w+)=", str(err))
+    return ConfigError(f"{section}.{m.group(1) if m else ''}: {err}".replace(".: ", ": "))
+
+
 def _plain(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else dict(vars(value))
 
@@ -131,12 +138,12 @@ def build_job(stage: str, cfg: Any, parser: Any) -> Job:
     try:
         trainer = Trainer(**flags)
     except ConfigError as err:
-        raise ConfigError(f"trainer: {err}") from None
+        raise _named("trainer", err) from None
     ckpt = _plain(cfg.checkpoint)
     try:
         CheckpointManager("memory://fnloop-cli/checked", **ckpt).close()
     except ConfigError as err:
-        raise ConfigError(f"checkpoint: {err}") from None
+        raise _named("checkpoint", err) from None
     return Job(
         stage=stage,
         name=cfg.name,

@@ -2,7 +2,8 @@
 
 During ``fit``, SIGTERM and SIGUSR1 (configurable) ask the loop to finish the current step,
 save a checkpoint and return with status ``interrupted``. A first SIGINT does the same; a
-second raises ``KeyboardInterrupt`` at once. Handlers are installed only in the main thread and
+second raises ``KeyboardInterrupt`` at once, except inside a step that updates a donated state
+in place, where it is raised as soon as that step returns (the state is then consistent). Handlers are installed only in the main thread and
 the previous ones are restored when the block exits.
 
 Example:
@@ -34,12 +35,17 @@ class StopRequest:
         self.requested = False
         self.signum: int | None = None
         self.sigints = 0
+        self.defer = False  # set while a step updates the state in place: it must not be cut short
+        self.deferred_interrupt = False
 
     def handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
             self.sigints += 1
             if self.sigints > 1:
-                raise KeyboardInterrupt
+                if self.defer:
+                    self.deferred_interrupt = True
+                else:
+                    raise KeyboardInterrupt
         if self.signum is None:
             self.signum = signum
         self.requested = True

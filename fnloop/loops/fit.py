@@ -65,6 +65,7 @@ class _Run:
         self.window = Window()
         self.started = time.monotonic()
         self.times = {"data": 0.0, "step": 0.0, "eval": 0.0}
+        self.in_donated_step = False  # a KeyboardInterrupt now leaves no consistent state to save
 
     # --- validation ----------------------------------------------------------------------------
 
@@ -192,16 +193,23 @@ def run_fit(
     with stop_signals(trainer.stop_signals) as signals, _deterministic(trainer.deterministic):
         try:
             state = _fit(run, state, signals)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            if run.in_donated_step:  # the state was being updated in place: nothing consistent to save
+                _fail(run, exc)
+                raise
             state = _loop(run.last_state, status=Status.INTERRUPTED)
             state = _finish(run, state)
         except BaseException as exc:
-            failed = _loop(run.last_state, status=Status.FAILED)
-            for cb in run.callbacks:
-                cb.on_exception(failed, exc)
-            run.logger.finalize("failed")
+            _fail(run, exc)
             raise
     return state
+
+
+def _fail(run: _Run, exc: BaseException) -> None:
+    failed = _loop(run.last_state, status=Status.FAILED)
+    for cb in run.callbacks:
+        cb.on_exception(failed, exc)
+    run.logger.finalize("failed")
 
 
 @contextlib.contextmanager
@@ -243,7 +251,8 @@ def _finish(run: _Run, state: Any) -> Any:
 
 def _fit(run: _Run, state: Any, signals: Any) -> Any:
     trainer, src = run.trainer, run.train_src
-    step = run.train_step.donated if trainer.donate and hasattr(run.train_step, "donated") else run.train_step
+    donating = trainer.donate and hasattr(run.train_step, "donated")
+    step = run.train_step.donated if donating else run.train_step
     device = device_of(state.params)
     flush = getattr(state.tx.update, "flush", None)
     fresh = state.loop.global_step == 0 and state.loop.batch_idx == 0 and state.loop.epoch == 0
@@ -275,7 +284,9 @@ def _fit(run: _Run, state: Any, signals: Any) -> Any:
         t0 = time.perf_counter()
         for batch in batches_on(src, epoch, batch_idx, n, device):
             t1 = time.perf_counter()
+            run.in_donated_step = signals.defer = donating
             state, metrics = step(state, batch)
+            run.in_donated_step = signals.defer = False
             t2 = time.perf_counter()
             times["data"] += t1 - t0
             times["step"] += t2 - t1
@@ -298,6 +309,8 @@ def _fit(run: _Run, state: Any, signals: Any) -> Any:
                 val_pending=validate,
             )
             run.last_state = state
+            if signals.deferred_interrupt:  # a second Ctrl-C arrived during the in-place step
+                raise KeyboardInterrupt
             run.window.add(metrics, batch_size, loop.global_step, epoch)
             state = _hook(run.callbacks, "on_train_batch_end", state, metrics)
             run.last_state = state
