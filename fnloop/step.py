@@ -180,8 +180,9 @@ class TrainStep:
         def core(
             params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], opt_state: Any, batch: Any, donate: bool = False
         ) -> Any:
-            # BatchNorm & co. update buffers in place: work on copies unless the caller donated them
-            new_buffers = dict(buffers) if donate else {k: v.clone() for k, v in buffers.items()}
+            # BatchNorm & co. update buffers in place: always on copies (small), so an exception in
+            # loss_fn leaves even a donated state intact; only the optimizer apply works in place
+            new_buffers = {k: v.clone() for k, v in buffers.items()}
             grads, loss, aux = compute_grads(params, new_buffers, batch)
             new_params, new_opt_state = apply(grads, opt_state, params, donate=donate) if donate else apply(grads, opt_state, params)
             metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in aux.items()}}

@@ -4,8 +4,6 @@ no aliasing, tied weights, ``params=`` and bad arguments."""
 from __future__ import annotations
 
 import copy
-import importlib.util
-import pathlib
 import sys
 from typing import Any
 
@@ -18,17 +16,7 @@ from fnloop.errors import FnloopError, TreeMismatchError
 from fnloop.testing import assert_trees_close, assert_trees_equal
 
 
-def _load_scenarios() -> Any:
-    name = "fnloop_tests_scenarios"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("scenarios.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-sc = _load_scenarios()
+import kernel_scenarios as sc  # noqa: E402  (tests/conftest.py puts it on sys.path)
 
 MODELS = {"mlp": sc.make_mlp, "dropout_bn": sc.make_dropout_bn_mlp, "tied": sc.make_tied}
 

@@ -5,8 +5,6 @@ errors raised on bad input."""
 from __future__ import annotations
 
 import copy
-import importlib.util
-import pathlib
 import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -24,17 +22,7 @@ from fnloop.testing import assert_pure, assert_trees_equal
 from fnloop.testing import strategies as fst
 
 
-def _load_scenarios() -> Any:
-    name = "fnloop_tests_scenarios"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("scenarios.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-sc = _load_scenarios()
+import kernel_scenarios as sc  # noqa: E402  (tests/conftest.py puts it on sys.path)
 
 PROPERTY = settings(max_examples=100, deadline=None)
 TXS = [flo.sgd(lr=0.1, momentum=0.9), flo.adam(lr=1e-2), flo.adamw(lr=1e-2, weight_decay=0.1)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import pathlib
 import sys
 
 import pytest
@@ -13,8 +12,7 @@ import pytest
 import fnloop as fl
 from fnloop.errors import ConfigError
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "loops"))
-import _scenarios as sc  # noqa: E402
+import loop_scenarios as sc  # noqa: E402  (tests/conftest.py puts it on sys.path)
 
 # (flags, what the message must contain: the flag, then the accepted values)
 BAD_FLAGS = [

@@ -4,8 +4,6 @@ frozenness, key path strings and ``check_same_structure``."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import pathlib
 import sys
 from typing import Any
 
@@ -22,17 +20,7 @@ from fnloop.testing import assert_trees_equal
 from fnloop.testing import strategies as fst
 
 
-def _load_scenarios() -> Any:
-    name = "fnloop_tests_scenarios"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("scenarios.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-sc = _load_scenarios()
+import kernel_scenarios as sc  # noqa: E402  (tests/conftest.py puts it on sys.path)
 
 
 @fl.dataclass

@@ -3,8 +3,6 @@ optimizer states, one shared module and optimizer) stepped at once equal 4 separ
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import sys
 from typing import Any
 
@@ -16,17 +14,7 @@ import fnloop.optim as flo
 from fnloop.testing import assert_trees_close, assert_trees_equal
 
 
-def _load_scenarios() -> Any:
-    name = "fnloop_tests_scenarios"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("scenarios.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-sc = _load_scenarios()
+import kernel_scenarios as sc  # noqa: E402  (tests/conftest.py puts it on sys.path)
 
 N = 4
 TXS = {

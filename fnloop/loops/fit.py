@@ -65,7 +65,6 @@ class _Run:
         self.window = Window()
         self.started = time.monotonic()
         self.times = {"data": 0.0, "step": 0.0, "eval": 0.0}
-        self.in_donated_step = False  # a KeyboardInterrupt now leaves no consistent state to save
 
     # --- validation ----------------------------------------------------------------------------
 
@@ -193,10 +192,7 @@ def run_fit(
     with stop_signals(trainer.stop_signals) as signals, _deterministic(trainer.deterministic):
         try:
             state = _fit(run, state, signals)
-        except KeyboardInterrupt as exc:
-            if run.in_donated_step:  # the state was being updated in place: nothing consistent to save
-                _fail(run, exc)
-                raise
+        except KeyboardInterrupt:
             state = _loop(run.last_state, status=Status.INTERRUPTED)
             state = _finish(run, state)
         except BaseException as exc:
@@ -284,9 +280,9 @@ def _fit(run: _Run, state: Any, signals: Any) -> Any:
         t0 = time.perf_counter()
         for batch in batches_on(src, epoch, batch_idx, n, device):
             t1 = time.perf_counter()
-            run.in_donated_step = signals.defer = donating
+            signals.defer = donating  # a Ctrl-C must not cut an in-place update short
             state, metrics = step(state, batch)
-            run.in_donated_step = signals.defer = False
+            signals.defer = False
             t2 = time.perf_counter()
             times["data"] += t1 - t0
             times["step"] += t2 - t1

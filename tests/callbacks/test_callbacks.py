@@ -4,7 +4,6 @@ built-ins (LearningRateMonitor, Timer, ProgressBar)."""
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import sys
 
 import pytest
@@ -14,8 +13,7 @@ import fnloop as fl
 import fnloop.optim as flo
 from fnloop.callbacks import misc, with_callback_state
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "loops"))
-import _scenarios as sc  # noqa: E402
+import loop_scenarios as sc  # noqa: E402  (tests/conftest.py puts it on sys.path)
 
 
 class FullRecorder(sc.Recorder):

@@ -10,7 +10,6 @@ when it reaches ``patience``.
 from __future__ import annotations
 
 import math
-import pathlib
 import sys
 
 import pytest
@@ -19,8 +18,7 @@ import torch
 import fnloop as fl
 from fnloop.errors import ConfigError
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "loops"))
-import _scenarios as sc  # noqa: E402
+import loop_scenarios as sc  # noqa: E402  (tests/conftest.py puts it on sys.path)
 
 NAN, INF = float("nan"), float("inf")
 

@@ -4,7 +4,6 @@ order, batch limits, eval mode."""
 from __future__ import annotations
 
 import copy
-import pathlib
 import sys
 
 import pytest
@@ -15,8 +14,7 @@ import fnloop as fl
 from fnloop.errors import ConfigError
 from fnloop.testing import assert_trees_equal
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import _scenarios as sc  # noqa: E402
+import loop_scenarios as sc  # noqa: E402  (tests/conftest.py puts it on sys.path)
 
 X, Y = sc.samples(10)
 

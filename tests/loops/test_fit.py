@@ -21,7 +21,6 @@ the 0-based index of the training batch after which validation ran.
 from __future__ import annotations
 
 import copy
-import pathlib
 import sys
 
 import pytest
@@ -32,8 +31,7 @@ import fnloop as fl
 import fnloop.optim as flo
 from fnloop.errors import ConfigError
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import _scenarios as sc  # noqa: E402
+import loop_scenarios as sc  # noqa: E402  (tests/conftest.py puts it on sys.path)
 
 V = 3  # validation batches
 

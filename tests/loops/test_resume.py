@@ -9,7 +9,6 @@ validation twice per epoch (after batches 2 and 5).
 
 from __future__ import annotations
 
-import pathlib
 import random
 import sys
 
@@ -19,8 +18,7 @@ from torch.utils.data import DataLoader
 import fnloop as fl
 import fnloop.optim as flo
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import _scenarios as sc  # noqa: E402
+import loop_scenarios as sc  # noqa: E402  (tests/conftest.py puts it on sys.path)
 
 N_SAMPLES, BATCH, EPOCHS = 22, 4, 3
 N_BATCHES = 6

@@ -5,8 +5,6 @@ against the fused one; bad hyperparameters; purity."""
 from __future__ import annotations
 
 import functools
-import importlib.util
-import pathlib
 import sys
 from typing import Any, NamedTuple
 
@@ -21,17 +19,7 @@ from fnloop.errors import ConfigError
 from fnloop.optim.base import fused_apply
 
 
-def _load_scenarios() -> Any:
-    name = "fnloop_optim_scenarios"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("_scenarios.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-sc = _load_scenarios()
+import optim_scenarios as sc  # noqa: E402  (tests/conftest.py puts it on sys.path)
 O = torch.optim
 STEPS = 200
 

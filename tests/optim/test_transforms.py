@@ -5,8 +5,6 @@ and weight decay against torch param groups; bad input; purity."""
 from __future__ import annotations
 
 import functools
-import importlib.util
-import pathlib
 import sys
 from typing import Any
 
@@ -20,17 +18,7 @@ from fnloop.errors import ConfigError
 from fnloop.optim.base import fused_apply
 
 
-def _load_scenarios() -> Any:
-    name = "fnloop_optim_scenarios"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("_scenarios.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-sc = _load_scenarios()
+import optim_scenarios as sc  # noqa: E402  (tests/conftest.py puts it on sys.path)
 O = torch.optim
 
 # Mixed shapes: a scalar, vectors, a matrix, a conv-like 4-d kernel.

@@ -3,9 +3,7 @@ in-place writes, version bumps, global RNG use, aliasing and non-determinism."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import pathlib
 import sys
 from typing import Any
 
@@ -21,18 +19,7 @@ from fnloop.testing import assert_pure, assert_trees_close, assert_trees_equal
 from fnloop.testing import strategies as fst
 
 
-def _load_scenarios() -> Any:
-    name = "fnloop_tests_scenarios"
-    if name not in sys.modules:
-        path = pathlib.Path(__file__).parent.parent / "scenarios.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-sc = _load_scenarios()
+import kernel_scenarios as sc  # noqa: E402  (tests/conftest.py puts it on sys.path)
 
 
 def _tree() -> dict[str, Any]:

@@ -1,10 +1,8 @@
 """Shared scenarios of the optimizer tests: a small MLP, fixed batches, a torch.optim reference
 loop, an fnloop loop through ``train_step``, and tree comparisons.
 
-``tests/`` is not a package and pytest runs with ``--import-mode=importlib``, so the test files
-load this module by path, under one module name shared by all of them::
-
-    spec = importlib.util.spec_from_file_location("fnloop_optim_scenarios", path)
+Test files import it as ``import optim_scenarios as sc`` (``tests/conftest.py`` puts this
+folder on ``sys.path``).
 """
 
 from __future__ import annotations

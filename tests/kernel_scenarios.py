@@ -1,9 +1,7 @@
 """Shared scenarios of the kernel tests: small models, losses, seeded batches.
 
-``tests/`` is not a package and pytest runs with ``--import-mode=importlib``, so test files
-load this module by path under one shared name (see :func:`load` in each test file)::
-
-    spec = importlib.util.spec_from_file_location("fnloop_tests_scenarios", path)
+Test files import it as ``import kernel_scenarios as sc`` (``tests/conftest.py`` puts this
+folder on ``sys.path``).
 
 Models are built with seeded weights inside ``torch.random.fork_rng``: building one never
 moves the caller's global RNG.
