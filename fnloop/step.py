@@ -111,14 +111,21 @@ class _Cached:
 
 
 class _FlatCompiled:
-    """``torch.compile(fullgraph=True)`` of a core, called with a flat tuple of tensors: dynamo
-    then guards on tensors only (not on nested dicts and tuples), which keeps each call cheap.
-    One compiled function per input treespec."""
+    """``torch.compile(fullgraph=True)`` of a core, called with a flat tuple of tensors.
+
+    Dynamo's guard evaluation costs more than a small training step's kernels, so each call
+    computes a cheap signature instead (treespec, and shape, stride, dtype and device of every
+    leaf, grad mode, deterministic mode): the first call with a signature runs dynamo's guards
+    (compiling if needed); later calls with a known signature skip them
+    (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``), which is safe because
+    everything those guards check for our inputs is in the signature.
+    """
 
     def __init__(self, core: Callable[..., Any], compile_kwargs: dict[str, Any]):
         self.core = core
         self.compile_kwargs = {"fullgraph": True, **compile_kwargs}
         self.by_spec: dict[Any, Callable[..., Any]] = {}
+        self.seen: set[Any] = set()
 
     def __call__(self, *args: Any) -> Any:
         leaves, spec = torch_pytree.tree_flatten(args)
@@ -130,7 +137,18 @@ class _FlatCompiled:
                 return core(*torch_pytree.tree_unflatten(list(xs), spec))
 
             fn = self.by_spec[spec] = torch.compile(flat, **self.compile_kwargs)
-        return fn(*leaves)
+        signature = (
+            spec,
+            torch.is_grad_enabled(),
+            torch.are_deterministic_algorithms_enabled(),
+            *((x.shape, x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else (type(x), x) for x in leaves),
+        )
+        if signature in self.seen:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return fn(*leaves)
+        out = fn(*leaves)
+        self.seen.add(signature)
+        return out
 
 
 class TrainStep:
