@@ -123,7 +123,9 @@ class _FlatCompiled:
 
     def __init__(self, core: Callable[..., Any], compile_kwargs: dict[str, Any]):
         self.core = core
-        self.compile_kwargs = {"fullgraph": True, **compile_kwargs}
+        # static shapes: a new batch shape (a last partial batch) compiles once more instead of
+        # tracing symbolic sizes, which dropout under torch.func.grad does not support
+        self.compile_kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}
         self.by_spec: dict[Any, Callable[..., Any]] = {}
         self.seen: set[Any] = set()
 
