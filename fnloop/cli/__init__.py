@@ -62,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # config import paths are relative to where fnloop runs
-    stage = next((a for a in argv if not a.startswith("-")), "fnloop")
+    stage = next((a for a in argv if not a.startswith("-")), "")
+    label = f"fnloop {stage}" if stage in ("fit", "validate", "test", "predict") else "fnloop"
     try:
         from fnloop.cli.job import build_job
         from fnloop.cli.parser import build_parser
@@ -70,12 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         parser = build_parser()
         stage, cfg = parser.parse(argv)
+        label = f"fnloop {stage}"
         return run_job(build_job(stage, cfg, parser.stage_parsers[stage]))
     except ConfigError as err:
-        print(f"fnloop {stage}: error: {err}", file=sys.stderr, flush=True)
+        print(f"{label}: error: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     except KeyboardInterrupt:
-        print(f"fnloop {stage}: interrupted", file=sys.stderr, flush=True)
+        print(f"{label}: interrupted", file=sys.stderr, flush=True)
         return 130
     except Exception:  # noqa: BLE001 - any other failure: the traceback and exit 1
         traceback.print_exc()

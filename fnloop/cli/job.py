@@ -96,6 +96,17 @@ def make_sinks(loggers: Sequence[Any], run_dir: str) -> LoggerCollection:
     return LoggerCollection(sinks, run_dir=run_dir)
 
 
+def _config_error_in(err: BaseException | None) -> ConfigError | None:
+    """The ConfigError a constructor raised, when jsonargparse wrapped it in its own error."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _named(section: str, err: ConfigError) -> ConfigError:
     """``err`` with the config key in front: ``Trainer(max_epochs=-3): ...`` -> ``trainer.max_epochs: ...``."""
     m = re.match(r"\w+\((\w+)=", str(err))
@@ -126,13 +137,17 @@ def build_job(stage: str, cfg: Any, parser: Any) -> Job:
         40
     """
     cfg.name = run_name(cfg.name, cfg.get("config"))
-    dumped = yaml.safe_load(parser.dump(cfg)) or {}
+    dumped = yaml.safe_load(parser.dump(cfg, skip_unset=False)) or {}
     text = yaml.safe_dump({k: v for k, v in dumped.items() if k not in _NOT_SAVED}, sort_keys=False)
-    torch.manual_seed(cfg.seed)  # the model's initial weights
     try:
-        objs = parser.instantiate(cfg)
-    except ConfigError as err:
-        raise ConfigError(f"building the objects of the config: {err}") from None
+        with torch.random.fork_rng(devices=[]):  # the model's initial weights come from `seed`; the global RNG is kept
+            torch.manual_seed(cfg.seed)
+            objs = parser.instantiate(cfg)
+    except Exception as err:
+        found = _config_error_in(err)
+        if found is None:
+            raise
+        raise ConfigError(f"building the objects of the config: {found}") from None
     tx = build_optimizer(cfg.optimizer, cfg.schedule.name, cfg.schedule.init_args)
     flags = {k: v for k, v in _plain(objs.trainer).items() if k != "loggers"}
     try:

@@ -29,7 +29,7 @@ from fnloop.errors import ConfigError
 from fnloop.loggers import Logger
 from fnloop.trainer import Trainer
 
-__all__ = ["STAGES", "LOGGER_NAMES", "ScheduleSpec", "AnyDataModule", "CLIParser", "build_parser"]
+__all__ = ["STAGES", "LOGGER_NAMES", "ScheduleSpec", "AnyDataModule", "CLIParser", "build_parser", "explain"]
 
 STAGES: tuple[str, ...] = ("fit", "validate", "test", "predict")
 """The subcommands."""
@@ -101,7 +101,7 @@ class CLIParser:
 
 
 def _stage_parser(stage: str) -> ArgumentParser:
-    p = ArgumentParser(prog=f"fnloop {stage}", description=_DESCRIPTIONS[stage], exit_on_error=False, allow_abbrev=False)
+    p = ArgumentParser(description=_DESCRIPTIONS[stage], exit_on_error=False, allow_abbrev=False)
     p.add_argument("--config", action=ActionConfigFile, help="a YAML config file (repeatable; later ones override)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model's initial weights and the state's RNG")
     p.add_argument("--name", type=str | None, default=None, help="run name (default: the config file's stem)")
@@ -114,13 +114,16 @@ def _stage_parser(stage: str) -> ArgumentParser:
                    help="a fnloop.optim optimizer name and its keyword arguments, e.g. {name: adamw, lr: 0.001}")
     p.add_argument("--schedule", type=ScheduleSpec, default=ScheduleSpec(), help="a learning rate schedule")
     p.add_class_arguments(Trainer, "trainer", skip={"logger"}, instantiate=False)
-    p.add_argument("--trainer.loggers", type=list[Literal[LOGGER_NAMES] | Logger], default=[],  # type: ignore[valid-type]
+    sinks = list[Literal[LOGGER_NAMES] | Logger]  # type: ignore[valid-type]
+    p.add_argument("--trainer.loggers", type=sinks, default=[],
                    help=f"logger sinks: {', '.join(LOGGER_NAMES)} or class_path entries")
     p.add_class_arguments(CheckpointManager, "checkpoint", skip={"directory_url"}, instantiate=False)
     p.add_argument("--ckpt_path", type=str | None, default=None, help="'last', 'best' or a checkpoint URL")
-    p.add_argument("--test_after_fit", type=bool, default=True, help="fit: test the best checkpoint at the end")
+    p.add_argument("--test_after_fit", type=bool, default=True, nargs="?", const=True,
+                   help="fit: then test the best checkpoint (else the final state)")
     p.add_argument("--run_dir", type=str | None, default=None, help="use this run folder instead of a new version")
-    p.add_argument("--overwrite_config", type=bool, default=False, help="replace a different config.yaml in the run folder")
+    p.add_argument("--overwrite_config", type=bool, default=False, nargs="?", const=True,
+                   help="replace a config.yaml of the run folder that differs from this config")
     return p
 
 
@@ -128,8 +131,8 @@ def build_parser() -> CLIParser:
     """The ``fnloop`` parser with its four subcommands.
 
     Example:
-        >>> build_parser().stage_parsers["fit"].prog
-        'fnloop fit'
+        >>> build_parser().top.prog
+        'fnloop'
     """
     top = ArgumentParser(prog="fnloop", description="fnloop: train, validate, test and predict from a config.",
                          exit_on_error=False, allow_abbrev=False)
@@ -149,6 +152,10 @@ _UNKNOWN = (
     re.compile(r"Key '([\w.]+)' is not expected"),
 )
 
+_BAD_INIT_ARG = re.compile(
+    r'Parser key "([\w.]+)":.*?class_path \'([\w.]+)\':\s*Option \'(\w+)\' is not accepted', re.S
+)
+
 
 def _keys(parser: ArgumentParser) -> list[str]:
     return sorted({a.dest for a in parser._actions if a.dest not in ("help", "config", "print_config", "==SUPPRESS==")})
@@ -164,6 +171,16 @@ def _class_params(class_path: str) -> list[str]:
     return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
+def _accepted(keys: list[str], key: str) -> tuple[list[str], str]:
+    """The keys accepted next to ``key`` (under its parent group, else at the top level)."""
+    prefix = key.rpartition(".")[0]
+    under = {k[len(prefix) + 1:] for k in keys if prefix and k.startswith(prefix + ".")}
+    accepted = sorted(k for k in under if "." not in k)
+    if accepted:
+        return accepted, f"under {prefix!r}"
+    return sorted({k.split(".")[0] for k in keys}), "at the top level"
+
+
 def _hint(key: str, accepted: list[str], where: str) -> str:
     close = difflib.get_close_matches(key.rpartition(".")[2], accepted, n=1)
     maybe = f" (did you mean {close[0]!r}?)" if close else ""
@@ -174,8 +191,9 @@ def explain(message: str, parser: ArgumentParser | None) -> str:
     """jsonargparse's ``message`` with a hint naming the unknown key and the accepted keys.
 
     Example:
-        >>> explain("unrecognized arguments: --trainer.max_epoch 3", build_parser().stage_parsers["fit"])[-60:]
-        'max_steps, max_time, min_epochs, min_steps, num_sanity_val_steps, on_nonfinite, overfit_batches, seed, stop_signals, val_check_interval'[-60:]
+        >>> text = explain("unrecognized arguments: --lossfn x", build_parser().stage_parsers["fit"])
+        >>> print(text.splitlines()[1][:61])
+        unknown key 'lossfn' (did you mean 'loss_fn'?); accepted keys
     """
     message = message.strip()
     if parser is None:
@@ -183,16 +201,11 @@ def explain(message: str, parser: ArgumentParser | None) -> str:
     for pattern in _UNKNOWN:
         m = pattern.search(message)
         if m:
-            key = m.group(1)
-            prefix = key.rpartition(".")[0]
-            keys = _keys(parser)
-            under = [k[len(prefix) + 1:] for k in keys if k.startswith(prefix + ".")] if prefix else [k.split(".")[0] for k in keys]
-            accepted = sorted(set(k for k in under if "." not in k))
-            where = f"under {prefix!r}" if prefix else "at the top level"
-            return f"{message}\n{_hint(key, accepted, where)}"
-    m = re.search(r'Parser key "([\w.]+)":.*?class_path \'([\w.]+)\':\s*Option \'(\w+)\' is not accepted', message, re.S)
+            return f"{message}\n{_hint(m.group(1), *_accepted(_keys(parser), m.group(1)))}"
+    m = _BAD_INIT_ARG.search(message)
     if m:
         section, class_path, option = m.groups()
-        accepted = _class_params(class_path)
-        return f"{message}\n{_hint(f'{section}.init_args.{option}', accepted, f'in {section}.init_args of {class_path}')}"
+        where = f"in {section}.init_args of {class_path}"
+        hint = _hint(f"{section}.init_args.{option}", _class_params(class_path), where)
+        return f"{message}\n{hint}"
     return message

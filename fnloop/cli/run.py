@@ -18,12 +18,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import yaml
 
 from fnloop.callbacks.base import Callback
 from fnloop.checkpoint.callback import ModelCheckpoint
 from fnloop.checkpoint.format import read_meta, restore_weights
 from fnloop.cli.job import CHECKPOINTS, Job, make_sinks
 from fnloop.cli.run_folder import choose_run_dir, save_config
+from fnloop.errors import ConfigError
 from fnloop.loggers import format_metrics_table, to_plain
 from fnloop.state import Status, TrainState
 from fnloop.step import eval_step, predict_step, train_step
@@ -89,6 +91,31 @@ def _files(run_dir: str) -> str:
     return ", ".join(labels)
 
 
+def _report_fit(state: TrainState, seconds: float, run_dir: str, manager: Any, last: _LastMetrics) -> str | None:
+    """Print how fit ended, where its files are and the final metrics; return the best checkpoint."""
+    loop = state.loop
+    _say("fit", f"{loop.status} after {loop.epoch} epochs ({loop.global_step} steps) in {seconds:.1f} s")
+    _say("fit", f"logs in {run_dir} ({_files(run_dir)})")
+    best = manager.best() if manager.monitor is not None else None
+    found = [f"{kind} {os.path.basename(url)}" for kind, url in (("best", best), ("last", manager.latest())) if url]
+    _say("fit", f"checkpoints in {os.path.join(run_dir, CHECKPOINTS)} ({', '.join(found) or 'none'})")
+    if last.values:
+        print(format_metrics_table(last.values, "Final metrics"), flush=True)
+    return best
+
+
+def _test_after_fit(job: Job, trainer: Any, state: TrainState, best: str | None) -> None:
+    if not _has_data(job.data, "test"):
+        _say("fit", f"{type(job.data).__name__} has no test data: test skipped")
+        return
+    if best is not None:
+        _say("test", f"testing the best checkpoint {best}")
+        state = _with_weights(state, best)
+    else:
+        _say("test", "testing the final state (no best checkpoint)")
+    _accuracy_line(trainer.test(state, eval_step(job.metric_fn), datamodule=job.data), "test")
+
+
 def fit(job: Job) -> int:
     """Train in the run folder, save checkpoints and logs there; then test (``test_after_fit``)
     the best checkpoint if there is one, else the final state.
@@ -109,7 +136,7 @@ def fit(job: Job) -> int:
     _say("fit", f"run folder {run_dir} (config {config_path})")
     state = TrainState.create(job.model, job.tx, seed=job.seed)
     with job.manager(run_dir) as manager:
-        sinks.log_hparams(to_plain(_config_dict(job)))
+        sinks.log_hparams(to_plain(yaml.safe_load(job.config_text) or {}))
         started = time.perf_counter()
         state = trainer.fit(
             state,
@@ -119,38 +146,13 @@ def fit(job: Job) -> int:
             checkpoint=ModelCheckpoint(manager),
             ckpt_path=job.ckpt_path,
         )
-        seconds = time.perf_counter() - started
-        loop = state.loop
-        _say("fit", f"{loop.status} after {loop.epoch} epochs ({loop.global_step} steps) in {seconds:.1f} s")
-        _say("fit", f"logs in {run_dir} ({_files(run_dir)})")
-        best = manager.best() if manager.monitor is not None else None
-        latest = manager.latest()
-        where = ", ".join(f"{k} {os.path.basename(u)}" for k, u in (("best", best), ("last", latest)) if u)
-        _say("fit", f"checkpoints in {os.path.join(run_dir, CHECKPOINTS)} ({where or 'none'})")
-        if last.values:
-            print(format_metrics_table(last.values, "Final metrics"), flush=True)
-        if loop.status == Status.INTERRUPTED:
-            _say("fit", f"interrupted; resume with: fnloop fit --config <config> --ckpt_path last --run_dir {run_dir}")
-            return EXIT_INTERRUPTED
-    if not job.test_after_fit:
-        return EXIT_OK
-    if not _has_data(job.data, "test"):
-        _say("fit", f"{type(job.data).__name__} has no test data: test skipped")
-        return EXIT_OK
-    if best is not None:
-        _say("test", f"testing the best checkpoint {best}")
-        state = _with_weights(state, best)
-    else:
-        _say("test", "testing the final state (no best checkpoint)")
-    metrics = trainer.test(state, eval_step(job.metric_fn), datamodule=job.data)
-    _accuracy_line(metrics, "test")
+        best = _report_fit(state, time.perf_counter() - started, run_dir, manager, last)
+    if state.loop.status == Status.INTERRUPTED:
+        _say("fit", f"interrupted; resume with: fnloop fit --config {config_path} --ckpt_path last --run_dir {run_dir}")
+        return EXIT_INTERRUPTED
+    if job.test_after_fit:
+        _test_after_fit(job, trainer, state, best)
     return EXIT_OK
-
-
-def _config_dict(job: Job) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load(job.config_text) or {}
 
 
 def _eval_state(job: Job, run_dir: str) -> TrainState:
@@ -184,11 +186,10 @@ def evaluate(job: Job) -> int:
         >>> main(["test", "--config", "examples/digits.yaml", "--ckpt_path", "best"])  # doctest: +SKIP
         0
     """
-    from fnloop.errors import ConfigError
-
     stage = "val" if job.stage == "validate" else "test"
     if not _has_data(job.data, stage):
-        raise ConfigError(f"data: {type(job.data).__name__} has no {_DATA_METHODS[stage][0]}() method; {job.stage} needs it")
+        method = _DATA_METHODS[stage][0]
+        raise ConfigError(f"data: {type(job.data).__name__} has no {method}() method; {job.stage} needs it")
     _, trainer, state = _eval_setup(job)
     run = trainer.validate if stage == "val" else trainer.test
     metrics = run(state, eval_step(job.metric_fn), datamodule=job.data)
@@ -205,8 +206,6 @@ def predict(job: Job) -> int:
         >>> main(["predict", "--config", "examples/digits.yaml", "--ckpt_path", "best"])  # doctest: +SKIP
         0
     """
-    from fnloop.errors import ConfigError
-
     if job.predict_fn is None:
         raise ConfigError("predict_fn is not set: give the import path of predict_fn(model, batch) in the config")
     if not _has_data(job.data, "predict"):
@@ -223,8 +222,12 @@ def run_job(job: Job) -> int:
     """Run the job's subcommand; return the exit code.
 
     Example:
-        >>> run_job.__name__
-        'run_job'
+        >>> from fnloop.cli.job import build_job
+        >>> from fnloop.cli.parser import build_parser
+        >>> parser = build_parser()
+        >>> stage, cfg = parser.parse(["test", "--config", "examples/digits.yaml"])  # doctest: +SKIP
+        >>> run_job(build_job(stage, cfg, parser.stage_parsers[stage]))  # doctest: +SKIP
+        0
     """
     if job.stage == "fit":
         return fit(job)

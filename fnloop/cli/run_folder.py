@@ -62,7 +62,9 @@ def latest_run_dir(root: str, name: str) -> str | None:
     return path if n > 0 and os.path.isdir(path) else None
 
 
-def choose_run_dir(stage: str, *, root: str, name: str, run_dir: str | None = None, ckpt_path: str | None = None) -> str:
+def choose_run_dir(
+    stage: str, *, root: str, name: str, run_dir: str | None = None, ckpt_path: str | None = None
+) -> str:
     """The run folder of a command (created for ``fit``; it must exist for the other stages).
 
     Raises:
@@ -145,10 +147,11 @@ def save_config(run_dir: str, text: str, *, overwrite: bool = False, only_if_mis
         >>> import tempfile
         >>> folder = tempfile.mkdtemp()
         >>> _ = save_config(folder, "seed: 0\\n")
-        >>> save_config(folder, "seed: 1\\n")
+        >>> _ = save_config(folder, "seed: 0\\nckpt_path: last\\n")   # same run: kept as is
+        >>> save_config(folder, "seed: 1\\n")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        fnloop.errors.ConfigError: ...
+        fnloop.errors.ConfigError: .../config.yaml holds a different config (keys that differ: seed); ...
     """
     path = os.path.join(run_dir, CONFIG_FILE)
     if os.path.exists(path):

@@ -29,11 +29,13 @@ FNLOOP = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "fnloop"]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 FINISHED = re.compile(r"fnloop fit: (\w+) after (\d+) epochs \((\d+) steps\)")
+EARLY_STOPPING_UP = '"class_path": "fnloop.EarlyStopping", "init_args": {"monitor": "x", "mode": "up"}'  # bad mode
 ACCURACY = re.compile(r"^test accuracy: (\d\.\d{4})$", re.M)
 
 
 def start(args: list[str], cwd: pathlib.Path) -> subprocess.Popen:
-    return subprocess.Popen([*FNLOOP, *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pipe = subprocess.PIPE
+    return subprocess.Popen([*FNLOOP, *args], cwd=cwd, env=ENV, stdout=pipe, stderr=pipe, text=True)
 
 
 def fnloop(args: list[str], cwd: pathlib.Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -65,16 +67,23 @@ def test_fit_then_test_best_checkpoint(tmp_path):
     fit_acc = float(ACCURACY.search(fit.stdout).group(1))
     assert fit_acc > 0.5
 
-    test = fnloop(["test", "--config", DIGITS, "--ckpt_path", "best"], tmp_path)
-    assert test.returncode == 0, test.stderr
-    assert f"checkpoints/{best}" in test.stdout  # the best checkpoint of the latest run folder
-    assert "test/acc" in test.stdout
-    assert float(ACCURACY.search(test.stdout).group(1)) == fit_acc
+    test = start(["test", "--config", DIGITS, "--ckpt_path", "best"], tmp_path)  # side by side: both only read
+    predict = start(["predict", "--config", DIGITS, "--ckpt_path", "best"], tmp_path)
+    out, err = test.communicate(timeout=120)
+    assert test.returncode == 0, err
+    assert f"checkpoints/{best}" in out  # the best checkpoint of the latest run folder
+    assert "test/acc" in out
+    assert float(ACCURACY.search(out).group(1)) == fit_acc
+    out, err = predict.communicate(timeout=120)
+    assert predict.returncode == 0, err
+    predictions = torch.load(run / "predictions.pt")
+    assert sum(len(p) for p in predictions) == 270 and all(p.dtype == torch.int64 for p in predictions)
     assert not (run.parent / "version_1").exists()
 
 
 def test_print_config_applies_overrides_and_exits_without_training(tmp_path):
-    out = fnloop(["fit", "--config", DIGITS, "--trainer.max_epochs", "7", "--optimizer.lr", "0.01", "--print_config"], tmp_path)
+    overrides = ["--trainer.max_epochs", "7", "--optimizer.lr", "0.01"]
+    out = fnloop(["fit", "--config", DIGITS, *overrides, "--print_config"], tmp_path)
     assert out.returncode == 0, out.stderr
     config = yaml.safe_load(out.stdout)
     assert config["trainer"]["max_epochs"] == 7
@@ -86,21 +95,15 @@ def test_print_config_applies_overrides_and_exits_without_training(tmp_path):
 
 def test_configuration_errors_exit_2_naming_the_key(tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
-    text = pathlib.Path(DIGITS).read_text()
-    bad_yaml.write_text(text.replace("max_epochs: 40", "max_epoch: 40"))
+    bad_yaml.write_text(pathlib.Path(DIGITS).read_text().replace("max_epochs: 40", "max_epoch: 40"))
     cases = [  # (arguments, words the message must hold)
-        (["--trainer.max_epoch", "3"], ["trainer.max_epoch", "max_epochs", "accumulate_grad_batches"]),
-        (["--trainer.max_epochs", "abc"], ["trainer.max_epochs", "int"]),
-        (["--model.class_path", "examples.digits_task.NoSuchModel"], ["model", "NoSuchModel"]),
-        (["--loss_fn", "examples.digits_task.no_such_fn"], ["loss_fn", "no_such_fn"]),
-        (["--optimizer.name", "adamx"], ["optimizer.name", ", ".join(OPTIMIZERS)]),
-        (["--optimizer.momentum", "0.9"], ["optimizer.momentum", "accepted keys: lr, betas"]),
-        (["--trainer.max_epochs", "-3"], ["trainer.max_epochs", ">= -1"]),
-        (["--model.init_args.hiden", "3"], ["model.init_args.hiden", "hidden"]),
+        (["--config", DIGITS, "--trainer.max_epoch", "3"], ["trainer.max_epoch", "max_epochs", "log_every_n_steps"]),
+        (["--config", str(bad_yaml)], ["trainer.max_epoch", "max_epochs"]),
+        (["--config", DIGITS, "--trainer.max_epochs", "abc"], ["trainer.max_epochs", "int"]),
+        (["--config", DIGITS, "--model.class_path", "examples.digits_task.NoSuchModel"], ["model", "NoSuchModel"]),
+        (["--config", DIGITS, "--optimizer.name", "adamx"], ["optimizer.name", ", ".join(OPTIMIZERS)]),
     ]
-    procs = [start(["fit", "--config", DIGITS, *args], tmp_path) for args, _ in cases]
-    procs.append(start(["fit", "--config", str(bad_yaml)], tmp_path))
-    cases.append(([str(bad_yaml)], ["trainer.max_epoch", "max_epochs"]))
+    procs = [start(["fit", *args], tmp_path) for args, _ in cases]  # side by side: each imports torch
     for proc, (args, words) in zip(procs, cases):
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, (args, err)
@@ -110,10 +113,36 @@ def test_configuration_errors_exit_2_naming_the_key(tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing is created before the config is valid
 
 
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--loss_fn", "examples.digits_task.no_such_fn"], ["loss_fn", "no_such_fn"]),
+        (["--optimizer.momentum", "0.9"], ["optimizer.momentum", "accepted keys: lr, betas"]),
+        (["--trainer.max_epochs", "-3"], ["trainer.max_epochs", ">= -1"]),
+        (["--checkpoint.mode", "up"], ["checkpoint.mode", "'min' or 'max'"]),
+        (["--model.init_args.hiden", "3"], ["model.init_args.hiden", "hidden"]),
+        (["--schedule.init_args.peak_lr", "0.1"], ["schedule.init_args.peak_lr", "optimizer.lr"]),
+        (["--trainer.loggers", "[tensorbord]"], ["trainer.loggers", "tensorboard"]),
+        (["--trainer.callbacks", f"[{{{EARLY_STOPPING_UP}}}]"], ["EarlyStopping(mode='up')", "'min' or 'max'"]),
+    ],
+)
+def test_more_configuration_errors_in_process(args, words, tmp_path, monkeypatch, capsys):
+    from fnloop.cli import main
+
+    monkeypatch.setattr(sys, "path", [str(ROOT), *sys.path])
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", DIGITS, *args]) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, (word, err)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_sigterm_saves_exits_143_and_resume_continues(tmp_path):
     config = yaml.safe_load(pathlib.Path(DIGITS).read_text())
     config["trainer"].update(max_epochs=500, limit_train_batches=10, log_every_n_steps=5)
-    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "EarlyStopping" not in c["class_path"]]
+    callbacks = config["trainer"]["callbacks"]
+    config["trainer"]["callbacks"] = [c for c in callbacks if "EarlyStopping" not in c["class_path"]]
     (tmp_path / "long.yaml").write_text(yaml.safe_dump(config))
     run = tmp_path / "runs" / "long" / "version_0"
     proc = start(["fit", "--config", "long.yaml"], tmp_path)
@@ -129,13 +158,14 @@ def test_sigterm_saves_exits_143_and_resume_continues(tmp_path):
     assert (run / "checkpoints" / f"step-{steps:08d}" / "meta.json").exists()
     saved = (run / "config.yaml").read_bytes()
 
-    resume = ["fit", "--config", "long.yaml", "--ckpt_path", "last", "--run_dir", str(run), "--trainer.max_epochs", str(epochs + 2)]
+    resume = ["fit", "--config", "long.yaml", "--ckpt_path", "last", "--run_dir", str(run)]
+    resume += ["--trainer.max_epochs", str(epochs + 2)]
     refused = fnloop(resume, tmp_path)
     assert refused.returncode == 2
     assert "trainer.max_epochs" in refused.stderr and "--overwrite_config" in refused.stderr
     assert (run / "config.yaml").read_bytes() == saved  # not overwritten silently
 
-    resumed = fnloop([*resume, "--overwrite_config", "true", "--test_after_fit", "false"], tmp_path)
+    resumed = fnloop([*resume, "--overwrite_config", "--test_after_fit", "false"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert ended(resumed.stdout) == ("finished", epochs + 2, (epochs + 2) * 10)  # continued at the next batch
     assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_epochs"] == epochs + 2
@@ -190,7 +220,7 @@ def test_schedule_takes_its_peak_from_optimizer_lr():
 @pytest.mark.parametrize(
     ("message", "hint"),
     [
-        ("unrecognized arguments: --trainer.max_epoch 3", "unknown key 'trainer.max_epoch' (did you mean 'max_epochs'?)"),
+        ("unrecognized arguments: --trainer.max_epoch 3", "key 'trainer.max_epoch' (did you mean 'max_epochs'?)"),
         ("Subcommand 'fit' does not accept option 'lossfn'", "unknown key 'lossfn' (did you mean 'loss_fn'?)"),
         ("Parser key \"checkpoint\": nothing to add", None),
     ],
