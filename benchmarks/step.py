@@ -10,8 +10,8 @@ Measures, on one thread, an MLP 64-256-256-10 with AdamW at batch 64 and 512:
 Timings interleave the contenders in short rounds; a ratio is the median over rounds of the
 contender's time over the hand-written loop's time in the same round, so machine noise hits
 both sides of each ratio alike. Also prints the peak memory of one eager step on a 25M-parameter MLP
-relative to the hand-written loop (``tracemalloc`` cannot see torch's allocator, so peak RSS
-of a fresh subprocess per contender is used).
+relative to the hand-written loop: the peak RSS of a fresh subprocess while it trains, above
+its RSS before the model was built (``tracemalloc`` cannot see torch's allocator).
 
     python benchmarks/step.py [--json] [--rounds 30] [--no-compile]
 
@@ -100,26 +100,30 @@ def time_side_by_side(fns: dict[str, object], rounds: int, per_round: int) -> tu
 
 
 _MEM_CHILD = r"""
-import resource, sys, torch, copy
+import gc, sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {here!r})
 from step import mlp, loss_fn
+from memory import rss, reset_peak, peak
 import fnloop as fl, fnloop.optim as flo
 torch.manual_seed(0)
-model = mlp([2048, 2048, 2048, 2048, 2048, 2048, 2048, 10])
 x, y = torch.randn(64, 2048), torch.randint(0, 10, (64,))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = rss()
+model = mlp([2048, 2048, 2048, 2048, 2048, 2048, 2048, 10])
 if {which!r} == "hand-written":
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    reset_peak()
     for _ in range(3):
         opt.zero_grad(set_to_none=True); loss_fn(model, (x, y)).backward(); opt.step()
 else:
     state = fl.TrainState.create(model, flo.adamw(lr=1e-3), seed=0)
-    del model
+    del model  # the state holds the weights; the module is a template
+    gc.collect()
     step = fl.train_step(loss_fn)
+    reset_peak()
     for _ in range(3):
         state, _ = step(state, (x, y))
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+print(peak() - base)
 """
 
 

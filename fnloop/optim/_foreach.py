@@ -21,10 +21,19 @@ def _fallback(xs: Tensors) -> bool:
     return not xs or (not torch.compiler.is_compiling() and _is_wrapped(xs[0]))
 
 
+def _scalar_like(xs: Tensors, y: Any) -> Any:
+    """A 0-d tensor scalar (a learning rate or bias correction kept in float64 while compiling)
+    cast to the leaves' dtype, so compiled kernels stay in that dtype and vectorize."""
+    if isinstance(y, torch.Tensor) and y.ndim == 0 and xs and y.dtype != xs[0].dtype and xs[0].is_floating_point():
+        return y.to(xs[0].dtype)
+    return y
+
+
 def _pairwise(name: str, op: Any) -> Any:
     fused = getattr(torch, f"_foreach_{name}")
 
     def fn(xs: Tensors, ys: Any, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        ys = _scalar_like(xs, ys)
         if _fallback(xs):
             if isinstance(ys, (list, tuple)):
                 return [op(x, y, *args, **kwargs) for x, y in zip(xs, ys)]
@@ -108,6 +117,7 @@ def _inplace_pairwise(name: str) -> Any:
     fused = getattr(torch, f"_foreach_{name}_")
 
     def fn(xs: Tensors, ys: Any, **kwargs: Any) -> list[torch.Tensor]:
+        ys = _scalar_like(xs, ys)
         if _fallback(xs):
             if isinstance(ys, (list, tuple)):
                 for x, y in zip(xs, ys):
