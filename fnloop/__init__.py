@@ -30,9 +30,9 @@ from fnloop.errors import TreeMismatchError as TreeMismatchError
 from fnloop.state import LoopState as LoopState
 from fnloop.state import Status as Status
 from fnloop.state import TrainState as TrainState
-from fnloop.step import compile as compile  # noqa: A004
-from fnloop.step import eval_step as eval_step
-from fnloop.step import predict_step as predict_step
+from fnloop.compiled import compile as compile  # noqa: A004
+from fnloop.eval_steps import eval_step as eval_step
+from fnloop.eval_steps import predict_step as predict_step
 from fnloop.step import train_step as train_step
 from fnloop.trainer import Trainer as Trainer
 from fnloop.tree import check_same_structure as check_same_structure

@@ -21,16 +21,16 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.utils._pytree as torch_pytree
 
 from fnloop import rng as _rng
 from fnloop.bind import Bound, bind
+from fnloop.compiled import CoreCache
 from fnloop.errors import StepError
 from fnloop.optim.base import fused_apply
 from fnloop.state import TrainState
 from fnloop.tree import check_same_structure, tree_leaves, tree_structure
 
-__all__ = ["TrainStep", "EvalStep", "PredictStep", "train_step", "eval_step", "predict_step", "compile"]
+__all__ = ["TrainStep", "train_step", "mark_donated", "check_not_donated"]
 
 
 def _set_mode(module: torch.nn.Module, training: bool) -> None:
@@ -91,68 +91,6 @@ def _split_loss(out: Any, name: str) -> tuple[torch.Tensor, dict[str, torch.Tens
     return out, aux
 
 
-class _Cached:
-    """Per (module, tx) cores, built lazily; ``compile_kwargs`` turns them into compiled cores."""
-
-    def __init__(self, compile_kwargs: dict[str, Any] | None):
-        self.compile_kwargs = compile_kwargs
-        self.cores: dict[tuple[int, int], tuple[Any, Callable[..., Any]]] = {}
-
-    def get(self, key_objs: tuple[Any, Any], build: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
-        key = (id(key_objs[0]), id(key_objs[1]))
-        hit = self.cores.get(key)
-        if hit is not None and hit[0][0] is key_objs[0] and hit[0][1] is key_objs[1]:
-            return hit[1]
-        core = build()
-        if self.compile_kwargs is not None:
-            core = _FlatCompiled(core, self.compile_kwargs)
-        self.cores[key] = (key_objs, core)
-        return core
-
-
-class _FlatCompiled:
-    """``torch.compile(fullgraph=True)`` of a core, called with a flat tuple of tensors.
-
-    Dynamo's guard evaluation costs more than a small training step's kernels, so each call
-    computes a cheap signature instead (treespec, and shape, stride, dtype and device of every
-    leaf, grad mode, deterministic mode): the first call with a signature runs dynamo's guards
-    (compiling if needed); later calls with a known signature skip them
-    (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``), which is safe because
-    everything those guards check for our inputs is in the signature.
-    """
-
-    def __init__(self, core: Callable[..., Any], compile_kwargs: dict[str, Any]):
-        self.core = core
-        # static shapes: a new batch shape (a last partial batch) compiles once more instead of
-        # tracing symbolic sizes, which dropout under torch.func.grad does not support
-        self.compile_kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}
-        self.by_spec: dict[Any, Callable[..., Any]] = {}
-        self.seen: set[Any] = set()
-
-    def __call__(self, *args: Any) -> Any:
-        leaves, spec = torch_pytree.tree_flatten(args)
-        fn = self.by_spec.get(spec)
-        if fn is None:
-            core = self.core
-
-            def flat(*xs: Any) -> Any:
-                return core(*torch_pytree.tree_unflatten(list(xs), spec))
-
-            fn = self.by_spec[spec] = torch.compile(flat, **self.compile_kwargs)
-        signature = (
-            spec,
-            torch.is_grad_enabled(),
-            torch.are_deterministic_algorithms_enabled(),
-            *((x.shape, x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else (type(x), x) for x in leaves),
-        )
-        if signature in self.seen:
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return fn(*leaves)
-        out = fn(*leaves)
-        self.seen.add(signature)
-        return out
-
-
 class TrainStep:
     """``(state, batch) -> (state, metrics)``: one gradient step of ``loss_fn``.
 
@@ -163,7 +101,7 @@ class TrainStep:
         if not callable(loss_fn):
             raise StepError(f"train_step: loss_fn must be callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
-        self._cache = _Cached(compile_kwargs)
+        self._cache = CoreCache(compile_kwargs)
         self._checked: tuple[Any, Any] | None = None
 
     def __repr__(self) -> str:
@@ -265,71 +203,6 @@ def _functional_loss(loss_fn: Callable[..., Any], module: torch.nn.Module, param
     return loss_fn(_Functional(module, params, buffers), batch)
 
 
-class _EvalLike:
-    """Shared driver of eval and predict steps: eval mode, no grad, seeded RNG."""
-
-    kind = "eval_step"
-
-    def __init__(self, fn: Callable[..., Any], *, compile_kwargs: dict[str, Any] | None = None):
-        if not callable(fn):
-            raise StepError(f"{self.kind}: fn must be callable, got {type(fn).__name__}")
-        self.fn = fn
-        self._cache = _Cached(compile_kwargs)
-
-    def __repr__(self) -> str:
-        return f"{self.kind}({getattr(self.fn, '__qualname__', self.fn)!r})"
-
-    def _finish(self, out: Any) -> Any:
-        return out
-
-    def _build(self, module: torch.nn.Module) -> Callable[..., Any]:
-        fn = self.fn
-        compiled = self._cache.compile_kwargs is not None
-
-        def core(params: Any, buffers: Any, batch: Any) -> Any:
-            with torch.no_grad():
-                if compiled:
-                    return self._finish(_functional_loss(fn, module, params, buffers, batch))
-                with bind(module, params, buffers) as model:
-                    return self._finish(fn(model, batch))
-
-        return core
-
-    def __call__(self, state: TrainState, batch: Any) -> Any:
-        _check_state(state, self.kind)
-        _check_batch_device(batch, state.params, self.kind)
-        module = state.module
-        _set_mode(module, False)
-        core = self._cache.get((module, None), lambda: self._build(module))
-        with _rng.seeded(_rng.state_seed(state.rng, state.step), _cuda_devices(state.params)):
-            return core(state.params, state.buffers, batch)
-
-
-class EvalStep(_EvalLike):
-    """``(state, batch) -> metrics``: ``fn(model, batch)`` returns a loss tensor (reported as
-    ``"loss"``) or a dict of scalar tensors; module in eval mode, no grad."""
-
-    kind = "eval_step"
-
-    def _finish(self, out: Any) -> dict[str, torch.Tensor]:
-        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping):
-            out = {"loss": out[0], **out[1]}
-        elif isinstance(out, torch.Tensor):
-            out = {"loss": out}
-        if not isinstance(out, Mapping):
-            raise StepError(f"eval_step: fn must return a tensor or a dict of tensors, got {type(out).__name__}")
-        for k, v in out.items():
-            if not isinstance(v, torch.Tensor) or v.ndim != 0:
-                raise StepError(f"eval_step: metric {k!r} must be a scalar (0-d) tensor, got {getattr(v, 'shape', type(v).__name__)}")
-        return dict(out)
-
-
-class PredictStep(_EvalLike):
-    """``(state, batch) -> outputs``: whatever ``fn(model, batch)`` returns; eval mode, no grad."""
-
-    kind = "predict_step"
-
-
 def train_step(loss_fn: Callable[..., Any]) -> TrainStep:
     """Build the pure train step of ``loss_fn(model, batch) -> loss | (loss, {"acc": ...})``.
 
@@ -342,41 +215,3 @@ def train_step(loss_fn: Callable[..., Any]) -> TrainStep:
         >>> step = fl.train_step(lambda model, batch: model(batch).square().mean())
     """
     return TrainStep(loss_fn)
-
-
-def eval_step(fn: Callable[..., Any]) -> EvalStep:
-    """Build the pure eval step of ``fn(model, batch) -> loss | {"name": scalar tensor}``.
-
-    Example:
-        >>> import torch, fnloop as fl
-        >>> step = fl.eval_step(lambda model, batch: {"loss": model(batch).square().mean()})
-    """
-    return EvalStep(fn)
-
-
-def predict_step(fn: Callable[..., Any]) -> PredictStep:
-    """Build the pure predict step of ``fn(model, batch) -> outputs``.
-
-    Example:
-        >>> import fnloop as fl
-        >>> step = fl.predict_step(lambda model, batch: model(batch).argmax(-1))
-    """
-    return PredictStep(fn)
-
-
-def compile(step: Any, **torch_compile_kwargs: Any) -> Any:  # noqa: A001
-    """The same step with its computation under ``torch.compile(fullgraph=True)``.
-
-    The RNG seeding and the state bookkeeping stay outside the compiled region, and every value
-    that changes between steps (learning rate, counters) is a tensor input, so the step compiles
-    once.
-
-    Example:
-        >>> import torch, fnloop as fl
-        >>> fast = fl.compile(fl.train_step(lambda model, batch: model(batch).square().mean()))
-    """
-    if isinstance(step, TrainStep):
-        return TrainStep(step.loss_fn, compile_kwargs=torch_compile_kwargs)
-    if isinstance(step, _EvalLike):
-        return type(step)(step.fn, compile_kwargs=torch_compile_kwargs)
-    raise StepError(f"compile: expected a step from fnloop.train_step/eval_step/predict_step, got {type(step).__name__}")

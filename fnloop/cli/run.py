@@ -28,7 +28,8 @@ from fnloop.cli.run_folder import choose_run_dir, save_config
 from fnloop.errors import ConfigError
 from fnloop.loggers import format_metrics_table, to_plain
 from fnloop.state import Status, TrainState
-from fnloop.step import eval_step, predict_step, train_step
+from fnloop.eval_steps import eval_step, predict_step
+from fnloop.step import train_step
 
 __all__ = ["EXIT_OK", "EXIT_INTERRUPTED", "run_job", "fit", "evaluate", "predict"]
 

@@ -1,0 +1,101 @@
+"""Compiling steps: ``fl.compile`` and the per-module cache of (compiled) step cores.
+
+Example:
+    >>> import torch, fnloop as fl
+    >>> fast = fl.compile(fl.train_step(lambda model, batch: model(batch).square().mean()))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.utils._pytree as torch_pytree
+
+from fnloop.errors import StepError
+
+__all__ = ["compile", "CoreCache"]
+
+
+class CoreCache:
+    """Per (module, tx) cores, built lazily; ``compile_kwargs`` turns them into compiled cores."""
+
+    def __init__(self, compile_kwargs: dict[str, Any] | None):
+        self.compile_kwargs = compile_kwargs
+        self.cores: dict[tuple[int, int], tuple[Any, Callable[..., Any]]] = {}
+
+    def get(self, key_objs: tuple[Any, Any], build: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
+        key = (id(key_objs[0]), id(key_objs[1]))
+        hit = self.cores.get(key)
+        if hit is not None and hit[0][0] is key_objs[0] and hit[0][1] is key_objs[1]:
+            return hit[1]
+        core = build()
+        if self.compile_kwargs is not None:
+            core = FlatCompiled(core, self.compile_kwargs)
+        self.cores[key] = (key_objs, core)
+        return core
+
+
+class FlatCompiled:
+    """``torch.compile(fullgraph=True)`` of a core, called with a flat tuple of tensors.
+
+    Dynamo's guard evaluation costs more than a small training step's kernels, so each call
+    computes a cheap signature instead (treespec, and shape, stride, dtype and device of every
+    leaf, grad mode, deterministic mode): the first call with a signature runs dynamo's guards
+    (compiling if needed); later calls with a known signature skip them
+    (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``), which is safe because
+    everything those guards check for our inputs is in the signature.
+    """
+
+    def __init__(self, core: Callable[..., Any], compile_kwargs: dict[str, Any]):
+        self.core = core
+        # static shapes: a new batch shape (a last partial batch) compiles once more instead of
+        # tracing symbolic sizes, which dropout under torch.func.grad does not support
+        self.compile_kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}
+        self.by_spec: dict[Any, Callable[..., Any]] = {}
+        self.seen: set[Any] = set()
+
+    def __call__(self, *args: Any) -> Any:
+        leaves, spec = torch_pytree.tree_flatten(args)
+        fn = self.by_spec.get(spec)
+        if fn is None:
+            core = self.core
+
+            def flat(*xs: Any) -> Any:
+                return core(*torch_pytree.tree_unflatten(list(xs), spec))
+
+            fn = self.by_spec[spec] = torch.compile(flat, **self.compile_kwargs)
+        signature = (
+            spec,
+            torch.is_grad_enabled(),
+            torch.are_deterministic_algorithms_enabled(),
+            *((x.shape, x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else (type(x), x) for x in leaves),
+        )
+        if signature in self.seen:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return fn(*leaves)
+        out = fn(*leaves)
+        self.seen.add(signature)
+        return out
+
+
+def compile(step: Any, **torch_compile_kwargs: Any) -> Any:  # noqa: A001
+    """The same step with its computation under ``torch.compile(fullgraph=True)``.
+
+    The RNG seeding and the state bookkeeping stay outside the compiled region, and every value
+    that changes between steps (learning rate, counters) is a tensor input, so the step compiles
+    once.
+
+    Example:
+        >>> import torch, fnloop as fl
+        >>> fast = fl.compile(fl.train_step(lambda model, batch: model(batch).square().mean()))
+    """
+    from fnloop.eval_steps import EvalLike
+    from fnloop.step import TrainStep
+
+    if isinstance(step, TrainStep):
+        return TrainStep(step.loss_fn, compile_kwargs=torch_compile_kwargs)
+    if isinstance(step, EvalLike):
+        return type(step)(step.fn, compile_kwargs=torch_compile_kwargs)
+    raise StepError(f"compile: expected a step from fnloop.train_step/eval_step/predict_step, got {type(step).__name__}")
