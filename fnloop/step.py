@@ -48,7 +48,9 @@ def _check_batch_device(batch: Any, params: Mapping[str, torch.Tensor], name: st
     device = next(iter(params.values())).device if params else None
     if device is None:
         return
-    for leaf in tree_leaves(batch):
+    # the common (inputs, targets) tuple without a tree walk
+    leaves = batch if type(batch) in (tuple, list) and all(type(b) is torch.Tensor for b in batch) else tree_leaves(batch)
+    for leaf in leaves:
         if isinstance(leaf, torch.Tensor) and leaf.device != device:
             raise StepError(
                 f"{name}: a batch tensor is on {leaf.device} but the params are on {device}; "
@@ -103,6 +105,7 @@ class TrainStep:
         self.loss_fn = loss_fn
         self._cache = CoreCache(compile_kwargs)
         self._checked: tuple[Any, Any] | None = None
+        self._produced: Any = None  # the optimizer state this step returned last
 
     def __repr__(self) -> str:
         return f"train_step({getattr(self.loss_fn, '__qualname__', self.loss_fn)!r})"
@@ -153,6 +156,8 @@ class TrainStep:
         (checked fully once per module/optimizer, then by treespec equality: ~3 us)."""
         key = (state.module, state.tx)
         if self._checked is not None and self._checked[0] is key[0] and self._checked[1] is key[1]:
+            if state.opt_state is self._produced:  # this step built it: its structure is right
+                return
             if state.params.keys() == self._checked_names and tree_structure(state.opt_state) == self._opt_spec:
                 return
         expected = {n: p for n, p in state.module.named_parameters()}
@@ -187,6 +192,7 @@ class TrainStep:
                 params, buffers, opt_state, metrics = core(state.params, state.buffers, state.opt_state, batch, True)
             else:
                 params, buffers, opt_state, metrics = core(state.params, state.buffers, state.opt_state, batch)
+        self._produced = opt_state
         new_state = state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state)
         return new_state, metrics
 
