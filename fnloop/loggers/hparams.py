@@ -139,7 +139,8 @@ def write_hparams_file(path: str | os.PathLike[str], params: Any) -> None:
     import yaml
 
     path = os.fspath(path)
-    text = yaml.safe_dump(to_plain(params), sort_keys=False, default_flow_style=False)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when present: ~10x faster
+    text = yaml.dump(to_plain(params), Dumper=dumper, sort_keys=False, default_flow_style=False)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".hparams.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -164,5 +165,5 @@ def read_hparams_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     import yaml
 
     with open(path, encoding="utf-8") as f:
-        loaded = yaml.safe_load(f)
+        loaded = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     return loaded if isinstance(loaded, dict) else {}
