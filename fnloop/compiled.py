@@ -40,12 +40,17 @@ class CoreCache:
 class FlatCompiled:
     """``torch.compile(fullgraph=True)`` of a core, called with a flat tuple of tensors.
 
-    Dynamo's guard evaluation costs more than a small training step's kernels, so each call
-    computes a cheap signature instead (treespec, and shape, stride, dtype and device of every
-    leaf, grad mode, deterministic mode): the first call with a signature runs dynamo's guards
-    (compiling if needed); later calls with a known signature skip them
-    (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``), which is safe because
-    everything those guards check for our inputs is in the signature.
+    Per call it computes a cheap signature (treespec; dtype and device of the state; shape,
+    stride, dtype and device of every batch leaf; grad and deterministic modes; the state's
+    shapes are fixed by its module). The first call with a signature runs dynamo's guards
+    (compiling if needed); later calls skip them
+    (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``), which is safe because what
+    those guards check for our inputs is in the signature: guard evaluation costs more than the
+    kernels of a small step.
+
+    A compiled graph draws random numbers or not, the same way on every call. The second call
+    with a signature checks whether it touched the global generators; when it did not, later
+    calls skip seeding and restoring them (the RNG contract holds trivially).
     """
 
     def __init__(self, core: Callable[..., Any], compile_kwargs: dict[str, Any]):
@@ -54,10 +59,10 @@ class FlatCompiled:
         # tracing symbolic sizes, which dropout under torch.func.grad does not support
         self.compile_kwargs = {"fullgraph": True, "dynamic": False, **compile_kwargs}
         self.by_spec: dict[Any, Callable[..., Any]] = {}
-        self.seen: set[Any] = set()
+        self.calls: dict[Any, int] = {}  # signature -> calls so far
+        self.rng_free: set[Any] = set()
 
-    def __call__(self, *args: Any) -> Any:
-        leaves, spec = torch_pytree.tree_flatten(args)
+    def _function(self, spec: Any) -> Callable[..., Any]:
         fn = self.by_spec.get(spec)
         if fn is None:
             core = self.core
@@ -66,18 +71,41 @@ class FlatCompiled:
                 return core(*torch_pytree.tree_unflatten(list(xs), spec))
 
             fn = self.by_spec[spec] = torch.compile(flat, **self.compile_kwargs)
+        return fn
+
+    def run(self, seed: Callable[[], tuple[int | None, list[int]]], *args: Any) -> Any:
+        """Call the compiled core on ``args`` (the state's parts, then the batch) under the RNG
+        seeding ``seed()`` gives (``(seed, cuda devices)``), unless the graph draws no randomness."""
+        from fnloop import rng as _rng
+
+        leaves, spec = torch_pytree.tree_flatten(args)
+        fn = self._function(spec)
+        first = leaves[0] if leaves else None
         signature = (
             spec,
             torch.is_grad_enabled(),
             torch.are_deterministic_algorithms_enabled(),
-            *((x.shape, x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else (type(x), x) for x in leaves),
+            (first.dtype, first.device) if isinstance(first, torch.Tensor) else None,
+            *(
+                (x.shape, x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else (type(x), x)
+                for x in torch_pytree.tree_leaves(args[-1])
+            ),
         )
-        if signature in self.seen:
+        calls = self.calls.get(signature, 0)
+        if signature in self.rng_free:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                 return fn(*leaves)
-        out = fn(*leaves)
-        self.seen.add(signature)
-        return out
+        self.calls[signature] = calls + 1
+        seed_value, devices = seed()
+        with _rng.seeded(seed_value, devices):
+            if calls == 0:  # dynamo checks its guards (and compiles)
+                return fn(*leaves)
+            before = _rng.generator_states(devices)
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                out = fn(*leaves)
+            if calls == 1 and all(torch.equal(a, b) for a, b in zip(before, _rng.generator_states(devices))):
+                self.rng_free.add(signature)
+            return out
 
 
 def compile(step: Any, **torch_compile_kwargs: Any) -> Any:  # noqa: A001

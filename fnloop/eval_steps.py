@@ -16,7 +16,7 @@ import torch
 
 from fnloop import rng as _rng
 from fnloop.bind import bind
-from fnloop.compiled import CoreCache
+from fnloop.compiled import CoreCache, FlatCompiled
 from fnloop.errors import StepError
 from fnloop.state import TrainState
 from fnloop.step import _check_batch_device, _check_state, _cuda_devices, _functional_loss, _set_mode
@@ -60,6 +60,9 @@ class EvalLike:
         module = state.module
         _set_mode(module, False)
         core = self._cache.get((module, None), lambda: self._build(module))
+        if isinstance(core, FlatCompiled):
+            seed = lambda: (_rng.state_seed(state.rng, state.step), _cuda_devices(state.params))  # noqa: E731
+            return core.run(seed, state.params, state.buffers, batch)
         with _rng.seeded(_rng.state_seed(state.rng, state.step), _cuda_devices(state.params)):
             return core(state.params, state.buffers, batch)
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["fold", "seeded", "state_seed"]
+__all__ = ["fold", "seeded", "state_seed", "generator_states"]
 
 _MASK = (1 << 64) - 1
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -54,6 +54,12 @@ def state_seed(rng: torch.Tensor, step: torch.Tensor) -> int | None:
     if torch.compiler.is_compiling() or _is_wrapped(rng) or _is_wrapped(step):
         return None
     return fold(int(rng), int(step))
+
+
+def generator_states(cuda_devices: Sequence[int]) -> list[torch.Tensor]:
+    """States of the CPU generator and those of ``cuda_devices``."""
+    gens = [torch.default_generator] + [torch.cuda.default_generators[d] for d in cuda_devices]
+    return [g.get_state() for g in gens]
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ import torch
 
 from fnloop import rng as _rng
 from fnloop.bind import Bound, bind
-from fnloop.compiled import CoreCache
+from fnloop.compiled import CoreCache, FlatCompiled
 from fnloop.errors import StepError
 from fnloop.optim.base import fused_apply
 from fnloop.state import TrainState
@@ -186,12 +186,16 @@ class TrainStep:
         module = state.module
         _set_mode(module, True)
         core = self._cache.get((module, state.tx), lambda: self._build(module, state.tx))
-        with _rng.seeded(_rng.state_seed(state.rng, state.step), _cuda_devices(state.params)):
-            if donate:
-                mark_donated(state)
-                params, buffers, opt_state, metrics = core(state.params, state.buffers, state.opt_state, batch, True)
-            else:
-                params, buffers, opt_state, metrics = core(state.params, state.buffers, state.opt_state, batch)
+        if isinstance(core, FlatCompiled):  # compiled: never donates; seeds only if the graph draws randomness
+            seed = lambda: (_rng.state_seed(state.rng, state.step), _cuda_devices(state.params))  # noqa: E731
+            params, buffers, opt_state, metrics = core.run(seed, state.params, state.buffers, state.opt_state, batch)
+        else:
+            with _rng.seeded(_rng.state_seed(state.rng, state.step), _cuda_devices(state.params)):
+                if donate:
+                    mark_donated(state)
+                    params, buffers, opt_state, metrics = core(state.params, state.buffers, state.opt_state, batch, True)
+                else:
+                    params, buffers, opt_state, metrics = core(state.params, state.buffers, state.opt_state, batch)
         self._produced = opt_state
         new_state = state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state)
         return new_state, metrics

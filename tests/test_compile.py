@@ -101,3 +101,26 @@ def test_learning_rate_changes_every_optimizer_step(run):
     per_update = lrs[EVERY_K - 1 :: EVERY_K]
     assert len(set(per_update)) == STEPS // EVERY_K  # a new value after every optimizer step
     assert max(per_update) == pytest.approx(1e-3) and per_update[-1] < per_update[10]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_compiled_step_keeps_the_rng_contract_with_and_without_randomness(dropout):
+    """A graph that draws no randomness skips seeding after it is checked; one that draws it is
+    seeded from the state every call. Either way the global RNG is untouched and calls repeat."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(dropout), torch.nn.Linear(8, 2))
+    state = fl.TrainState.create(model, flo.sgd(lr=0.1), seed=3)
+    fast = fl.compile(fl.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])), backend="eager")
+    batch = (torch.randn(5, 4), torch.randn(5, 2))
+    before = torch.get_rng_state()
+    outs = [fast(state, batch) for _ in range(4)]  # compile, check, then the fast path
+    assert torch.equal(torch.get_rng_state(), before)
+    for new_state, metrics in outs[1:]:
+        assert torch.equal(metrics["loss"], outs[0][1]["loss"])
+        for k in state.params:
+            assert torch.equal(new_state.params[k], outs[0][0].params[k])
+    (core,) = [c for _, c in fast._cache.cores.values()]
+    assert bool(core.rng_free) == (dropout == 0.0)
+    if dropout:  # the dropout mask follows the state's step
+        other, _ = fast(state.replace(step=state.step + 1), batch)
+        assert not all(torch.equal(other.params[k], outs[0][0].params[k]) for k in state.params)
