@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from fnloop._atomic import replacing
 from fnloop.errors import ConfigError
 from fnloop.loggers import next_version, resolve_run_dir
 
@@ -117,15 +118,8 @@ def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _write(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".config.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with replacing(path) as f:
+        f.write(text)
 
 
 def save_config(run_dir: str, text: str, *, overwrite: bool = False, only_if_missing: bool = False) -> str:

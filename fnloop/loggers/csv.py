@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+from fnloop._atomic import replacing
 from fnloop.errors import ConfigError
 from fnloop.loggers.base import check_status, scalar_metrics
 from fnloop.loggers.file_logger import FileLogger
@@ -151,25 +151,17 @@ class CSVLogger(FileLogger):
 
     def _rewrite(self, path: str) -> None:
         """Header, earlier rows (re-mapped to the wider header) and buffer, then rename."""
-        folder = os.path.dirname(path)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.filename}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", newline="", encoding="utf-8") as out:
-                writer = csv.writer(out)
-                writer.writerow(self._keys)
-                if os.path.exists(path):
-                    with open(path, newline="", encoding="utf-8") as old:
-                        reader = csv.reader(old)
-                        header = next(reader, [])
-                        for cells in reader:
-                            by_key = dict(zip(header, cells))
-                            writer.writerow([by_key.get(k, "") for k in self._keys])
-                self._write_rows(writer, self._rows)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with replacing(path, newline="") as out:
+            writer = csv.writer(out)
+            writer.writerow(self._keys)
+            if os.path.exists(path):
+                with open(path, newline="", encoding="utf-8") as old:
+                    reader = csv.reader(old)
+                    header = next(reader, [])
+                    for cells in reader:
+                        by_key = dict(zip(header, cells))
+                        writer.writerow([by_key.get(k, "") for k in self._keys])
+            self._write_rows(writer, self._rows)
 
 
 def _cell(value: int | float | None) -> str:

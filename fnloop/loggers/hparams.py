@@ -18,11 +18,12 @@ import enum
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from fnloop._atomic import replacing
 
 __all__ = [
     "HPARAMS_FILENAME",
@@ -141,15 +142,8 @@ def write_hparams_file(path: str | os.PathLike[str], params: Any) -> None:
     path = os.fspath(path)
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml when present: ~10x faster
     text = yaml.dump(to_plain(params), Dumper=dumper, sort_keys=False, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".hparams.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with replacing(path) as f:
+        f.write(text)
 
 
 def read_hparams_file(path: str | os.PathLike[str]) -> dict[str, Any]:
