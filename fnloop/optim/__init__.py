@@ -19,6 +19,7 @@ from fnloop.optim.base import GradientTransformation as GradientTransformation
 from fnloop.optim.base import ScaleByLearningRateState as ScaleByLearningRateState
 from fnloop.optim.base import apply_updates as apply_updates
 from fnloop.optim.base import as_schedule as as_schedule
+from fnloop.optim.base import fused_apply as fused_apply
 from fnloop.optim.base import chain as chain
 from fnloop.optim.base import identity as identity
 from fnloop.optim.base import learning_rate as learning_rate
