@@ -25,7 +25,6 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ import fnloop as fl
 import fnloop.optim as flo
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import peak_in_child  # noqa: E402
 from step import loss_fn, mlp  # noqa: E402
 
 
@@ -137,9 +137,7 @@ print(peak() - base)
 
 
 def peak_memory(which: str) -> int:
-    code = _MEM_CHILD.format(here=os.path.dirname(os.path.abspath(__file__)), which=which)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    return peak_in_child(_MEM_CHILD, which)
 
 
 def main() -> None:

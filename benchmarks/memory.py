@@ -29,3 +29,15 @@ def reset_peak() -> None:
 def peak() -> int:
     """Peak resident set size in bytes since the last :func:`reset_peak` (or process start)."""
     return _status_kib("VmHWM") * 1024
+
+
+def peak_in_child(code_template: str, which: str) -> int:
+    """Run ``code_template`` (formatted with ``here``, this folder, and ``which``) in a fresh
+    Python process; it prints a byte count last, which is returned."""
+    import os
+    import subprocess
+    import sys
+
+    code = code_template.format(here=os.path.dirname(os.path.abspath(__file__)), which=which)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])

@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -33,6 +33,9 @@ import torch
 
 import fnloop as fl
 import fnloop.optim as flo
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import peak_in_child  # noqa: E402
 
 
 def mlp(widths: list[int]) -> torch.nn.Module:
@@ -128,11 +131,7 @@ print(peak() - base)
 
 
 def peak_memory(which: str) -> int:
-    import os
-
-    code = _MEM_CHILD.format(here=os.path.dirname(os.path.abspath(__file__)), which=which)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    return peak_in_child(_MEM_CHILD, which)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from fnloop import connectors as connectors
 from fnloop import metrics as metrics
 from fnloop import rng as rng
+from fnloop import testing as testing
 from fnloop import registry as registry
 from fnloop.callbacks import Callback as Callback
 from fnloop.callbacks import EarlyStopping as EarlyStopping
