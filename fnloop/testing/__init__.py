@@ -1,7 +1,7 @@
 """Tools to test training code written with fnloop.
 
-``fnloop.testing`` holds assertions that compare pytrees by key path and check that a step is
-pure; ``fnloop.testing.strategies`` holds hypothesis strategies (tensors, pytrees, batches,
+``fnloop.testing`` holds assertions that compare pytrees by key path, check that a step is
+pure, and check that an interrupted and resumed run ends bitwise where an uninterrupted one does; ``fnloop.testing.strategies`` holds hypothesis strategies (tensors, pytrees, batches,
 train states) and is imported on its own, as it needs ``hypothesis``.
 
 Example:
@@ -16,5 +16,6 @@ Example:
 from fnloop.testing.asserts import assert_pure as assert_pure
 from fnloop.testing.asserts import assert_trees_close as assert_trees_close
 from fnloop.testing.asserts import assert_trees_equal as assert_trees_equal
+from fnloop.testing.resume import assert_resume_equivalent as assert_resume_equivalent
 
-__all__ = ["assert_pure", "assert_trees_close", "assert_trees_equal"]
+__all__ = ["assert_pure", "assert_trees_close", "assert_trees_equal", "assert_resume_equivalent"]
