@@ -189,6 +189,7 @@ def run_fit(
         state = resume_from(ckpt_path, state, run.checkpoint.manager if run.checkpoint is not None else None)
     from fnloop.connectors.signals import stop_signals
 
+    run.last_state = state  # what an interruption or a failure reports until the loop moves on
     with stop_signals(trainer.stop_signals) as signals, _deterministic(trainer.deterministic):
         try:
             state = _fit(run, state, signals)
