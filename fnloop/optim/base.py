@@ -23,6 +23,7 @@ import torch
 from fnloop.errors import ConfigError
 from fnloop.optim import _foreach as fe
 from fnloop.optim import schedules
+from fnloop.optim._schedule_impl import _Constant
 from fnloop.tree import NAMESPACE, tree_flatten, tree_leaves
 
 __all__ = [
@@ -219,7 +220,7 @@ def as_schedule(lr: LearningRate, *, name: str = "lr") -> Schedule:
 
 def is_constant(schedule: Schedule) -> bool:
     """Whether the schedule never changes (the LR tensor in the state need not be recomputed)."""
-    return isinstance(schedule, schedules._Constant)
+    return isinstance(schedule, _Constant)
 
 
 def next_lr(schedule: Schedule, lr: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
