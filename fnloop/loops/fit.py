@@ -7,147 +7,21 @@ files, signals) happen here and nowhere else; the steps stay pure.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from fnloop.callbacks.misc import parse_duration
-from fnloop.callbacks.progress import ProgressBar
 from fnloop.connectors.device import device_of
-from fnloop.errors import ConfigError, StepError
+from fnloop.errors import ConfigError
 from fnloop.loops import rules
 from fnloop.loops.data import batches_on, data_seed, limited, make_source, require, stage_data
-from fnloop.loops.evaluate import evaluate, prefixed
-from fnloop.loops.logging import Window, make_logger
 from fnloop.loops.prepare import prepare_state
+from fnloop.loops.run import FitRun, call_hook, with_loop
 from fnloop.state import Status
 
 __all__ = ["run_fit"]
-
-
-def _hook(callbacks: list[Any], name: str, state: Any, *args: Any) -> Any:
-    for cb in callbacks:
-        out = getattr(cb, name)(state, *args)
-        if out is not None:
-            state = out
-    return state
-
-
-def _loop(state: Any, **changes: Any) -> Any:
-    return state.replace(loop=state.loop.replace(**changes))
-
-
-class _Run:
-    """What one ``fit`` call holds besides the state: configuration resolved once and effects."""
-
-    def __init__(self, trainer: Any, train_step: Any, val_step: Any, train_src: Any, val_src: Any, checkpoint: Any):
-        self.trainer = trainer
-        self.train_step = train_step
-        self.val_step = val_step
-        self.train_src = train_src
-        self.val_src = val_src
-        self.checkpoint = checkpoint
-        self.callbacks = [c for c in trainer.callback_list if c is not checkpoint]
-        if checkpoint is not None:  # last, so it saves what the other callbacks returned
-            self.callbacks.append(checkpoint)
-        self.bar = None
-        if trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in self.callbacks):
-            self.bar = ProgressBar()
-            self.callbacks.append(self.bar)
-        self.logger = make_logger(trainer)
-        self.max_epochs = trainer.resolved_max_epochs
-        self.max_steps = trainer.resolved_max_steps
-        self.max_time = parse_duration(trainer.max_time)
-        self.accumulate = trainer.accumulate_grad_batches
-        self.window = Window()
-        self.started = time.monotonic()
-        self.times = {"data": 0.0, "step": 0.0, "eval": 0.0}
-
-    # --- validation ----------------------------------------------------------------------------
-
-    def val_batches(self, epoch: int) -> int | None:
-        if self.val_step is None or self.val_src is None:
-            return 0
-        return limited(self.val_src, epoch, self.trainer.limit("val"), "val")
-
-    def validate(self, state: Any) -> Any:
-        n = self.val_batches(state.loop.epoch)
-        t0 = time.perf_counter()
-        metrics = prefixed(evaluate(state, self.val_step, self.val_src, n, epoch=0), "val")
-        self.times["eval"] += time.perf_counter() - t0
-        state = _loop(state, val_count=state.loop.val_count + 1, val_pending=False)
-        self.logger.log_metrics(metrics, step=state.loop.global_step)
-        return _hook(self.callbacks, "on_validation_end", state, metrics)
-
-    def sanity_check(self, state: Any) -> None:
-        n_val = self.val_batches(0)
-        steps = self.trainer.num_sanity_val_steps
-        if self.trainer.dev_batches or steps == 0 or n_val == 0:
-            return
-        n = n_val if steps == -1 else (steps if n_val is None else min(steps, n_val))
-        t0 = time.perf_counter()
-        evaluate(state, self.val_step, self.val_src, n)
-        self.times["eval"] += time.perf_counter() - t0
-
-    # --- logging -------------------------------------------------------------------------------
-
-    def flush_window(self, state: Any) -> Any:
-        if not len(self.window):
-            return state
-        means, bad, seconds, samples = self.window.reduce()
-        where_of = self.window.where
-        self.window = Window()
-        if bad is not None and self.trainer.on_nonfinite != "skip":
-            bad_step, bad_epoch = where_of[bad]
-            where = f"the loss became non-finite at global step {bad_step} (epoch {bad_epoch})"
-            if self.trainer.on_nonfinite == "raise":
-                raise StepError(
-                    f"{where}; lower the learning rate, clip gradients (gradient_clip_val), or set "
-                    "Trainer(on_nonfinite='skip') to skip such updates"
-                )
-            state = _loop(state, stop=True)
-        logged = prefixed(means, "train")
-        if seconds > 0:
-            logged["throughput/samples_per_sec"] = samples / seconds
-            logged["throughput/batches_per_sec"] = len(where_of) / seconds
-        for cb in self.callbacks:
-            logged.update(cb.log(state))
-        step = state.loop.global_step
-        self.logger.log_metrics(logged, step=step)
-        for cb in self.callbacks:
-            cb.on_log(logged, step)
-        return _loop(state, logger_step=step)
-
-    # --- stopping ------------------------------------------------------------------------------
-
-    def profile(self) -> dict[str, float]:
-        """Seconds spent waiting for data, in train steps, in evaluation, in checkpointing, other."""
-        total = time.monotonic() - self.started
-        out = {f"time/{k}_s": v for k, v in self.times.items()}
-        out["time/checkpoint_s"] = self.checkpoint.seconds if self.checkpoint is not None else 0.0
-        out["time/other_s"] = max(0.0, total - sum(out.values()))
-        out["time/total_s"] = total
-        return out
-
-    def hparams(self) -> dict[str, Any]:
-        """The Trainer flags worth recording with the run."""
-        skip = {"callbacks", "logger", "stop_signals"}
-        flags = {f.name: getattr(self.trainer, f.name) for f in dataclasses.fields(self.trainer) if f.name not in skip}
-        flags["callbacks"] = [type(c).__name__ for c in self.callbacks]
-        return {"trainer": flags}
-
-    def can_stop(self, state: Any, epochs_done: int) -> bool:
-        return rules.can_stop_early(
-            epoch=epochs_done, global_step=state.loop.global_step, min_epochs=self.trainer.min_epochs, min_steps=self.trainer.min_steps
-        )
-
-    def out_of_budget(self, state: Any) -> bool:
-        if self.max_steps != -1 and state.loop.global_step >= self.max_steps:
-            return True
-        return self.max_time is not None and time.monotonic() - self.started >= self.max_time
 
 
 def run_fit(
@@ -182,7 +56,7 @@ def run_fit(
         clip_algorithm=trainer.gradient_clip_algorithm,
         skip_nonfinite=trainer.on_nonfinite == "skip",
     )
-    run = _Run(trainer, train_step, val_step, train_src, val_src, _checkpoint_of(trainer, checkpoint))
+    run = FitRun(trainer, train_step, val_step, train_src, val_src, _checkpoint_of(trainer, checkpoint))
     if ckpt_path is not None:
         from fnloop.checkpoint.callback import resume_from
 
@@ -194,7 +68,7 @@ def run_fit(
         try:
             state = _fit(run, state, signals)
         except KeyboardInterrupt:
-            state = _loop(run.last_state, status=Status.INTERRUPTED)
+            state = with_loop(run.last_state, status=Status.INTERRUPTED)
             state = _finish(run, state)
         except BaseException as exc:
             _fail(run, exc)
@@ -202,8 +76,8 @@ def run_fit(
     return state
 
 
-def _fail(run: _Run, exc: BaseException) -> None:
-    failed = _loop(run.last_state, status=Status.FAILED)
+def _fail(run: FitRun, exc: BaseException) -> None:
+    failed = with_loop(run.last_state, status=Status.FAILED)
     for cb in run.callbacks:
         cb.on_exception(failed, exc)
     run.logger.finalize("failed")
@@ -233,9 +107,9 @@ def _checkpoint_of(trainer: Any, checkpoint: Any) -> Any:
     return checkpoint if isinstance(checkpoint, ModelCheckpoint) else ModelCheckpoint(checkpoint)
 
 
-def _finish(run: _Run, state: Any) -> Any:
+def _finish(run: FitRun, state: Any) -> Any:
     state = run.flush_window(state)
-    state = _hook(run.callbacks, "on_fit_end", state)
+    state = call_hook(run.callbacks, "on_fit_end", state)
     profile = run.profile()
     run.logger.log_metrics(profile, step=state.loop.global_step)
     if run.trainer.enable_progress_bar or run.trainer.logger is not None:
@@ -246,16 +120,16 @@ def _finish(run: _Run, state: Any) -> Any:
     return state
 
 
-def _fit(run: _Run, state: Any, signals: Any) -> Any:
+def _fit(run: FitRun, state: Any, signals: Any) -> Any:
     trainer, src = run.trainer, run.train_src
     donating = trainer.donate and hasattr(run.train_step, "donated")
     step = run.train_step.donated if donating else run.train_step
     device = device_of(state.params)
     flush = getattr(state.tx.update, "flush", None)
     fresh = state.loop.global_step == 0 and state.loop.batch_idx == 0 and state.loop.epoch == 0
-    run.last_state = state = _loop(state, status=Status.RUNNING)
+    run.last_state = state = with_loop(state, status=Status.RUNNING)
     run.logger.log_hparams(run.hparams())
-    state = _hook(run.callbacks, "on_fit_start", state)
+    state = call_hook(run.callbacks, "on_fit_start", state)
     if fresh and run.val_step is not None:
         run.sanity_check(state)
     if state.loop.val_pending and run.val_step is not None:  # interrupted right before a validation
@@ -274,7 +148,7 @@ def _fit(run: _Run, state: Any, signals: Any) -> Any:
         )
         if run.bar is not None:
             run.bar.total = n
-        state = _hook(run.callbacks, "on_train_epoch_start", state)
+        state = call_hook(run.callbacks, "on_train_epoch_start", state)
         run.last_state = state
         batch_idx = state.loop.batch_idx
         times = run.times
@@ -297,7 +171,7 @@ def _fit(run: _Run, state: Any, signals: Any) -> Any:
                 batch_idx, total_batch_idx=loop.total_batch_idx, epoch=epoch, n_batches=n,
                 check_batch=check_batch, check_val_every_n_epoch=every_n_epochs,
             )
-            state = _loop(
+            state = with_loop(
                 state,
                 batch_idx=batch_idx + 1,
                 global_step=loop.global_step + stepped,
@@ -309,7 +183,7 @@ def _fit(run: _Run, state: Any, signals: Any) -> Any:
             if signals.deferred_interrupt:  # a second Ctrl-C arrived during the in-place step
                 raise KeyboardInterrupt
             run.window.add(metrics, batch_size, loop.global_step, epoch)
-            state = _hook(run.callbacks, "on_train_batch_end", state, metrics)
+            state = call_hook(run.callbacks, "on_train_batch_end", state, metrics)
             run.last_state = state
             if stepped and state.loop.global_step % trainer.log_every_n_steps == 0:
                 state = run.flush_window(state)
@@ -318,15 +192,15 @@ def _fit(run: _Run, state: Any, signals: Any) -> Any:
             run.last_state = state
             batch_idx += 1
             if signals.requested:  # the step is done: save (ModelCheckpoint.on_fit_end) and return
-                return _finish(run, _loop(state, status=Status.INTERRUPTED))
+                return _finish(run, with_loop(state, status=Status.INTERRUPTED))
             if run.out_of_budget(state) or (state.loop.stop and run.can_stop(state, epoch)):
                 stopped = True
                 break
             t0 = time.perf_counter()
         if n is None and not stopped or n is not None and batch_idx >= n:  # the epoch is complete
-            state = _hook(run.callbacks, "on_train_epoch_end", state)
-            state = _loop(state, epoch=epoch + 1, batch_idx=0)
+            state = call_hook(run.callbacks, "on_train_epoch_end", state)
+            state = with_loop(state, epoch=epoch + 1, batch_idx=0)
             run.last_state = state
-    state = _loop(state, status=Status.FINISHED)
+    state = with_loop(state, status=Status.FINISHED)
     run.last_state = state
     return _finish(run, state)
