@@ -14,6 +14,7 @@ import torch
 import torch.utils._pytree as torch_pytree
 
 from fnloop.errors import StepError
+from fnloop.tree import tree_flatten
 
 __all__ = ["compile", "CoreCache"]
 
@@ -62,24 +63,31 @@ class FlatCompiled:
         self.calls: dict[Any, int] = {}  # signature -> calls so far
         self.rng_free: set[Any] = set()
 
-    def _function(self, spec: Any) -> Callable[..., Any]:
-        fn = self.by_spec.get(spec)
-        if fn is None:
+    def _entry(self, spec: Any) -> tuple[Callable[..., Any], list[int], int]:
+        """``(compiled fn, permutation from optree to torch leaf order, batch leaf count)``."""
+        entry = self.by_spec.get(spec)
+        if entry is None:
+            # dynamo traces torch's pytree, so the compiled function rebuilds the inputs with it;
+            # outside, optree flattens (C++) and its treespec hashes fast
+            index_tree = spec.unflatten(range(spec.num_leaves))
+            order, torch_spec = torch_pytree.tree_flatten(index_tree)
             core = self.core
 
             def flat(*xs: Any) -> Any:
-                return core(*torch_pytree.tree_unflatten(list(xs), spec))
+                return core(*torch_pytree.tree_unflatten(list(xs), torch_spec))
 
-            fn = self.by_spec[spec] = torch.compile(flat, **self.compile_kwargs)
-        return fn
+            n_batch = spec.children()[-1].num_leaves if spec.num_children else 0
+            entry = self.by_spec[spec] = (torch.compile(flat, **self.compile_kwargs), list(order), n_batch)
+        return entry
 
     def run(self, seed: Callable[[], tuple[int | None, list[int]]], *args: Any) -> Any:
         """Call the compiled core on ``args`` (the state's parts, then the batch) under the RNG
         seeding ``seed()`` gives (``(seed, cuda devices)``), unless the graph draws no randomness."""
         from fnloop import rng as _rng
 
-        leaves, spec = torch_pytree.tree_flatten(args)
-        fn = self._function(spec)
+        leaves, spec = tree_flatten(args)
+        fn, order, n_batch = self._entry(spec)
+        ordered = [None if i is None else leaves[i] for i in order]  # torch's pytree keeps None as a leaf
         first = leaves[0] if leaves else None
         signature = (
             spec,
@@ -88,21 +96,21 @@ class FlatCompiled:
             (first.dtype, first.device) if isinstance(first, torch.Tensor) else None,
             *(
                 (x.shape, x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else (type(x), x)
-                for x in torch_pytree.tree_leaves(args[-1])
+                for x in leaves[len(leaves) - n_batch :]
             ),
         )
         calls = self.calls.get(signature, 0)
         if signature in self.rng_free:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return fn(*leaves)
+                return fn(*ordered)
         self.calls[signature] = calls + 1
         seed_value, devices = seed()
         with _rng.seeded(seed_value, devices):
             if calls == 0:  # dynamo checks its guards (and compiles)
-                return fn(*leaves)
+                return fn(*ordered)
             before = _rng.generator_states(devices)
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                out = fn(*leaves)
+                out = fn(*ordered)
             if calls == 1 and all(torch.equal(a, b) for a, b in zip(before, _rng.generator_states(devices))):
                 self.rng_free.add(signature)
             return out
