@@ -17,11 +17,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["fold", "seeded", "state_seed", "generator_states"]
+__all__ = ["fold", "seeded", "seed_", "state_seed", "generator_states"]
 
 _MASK = (1 << 64) - 1
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -62,6 +62,22 @@ def generator_states(cuda_devices: Sequence[int]) -> list[torch.Tensor]:
     return [g.get_state() for g in gens]
 
 
+def seed_(seed: int | None, cuda_devices: Sequence[int]) -> Callable[[], None]:
+    """Seed the CPU generator (and those of ``cuda_devices``) in place; return the function that
+    puts their previous states back (the context manager :func:`seeded` without its overhead)."""
+    gens = [torch.default_generator] + [torch.cuda.default_generators[d] for d in cuda_devices]
+    saved = [g.get_state() for g in gens]
+    if seed is not None:
+        for g in gens:
+            g.manual_seed(seed)
+
+    def restore() -> None:
+        for g, s in zip(gens, saved):
+            g.set_state(s)
+
+    return restore
+
+
 @contextlib.contextmanager
 def seeded(seed: int | None, cuda_devices: Sequence[int]) -> Iterator[None]:
     """Seed the CPU generator (and those of ``cuda_devices``) inside the block; restore after.
@@ -71,13 +87,8 @@ def seeded(seed: int | None, cuda_devices: Sequence[int]) -> Iterator[None]:
         >>> with fl.rng.seeded(1, []):
         ...     x = torch.rand(2)
     """
-    gens = [torch.default_generator] + [torch.cuda.default_generators[d] for d in cuda_devices]
-    saved = [g.get_state() for g in gens]
+    restore = seed_(seed, cuda_devices)
     try:
-        if seed is not None:
-            for g in gens:
-                g.manual_seed(seed)
         yield
     finally:
-        for g, s in zip(gens, saved):
-            g.set_state(s)
+        restore()

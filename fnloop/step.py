@@ -135,7 +135,8 @@ class TrainStep:
 
         def compute_grads(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], batch: Any) -> Any:
             # torch.func transforms (vmap) and dynamo need the functional path; eager autograd is faster.
-            traced = compiled or torch.compiler.is_compiling() or any(_rng._is_wrapped(p) for p in params.values())
+            first = next(iter(params.values()), None)
+            traced = compiled or torch.compiler.is_compiling() or (first is not None and _rng._is_wrapped(first))
             return (grads_traced if traced else grads_eager)(params, buffers, batch)
 
         def core(
@@ -190,12 +191,15 @@ class TrainStep:
             seed = lambda: (_rng.state_seed(state.rng, state.step), _cuda_devices(state.params))  # noqa: E731
             params, buffers, opt_state, metrics = core.run(seed, state.params, state.buffers, state.opt_state, batch)
         else:
-            with _rng.seeded(_rng.state_seed(state.rng, state.step), _cuda_devices(state.params)):
+            restore = _rng.seed_(_rng.state_seed(state.rng, state.step), _cuda_devices(state.params))
+            try:
                 if donate:
                     mark_donated(state)
                     params, buffers, opt_state, metrics = core(state.params, state.buffers, state.opt_state, batch, True)
                 else:
                     params, buffers, opt_state, metrics = core(state.params, state.buffers, state.opt_state, batch)
+            finally:
+                restore()
         self._produced = opt_state
         new_state = state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state)
         return new_state, metrics
