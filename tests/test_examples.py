@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pathlib
 import re
-import runpy
-import sys
 
 import pytest
 
@@ -24,14 +22,8 @@ def test_readme_quickstart_runs(capsys):
     assert "test/acc" in out
 
 
-def test_digits_example_reaches_accuracy(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["digits.py", "--quick"])
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        module = runpy.run_path(str(ROOT / "examples" / "digits.py"), run_name="digits_example")
-        acc = module["main"](["--quick"])
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
+def test_digits_example_reaches_accuracy(load_example, capsys):
+    acc = load_example("digits")["main"](["--quick"])
     assert acc >= 0.95
     assert "test accuracy" in capsys.readouterr().out
 

@@ -1,26 +1,11 @@
-"""The accumulator of a step's metrics dict: one pure metric state per name.
-
-A metric is a small frozen object with pure methods; its accumulator state is a NamedTuple
-of tensors (a pytree), so it can be merged across processes, checkpointed or carried inside
-a compiled function. ``init``, ``update`` and ``merge`` never read a value back to the host
-(no ``.item()``, ``float()``, ``bool()``): ``compute`` returns tensors and the caller converts
-them at the logging boundary.
-
-Precision: values are accumulated in ``float64`` on the value's device (``float32`` on
-devices without ``float64`` support, such as MPS). Values of any shape are accumulated
-elementwise across updates; ``compute`` returns a tensor of the value's shape.
-
-:class:`Accumulator` maps metric names to accumulator states, the way the driver reduces the
-``metrics`` dict a step returns over an epoch or a logging window.
+"""The accumulator of a step's metrics dict: one pure metric state per name, as the driver
+reduces the metrics of a logging window or of a whole evaluation loader.
 
 Example:
     >>> import torch
-    >>> from fnloop.metrics import Accumulator
     >>> acc = Accumulator()
-    >>> accs = acc.init()
-    >>> accs = acc.update(accs, {"loss": torch.tensor(1.0)}, batch_size=3)
-    >>> accs = acc.update(accs, {"loss": torch.tensor(3.0)}, batch_size=1)
-    >>> acc.compute(accs)["loss"]
+    >>> accs = acc.update(acc.init(), {"loss": torch.tensor(1.0)}, batch_size=3)
+    >>> acc.compute(acc.update(accs, {"loss": torch.tensor(3.0)}, batch_size=1))["loss"]
     tensor(1.5000, dtype=torch.float64)
 """
 

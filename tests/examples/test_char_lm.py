@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 import pathlib
 import re
-import runpy
-import sys
 
 import pytest
 import torch
@@ -21,12 +19,8 @@ SAMPLE_BLOCK = re.compile(
 
 
 @pytest.fixture(scope="module")
-def example():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        yield runpy.run_path(str(EXAMPLES / "char_lm.py"), run_name="char_lm_example")
-    finally:
-        sys.path.remove(str(EXAMPLES))
+def example(load_example):
+    return load_example("char_lm")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-import runpy
 import subprocess
 import sys
 
@@ -20,12 +19,8 @@ EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.fixture(scope="module")
-def example():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        yield runpy.run_path(str(EXAMPLES / "custom_loop.py"), run_name="custom_loop_example")
-    finally:
-        sys.path.remove(str(EXAMPLES))
+def example(load_example):
+    return load_example("custom_loop")
 
 
 @pytest.fixture(scope="module")
