@@ -8,6 +8,7 @@ most of the time.
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -124,3 +125,46 @@ def test_compiled_step_keeps_the_rng_contract_with_and_without_randomness(dropou
     if dropout:  # the dropout mask follows the state's step
         other, _ = fast(state.replace(step=state.step + 1), batch)
         assert not all(torch.equal(other.params[k], outs[0][0].params[k]) for k in state.params)
+
+
+def test_materialize_leaves_eager_scalars_alone_and_keeps_values_when_compiled():
+    from fnloop.optim import _foreach as fe
+
+    a, b = torch.tensor(0.5, dtype=torch.float64), torch.tensor(3, dtype=torch.int64)
+    assert fe.materialize(a, 2.0, b) == (a, 2.0, b)  # eager: the very same objects
+
+    def f(count: torch.Tensor, lr: torch.Tensor) -> tuple[Any, ...]:
+        c = count.to(torch.float64)
+        return fe.materialize((1 - 0.999**c) ** 0.5, 7.0, -(lr / (1 - 0.9**c)), count + 1)
+
+    count, lr = torch.tensor(5), torch.tensor(1e-3, dtype=torch.float64)
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)(count, lr)
+    for got, want in zip(compiled, f(count, lr)):
+        if isinstance(want, torch.Tensor):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+        else:
+            assert got == want
+
+
+def _has_pin_prim() -> bool:
+    import torch._inductor.inductor_prims  # noqa: F401  (registers inductor's prims)
+
+    return hasattr(torch.ops.prims, "inductor_force_stride_order")
+
+
+@pytest.mark.skipif(not _has_pin_prim(), reason="this torch has no prim to pin a buffer")
+def test_compiled_adam_computes_its_bias_corrections_once_per_call_not_per_element():
+    """Inductor inlines scalar math into the kernels that use it; Adam's ``pow`` for the bias
+    corrections must stay in one small kernel instead of running for every vector of params."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    state = fl.TrainState.create(sc.make_mlp(), flo.adamw(1e-3, weight_decay=0.01), seed=0)
+    fast = fl.compile(fl.train_step(sc.loss_fn))
+    _, codes = run_and_get_code(fast, state, sc.make_batches(1, size=16)[0])
+    sources = re.findall(r"r'''(.*?)'''", "\n".join(codes), re.S)  # the C++ kernels
+    assert sources
+    with_pow = [k for k in sources if "std::pow" in k]
+    assert len(with_pow) == 1, f"{len(with_pow)} kernels compute pow"
+    assert with_pow[0].count("std::pow") == 2  # beta1 ** count and beta2 ** count, once each
+    torch._dynamo.reset()

@@ -6,6 +6,7 @@ Every function takes and returns lists of tensors and never mutates its inputs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,27 @@ def _scalar_like(xs: Tensors, y: Any) -> Any:
     if isinstance(y, torch.Tensor) and y.ndim == 0 and xs and y.dtype != xs[0].dtype and xs[0].is_floating_point():
         return y.to(xs[0].dtype)
     return y
+
+
+def materialize(*scalars: Any) -> tuple[Any, ...]:
+    """The given scalars; while compiling, the 0-d tensors among them are computed once per call
+    into one small buffer that kernels read.
+
+    Inductor inlines scalar arithmetic on tensors into every kernel that uses the result, and
+    the CPU kernels then redo it for each vector of elements: a bias correction's ``pow`` inlined
+    into an Adam update cost more than the update itself. Eager mode (and torch versions without
+    the prim used to pin the buffer) returns the scalars unchanged.
+    """
+    force = getattr(torch.ops.prims, "inductor_force_stride_order", None) if torch.compiler.is_compiling() else None
+    at = [i for i, s in enumerate(scalars) if isinstance(s, torch.Tensor) and s.ndim == 0]
+    if force is None or not at:
+        return scalars
+    dtype = functools.reduce(torch.promote_types, (scalars[i].dtype for i in at))
+    packed = force(torch.stack([scalars[i].to(dtype) for i in at]), (1,))
+    out = list(scalars)
+    for j, i in enumerate(at):
+        out[i] = packed[j].to(scalars[i].dtype)
+    return tuple(out)
 
 
 def _pairwise(name: str, op: Any) -> Any:
