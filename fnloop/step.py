@@ -146,7 +146,8 @@ class TrainStep:
             # loss_fn leaves even a donated state intact; only the optimizer apply works in place
             new_buffers = {k: v.clone() for k, v in buffers.items()}
             grads, loss, aux = compute_grads(params, new_buffers, batch)
-            new_params, new_opt_state = apply(grads, opt_state, params, donate=donate) if donate else apply(grads, opt_state, params)
+            # the grads dict is the step's own: the optimizer may free each gradient after its last read
+            new_params, new_opt_state = apply(grads, opt_state, params, donate=donate, consume=True)
             metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
             return new_params, new_buffers, new_opt_state, metrics
 

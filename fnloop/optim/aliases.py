@@ -32,6 +32,7 @@ from fnloop.optim.base import (
     host,
     leaves_like,
     new_count,
+    take_leaves,
     next_lr,
 )
 from fnloop.tree import tree_flatten, tree_leaves
@@ -57,9 +58,9 @@ def _fused(
     state trees shaped like the params are read and rebuilt with the params' treespec, and new
     state tensors are produced with ``ops`` (in place into a donated old state, else out of place)."""
 
-    def apply(grads: Any, state: Any, params: Any, *, donate: bool = False) -> tuple[Any, Any]:
+    def apply(grads: Any, state: Any, params: Any, *, donate: bool = False, consume: bool = False) -> tuple[Any, Any]:
         p, spec = tree_flatten(params)
-        new_params, state = step(spec.flatten_up_to(grads), state, p, spec, fe.DONATE if donate else fe.PURE)
+        new_params, state = step(take_leaves(grads, spec, consume), state, p, spec, fe.DONATE if donate else fe.PURE)
         return spec.unflatten(new_params), state
 
     return from_apply(init, apply)
@@ -161,6 +162,7 @@ def _adam(
         mu = ops.lerp(spec.flatten_up_to(state.mu), g, 1 - b1)
         nu = fe.addcmul_(ops.mul(spec.flatten_up_to(state.nu), b2), g, g, 1 - b2)
         nu_max = ops.maximum(spec.flatten_up_to(state.nu_max), nu) if amsgrad else None
+        g.clear()  # the last read of the gradients: when consumed, the denominator reuses their (cache-warm) memory
         c = host(count)
         bias_correction1, bias_correction2 = 1 - b1**c, 1 - b2**c
         root2, step_size = fe.materialize(bias_correction2**0.5, -(lr_now / bias_correction1))

@@ -98,17 +98,29 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     last_apply = fused_apply(transforms[-1]) if transforms else None
 
-    def apply(grads: Any, state: tuple[Any, ...], params: Any, *, donate: bool = False) -> tuple[Any, tuple[Any, ...]]:
+    def apply(
+        grads: Any, state: tuple[Any, ...], params: Any, *, donate: bool = False, consume: bool = False
+    ) -> tuple[Any, tuple[Any, ...]]:
         new_state = []
         for t, s in zip(transforms[:-1], state):
             grads, s = t.update(grads, s, params)
             new_state.append(s)
-        new_params, s = last_apply(grads, state[-1], params, donate=donate)  # type: ignore[misc]
+        new_params, s = last_apply(grads, state[-1], params, donate=donate, consume=consume)  # type: ignore[misc]
         return new_params, (*new_state, s)
 
     if transforms:
         update.apply = apply  # type: ignore[attr-defined]
     return GradientTransformation(init, update)
+
+
+def take_leaves(grads: Any, spec: Any, consume: bool) -> list[torch.Tensor]:
+    """The leaves of ``grads`` (structured like the params' treespec ``spec``) as a new list;
+    with ``consume``, a dict ``grads`` is emptied, so that list holds the only references and
+    dropping a leaf from it frees that gradient."""
+    leaves = spec.flatten_up_to(grads)
+    if consume and type(grads) is dict:
+        grads.clear()
+    return leaves  # type: ignore[no-any-return]
 
 
 def leaves_like(tree: Any, leaves: list[torch.Tensor]) -> Any:
@@ -142,8 +154,10 @@ def host(value: torch.Tensor) -> Any:
 
 
 def from_apply(init: Callable[[Any], Any], apply: Callable[[Any, Any, Any], tuple[Any, Any]]) -> GradientTransformation:
-    """A transform defined by a fused ``apply(grads, opt_state, params, *, donate=False) -> (new_params, opt_state)``
-    (``donate=True``: the caller gives up ``params`` and ``opt_state``, which may be updated in place).
+    """A transform defined by a fused ``apply(grads, opt_state, params, *, donate=False, consume=False)
+    -> (new_params, opt_state)``. ``donate=True``: the caller gives up ``params`` and ``opt_state``,
+    which may be updated in place. ``consume=True``: the caller gives up ``grads`` (a dict it built),
+    which the transform may empty to free the gradients once it has read them (:func:`take_leaves`).
 
     ``update`` returns ``new_params - params`` (params default to zeros); ``fused_apply(tx)``
     returns ``apply`` itself, which steps use to update the params with the same arithmetic as
@@ -175,7 +189,7 @@ def fused_apply(tx: GradientTransformation) -> Callable[[Any, Any, Any], tuple[A
     if fused is not None:
         return fused  # type: ignore[no-any-return]
 
-    def apply(grads: Any, state: Any, params: Any, *, donate: bool = False) -> tuple[Any, Any]:
+    def apply(grads: Any, state: Any, params: Any, *, donate: bool = False, consume: bool = False) -> tuple[Any, Any]:
         updates, state = tx.update(grads, state, params)
         return apply_updates(params, updates), state
 

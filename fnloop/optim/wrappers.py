@@ -60,9 +60,11 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
 
     inner_apply = fused_apply(inner)
 
-    def apply(grads: Any, state: MultiStepsState, params: Any, *, donate: bool = False) -> tuple[Any, MultiStepsState]:
+    def apply(
+        grads: Any, state: MultiStepsState, params: Any, *, donate: bool = False, consume: bool = False
+    ) -> tuple[Any, MultiStepsState]:
         if every_k == 1:
-            new_params, inner_state = inner_apply(grads, state.inner_state, params, donate=donate)
+            new_params, inner_state = inner_apply(grads, state.inner_state, params, donate=donate, consume=consume)
             return new_params, state._replace(gradient_step=state.gradient_step + 1, inner_state=inner_state)
         mini = host(state.mini_step)
         acc = (fe.add_ if donate else fe.add)(tree_leaves(state.grad_acc), tree_leaves(grads))
@@ -70,7 +72,7 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
             if mini < every_k - 1:
                 return params, state._replace(mini_step=state.mini_step + 1, grad_acc=leaves_like(state.grad_acc, acc))
             mean = leaves_like(grads, fe.div(acc, float(every_k)))
-            new_params, inner_state = inner_apply(mean, state.inner_state, params, donate=donate)
+            new_params, inner_state = inner_apply(mean, state.inner_state, params, donate=donate, consume=True)
             zero = torch.zeros_like(state.mini_step)
             cleared = leaves_like(state.grad_acc, [a.zero_() for a in acc]) if donate else _zeros(state.grad_acc)
             return new_params, MultiStepsState(zero, state.gradient_step + 1, cleared, inner_state)
@@ -91,7 +93,7 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
         if int(state.mini_step) == 0:
             return params, state
         mean = leaves_like(params, fe.div(tree_leaves(state.grad_acc), float(every_k)))
-        new_params, inner_state = inner_apply(mean, state.inner_state, params)
+        new_params, inner_state = inner_apply(mean, state.inner_state, params, consume=True)
         zero = torch.zeros_like(state.mini_step)
         return new_params, MultiStepsState(zero, state.gradient_step + 1, _zeros(state.grad_acc), inner_state)
 
@@ -127,10 +129,12 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
 
     inner_apply = fused_apply(inner)
 
-    def apply(grads: Any, state: ApplyIfFiniteState, params: Any, *, donate: bool = False) -> tuple[Any, ApplyIfFiniteState]:
+    def apply(
+        grads: Any, state: ApplyIfFiniteState, params: Any, *, donate: bool = False, consume: bool = False
+    ) -> tuple[Any, ApplyIfFiniteState]:
         # the old state is kept for the select below: never donated to the inner transform
         finite = fe.all_finite(tree_leaves(grads))
-        new_params, inner_state = inner_apply(grads, state.inner_state, params)
+        new_params, inner_state = inner_apply(grads, state.inner_state, params, consume=consume)
         new_state = ApplyIfFiniteState(
             torch.where(finite, torch.zeros_like(state.notfinite_count), state.notfinite_count + 1),
             finite,
