@@ -298,3 +298,32 @@ def test_wrappers_never_mutate_inputs(make: Any, shapes: list[tuple[int, ...]], 
         sc.assert_unchanged(snap)
         sc.assert_dicts_close(flo.apply_updates(params, updates), new_params, equal_nan=True)
         params = new_params
+
+
+# --- consumed gradients ------------------------------------------------------------------------
+
+CONSUMERS = {  # name: (transform, whether the caller's dict itself ends up emptied)
+    "adamw": (lambda: flo.adamw(lr=1e-2, weight_decay=0.1), True),
+    "adam-amsgrad": (lambda: flo.adam(lr=1e-2, amsgrad=True), True),
+    "chain-clip-adamw": (lambda: flo.chain(flo.clip_by_global_norm(0.5), flo.adamw(lr=1e-2)), False),  # clip's new dict is
+    "apply_if_finite-sgd": (lambda: flo.apply_if_finite(flo.sgd(lr=0.1, momentum=0.9)), True),
+    "multi_steps-1-adam": (lambda: flo.multi_steps(flo.adam(lr=1e-2), every_k=1), True),
+}
+
+
+@pytest.mark.parametrize("make, emptied", CONSUMERS.values(), ids=CONSUMERS.keys())
+def test_consumed_gradients_give_the_same_update_and_plain_calls_leave_them_alone(make, emptied):
+    """``consume=True`` (a train step giving up its own gradient dict) lets the optimizer empty
+    that dict; the update is bitwise the same, and a call without it never touches the caller's
+    gradients."""
+    tx = make()
+    params = _params()
+    state = tx.init(params)
+    grads = _grads(params, 1)
+    kept = {k: v.clone() for k, v in grads.items()}
+    plain = fused_apply(tx)(grads, state, params)
+    assert grads.keys() == kept.keys() and all(torch.equal(grads[k], kept[k]) for k in kept)
+    given = {k: v.clone() for k, v in grads.items()}
+    consumed = fused_apply(tx)(given, state, params, consume=True)
+    fl.testing.assert_trees_equal(consumed, plain)
+    assert (given == {}) == emptied
