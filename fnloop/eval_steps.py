@@ -19,7 +19,7 @@ from fnloop.bind import bind
 from fnloop.compiled import CoreCache, FlatCompiled
 from fnloop.errors import StepError
 from fnloop.state import TrainState
-from fnloop.step import _check_batch_device, _check_state, _cuda_devices, _functional_loss, _set_mode
+from fnloop.step import _check_batch_device, _check_state, _cuda_devices, _functional_loss, _params_device, _set_mode
 
 __all__ = ["EvalLike", "EvalStep", "PredictStep", "eval_step", "predict_step"]
 
@@ -56,14 +56,15 @@ class EvalLike:
 
     def __call__(self, state: TrainState, batch: Any) -> Any:
         _check_state(state, self.kind)
-        _check_batch_device(batch, state.params, self.kind)
+        device = _params_device(state.params)
+        _check_batch_device(batch, device, self.kind)
         module = state.module
         _set_mode(module, False)
         core = self._cache.get((module, None), lambda: self._build(module))
         if isinstance(core, FlatCompiled):
-            seed = lambda: (_rng.state_seed(state.rng, state.step), _cuda_devices(state.params))  # noqa: E731
+            seed = lambda: (_rng.state_seed(state.rng, state.step), _cuda_devices(device))  # noqa: E731
             return core.run(seed, state.params, state.buffers, batch)
-        with _rng.seeded(_rng.state_seed(state.rng, state.step), _cuda_devices(state.params)):
+        with _rng.seeded(_rng.state_seed(state.rng, state.step), _cuda_devices(device)):
             return core(state.params, state.buffers, batch)
 
 

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
-__all__ = ["fold", "seeded", "seed_", "state_seed", "generator_states"]
+__all__ = ["fold", "seeded", "seed_", "state_seed", "SeedCache", "generator_states"]
 
 _MASK = (1 << 64) - 1
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -54,6 +55,40 @@ def state_seed(rng: torch.Tensor, step: torch.Tensor) -> int | None:
     if torch.compiler.is_compiling() or _is_wrapped(rng) or _is_wrapped(step):
         return None
     return fold(int(rng), int(step))
+
+
+class SeedCache:
+    """:func:`state_seed` that remembers the Python ints of the key and step tensors it last saw.
+
+    Each ``int(tensor)`` is a host read, slow right after the numeric work of a step. Between
+    the steps of a loop the key is the same tensor object and the step is the tensor the
+    previous call produced (:meth:`advance`), so neither needs reading; a tensor is recognised by
+    identity and version counter, so one changed in place is read again.
+    """
+
+    __slots__ = ("_key", "_step")
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, int, int] = (None, -1, 0)
+        self._step: tuple[Any, int, int] = (None, -1, 0)
+
+    @staticmethod
+    def _int(x: torch.Tensor, known: tuple[Any, int, int]) -> tuple[Any, int, int]:
+        if known[0] is x and known[1] == x._version:
+            return known
+        return (x, x._version, int(x))
+
+    def __call__(self, rng: torch.Tensor, step: torch.Tensor) -> int | None:
+        if torch.compiler.is_compiling() or _is_wrapped(rng) or _is_wrapped(step):
+            return None
+        self._key = self._int(rng, self._key)
+        self._step = self._int(step, self._step)
+        return fold(self._key[2], self._step[2])
+
+    def advance(self, step: torch.Tensor, new_step: torch.Tensor) -> None:
+        """``new_step`` holds ``step + 1``; remembered when ``step`` is the step last seen."""
+        if self._step[0] is step and self._step[1] == step._version:
+            self._step = (new_step, new_step._version, self._step[2] + 1)
 
 
 def generator_states(cuda_devices: Sequence[int]) -> list[torch.Tensor]:

@@ -38,14 +38,18 @@ def _set_mode(module: torch.nn.Module, training: bool) -> None:
         module.train(training)
 
 
-def _cuda_devices(params: Mapping[str, torch.Tensor]) -> list[int]:
+def _params_device(params: Mapping[str, torch.Tensor]) -> torch.device | None:
     for p in params.values():
-        return [p.device.index or 0] if p.device.type == "cuda" else []
-    return []
+        return p.device
+    return None
 
 
-def _check_batch_device(batch: Any, params: Mapping[str, torch.Tensor], name: str) -> None:
-    device = next(iter(params.values())).device if params else None
+def _cuda_devices(device: torch.device | None) -> list[int]:
+    """The CUDA generators a step on ``device`` (the params' device) seeds."""
+    return [device.index or 0] if device is not None and device.type == "cuda" else []
+
+
+def _check_batch_device(batch: Any, device: torch.device | None, name: str) -> None:
     if device is None:
         return
     # the common (inputs, targets) tuple without a tree walk
@@ -106,6 +110,7 @@ class TrainStep:
         self._cache = CoreCache(compile_kwargs)
         self._checked: tuple[Any, Any] | None = None
         self._produced: Any = None  # the optimizer state this step returned last
+        self._seeds = _rng.SeedCache()
 
     def __repr__(self) -> str:
         return f"train_step({getattr(self.loss_fn, '__qualname__', self.loss_fn)!r})"
@@ -184,15 +189,16 @@ class TrainStep:
     def _run(self, state: TrainState, batch: Any, donate: bool) -> tuple[TrainState, dict[str, torch.Tensor]]:
         _check_state(state, "train_step")
         self._validate(state)
-        _check_batch_device(batch, state.params, "train_step")
+        device = _params_device(state.params)
+        _check_batch_device(batch, device, "train_step")
         module = state.module
         _set_mode(module, True)
         core = self._cache.get((module, state.tx), lambda: self._build(module, state.tx))
         if isinstance(core, FlatCompiled):  # compiled: never donates; seeds only if the graph draws randomness
-            seed = lambda: (_rng.state_seed(state.rng, state.step), _cuda_devices(state.params))  # noqa: E731
+            seed = lambda: (self._seeds(state.rng, state.step), _cuda_devices(device))  # noqa: E731
             params, buffers, opt_state, metrics = core.run(seed, state.params, state.buffers, state.opt_state, batch)
         else:
-            restore = _rng.seed_(_rng.state_seed(state.rng, state.step), _cuda_devices(state.params))
+            restore = _rng.seed_(self._seeds(state.rng, state.step), _cuda_devices(device))
             try:
                 if donate:
                     mark_donated(state)
@@ -202,8 +208,9 @@ class TrainStep:
             finally:
                 restore()
         self._produced = opt_state
-        new_state = state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state)
-        return new_state, metrics
+        new_step = state.step + 1
+        self._seeds.advance(state.step, new_step)
+        return state.replace(step=new_step, params=params, buffers=buffers, opt_state=opt_state), metrics
 
 
 class _Functional(Bound):
