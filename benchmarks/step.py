@@ -7,13 +7,16 @@ Measures, on one thread, an MLP 64-256-256-10 with AdamW at batch 64 and 512:
 * fnloop eager: ``fl.train_step(loss_fn)`` (pure: new state every call);
 * fnloop compiled: ``fl.compile(step)`` (batch 64 only; compiling takes a while).
 
-Timings interleave the contenders in short rounds; a ratio is the median over rounds of the
-contender's time over the hand-written loop's time in the same round, so machine noise hits
-both sides of each ratio alike. Also prints the peak memory of one eager step on a 25M-parameter MLP
-relative to the hand-written loop: the peak RSS of a fresh subprocess while it trains, above
-its RSS before the model was built (``tracemalloc`` cannot see torch's allocator).
+Timings interleave the contenders in short rounds; a process's ratio is the median over rounds
+of the contender's time over the hand-written loop's time in the same round, so machine noise
+hits both sides of each ratio alike. Where tensors land in memory shifts a process's ratios by a
+few percent, so the timings run in several fresh processes (``--processes``) and the figures are
+the medians over those (each process's ratios are printed too). Also prints the peak memory of
+one eager step on a 25M-parameter MLP relative to the hand-written loop: the peak RSS of a fresh
+subprocess while it trains, above its RSS before the model was built (``tracemalloc`` cannot see
+torch's allocator).
 
-    python benchmarks/step.py [--json] [--rounds 30] [--no-compile]
+    python benchmarks/step.py [--json] [--processes 3] [--rounds 30] [--no-compile]
 
 Targets: eager / hand-written <= 1.05 at both batch sizes; compiled at least 1.3x faster than
 hand-written at batch 64; peak memory of the pure eager step <= 2.0x hand-written.
@@ -134,24 +137,64 @@ def peak_memory(which: str) -> int:
     return peak_in_child(_MEM_CHILD, which)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="also print one JSON line with the figures")
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--no-compile", action="store_true", help="skip the compiled contender")
-    args = parser.parse_args()
+def measure(rounds: int, compile_too: bool) -> dict[str, float]:
+    """The timing figures of this process."""
     torch.set_num_threads(1)
     result: dict[str, float] = {}
     for batch_size in (64, 512):
-        fns = contenders(batch_size, compile_too=batch_size == 64 and not args.no_compile)
-        times, ratios = time_side_by_side(fns, args.rounds, per_round=20 if batch_size == 64 else 5)
-        print(f"batch {batch_size}:")
-        for name, t in times.items():
-            print(f"  {name:16s} {t * 1e6:9.1f} us/step   ratio to hand-written {ratios[name]:.3f}")
+        fns = contenders(batch_size, compile_too=batch_size == 64 and compile_too)
+        times, ratios = time_side_by_side(fns, rounds, per_round=20 if batch_size == 64 else 5)
         result[f"eager_over_handwritten_b{batch_size}"] = ratios["fnloop eager"]
         if "fnloop compiled" in ratios:
             result["handwritten_over_compiled_b64"] = 1.0 / ratios["fnloop compiled"]
-        result[f"handwritten_us_b{batch_size}"] = times["hand-written"] * 1e6
+        for name, t in times.items():
+            result[f"{name.replace(' ', '_').replace('-', '')}_us_b{batch_size}"] = t * 1e6
+    return result
+
+
+def in_processes(n: int, rounds: int, compile_too: bool) -> list[dict[str, float]]:
+    """:func:`measure` in ``n`` fresh processes, one after the other."""
+    import subprocess
+
+    argv = [sys.executable, os.path.abspath(__file__), "--worker", "--rounds", str(rounds)]
+    if not compile_too:
+        argv.append("--no-compile")
+    runs = []
+    for i in range(n):
+        out = subprocess.run(argv, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"benchmark process {i + 1} failed:\n{out.stderr[-2000:]}")
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"  process {i + 1}/{n} done", file=sys.stderr, flush=True)
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="also print one JSON line with the figures")
+    parser.add_argument("--processes", type=int, default=3, help="fresh processes to time in (figures: their medians)")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled contender")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one process's timings, as JSON
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(args.rounds, not args.no_compile)))
+        return
+    if args.processes < 1:
+        parser.error("--processes must be >= 1")
+    runs = in_processes(args.processes, args.rounds, not args.no_compile)
+    result = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    for batch_size in (64, 512):
+        print(f"batch {batch_size} (median over {len(runs)} processes; per process in brackets):")
+        for name in ("hand-written", "fnloop eager", "fnloop compiled"):
+            key = f"{name.replace(' ', '_').replace('-', '')}_us_b{batch_size}"
+            if key in result:
+                print(f"  {name:16s} {result[key]:9.1f} us/step")
+        for key, label in (("eager_over_handwritten", "eager / hand-written"), ("handwritten_over_compiled", "hand-written / compiled")):
+            key = f"{key}_b{batch_size}"
+            if key in result:
+                each = ", ".join(f"{r[key]:.3f}" for r in runs)
+                print(f"  {label:24s} {result[key]:.3f}   [{each}]")
     hw_mem, fl_mem = peak_memory("hand-written"), peak_memory("fnloop")
     result["peak_mem_ratio_25M"] = fl_mem / hw_mem
     print(f"peak memory, 25M-parameter MLP: hand-written {hw_mem / 2**20:.0f} MiB, fnloop eager {fl_mem / 2**20:.0f} MiB, ratio {fl_mem / hw_mem:.2f}")
