@@ -131,11 +131,12 @@ def test_materialize_leaves_eager_scalars_alone_and_keeps_values_when_compiled()
     from fnloop.optim import _foreach as fe
 
     a, b = torch.tensor(0.5, dtype=torch.float64), torch.tensor(3, dtype=torch.int64)
-    assert fe.materialize(a, 2.0, b) == (a, 2.0, b)  # eager: the very same objects
+    leaves = [torch.ones(3)]
+    assert fe.materialize(leaves, a, 2.0, b) == (a, 2.0, b)  # eager: the very same objects
 
     def f(count: torch.Tensor, lr: torch.Tensor) -> tuple[Any, ...]:
         c = count.to(torch.float64)
-        return fe.materialize((1 - 0.999**c) ** 0.5, 7.0, -(lr / (1 - 0.9**c)), count + 1)
+        return fe.materialize(leaves, (1 - 0.999**c) ** 0.5, 7.0, -(lr / (1 - 0.9**c)), count + 1)
 
     count, lr = torch.tensor(5), torch.tensor(1e-3, dtype=torch.float64)
     compiled = torch.compile(f, fullgraph=True, dynamic=False)(count, lr)

@@ -30,17 +30,19 @@ def _scalar_like(xs: Tensors, y: Any) -> Any:
     return y
 
 
-def materialize(*scalars: Any) -> tuple[Any, ...]:
-    """The given scalars; while compiling, the 0-d tensors among them are computed once per call
-    into one small buffer that kernels read.
+def materialize(xs: Tensors, *scalars: Any) -> tuple[Any, ...]:
+    """The given scalars; while compiling for CPU leaves ``xs``, the 0-d CPU tensors among them
+    are computed once per call into one small buffer that kernels read.
 
     Inductor inlines scalar arithmetic on tensors into every kernel that uses the result, and
     the CPU kernels then redo it for each vector of elements: a bias correction's ``pow`` inlined
-    into an Adam update cost more than the update itself. Eager mode (and torch versions without
-    the prim used to pin the buffer) returns the scalars unchanged.
+    into an Adam update cost more than the update itself. Eager mode, other devices (where the
+    scalars stay inlined) and torch versions without the prim used to pin the buffer return the
+    scalars unchanged.
     """
-    force = getattr(torch.ops.prims, "inductor_force_stride_order", None) if torch.compiler.is_compiling() else None
-    at = [i for i, s in enumerate(scalars) if isinstance(s, torch.Tensor) and s.ndim == 0]
+    compiling_for_cpu = torch.compiler.is_compiling() and bool(xs) and xs[0].device.type == "cpu"
+    force = getattr(torch.ops.prims, "inductor_force_stride_order", None) if compiling_for_cpu else None
+    at = [i for i, s in enumerate(scalars) if isinstance(s, torch.Tensor) and s.ndim == 0 and s.device.type == "cpu"]
     if force is None or not at:
         return scalars
     dtype = functools.reduce(torch.promote_types, (scalars[i].dtype for i in at))

@@ -165,7 +165,7 @@ def _adam(
         g.clear()  # the last read of the gradients: when consumed, the denominator reuses their (cache-warm) memory
         c = host(count)
         bias_correction1, bias_correction2 = 1 - b1**c, 1 - b2**c
-        root2, step_size = fe.materialize(bias_correction2**0.5, -(lr_now / bias_correction1))
+        root2, step_size = fe.materialize(p, bias_correction2**0.5, -(lr_now / bias_correction1))
         denom = fe.add_(fe.div_(fe.sqrt(nu_max if amsgrad else nu), root2), eps)
         # p is a fresh tensor when decoupled decay ran: update it in place (same kernels as torch)
         new_p = addcdiv(p, mu, denom, step_size, fe.DONATE if weight_decay and decoupled else ops)
