@@ -24,8 +24,10 @@ Run folders are ``<trainer.default_root_dir or runs>/<name>/version_<n>/`` and h
 ``config.yaml`` that differs from the new config is only replaced with ``--overwrite_config``.
 Import paths are resolved with the current folder on ``sys.path``.
 
-Exit codes: 0 done; 2 configuration error (the message names the key and the accepted values);
-143 ``fit`` stopped by SIGTERM/SIGINT/SIGUSR1 after saving a checkpoint; 1 any other failure.
+Exit codes: 0 done; 2 configuration error (the message names the key and the accepted values,
+or the ``--ckpt_path`` that names no checkpoint); 143 ``fit`` stopped by SIGTERM/SIGINT/SIGUSR1
+after saving a checkpoint; 1 any other failure (an fnloop error, such as an unreadable
+checkpoint, prints its message; anything else its traceback).
 
 Example:
     >>> main(["fit", "--trainer.max_epochs", "x"])  # doctest: +SKIP
@@ -39,7 +41,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from fnloop.errors import ConfigError
+from fnloop.errors import ConfigError, FnloopError
 
 __all__ = ["main", "EXIT_CONFIG", "EXIT_FAILED"]
 
@@ -76,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"{label}: error: {err}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
+    except FnloopError as err:  # an unreadable checkpoint & co.: the message says which file and why
+        print(f"{label}: error: {err}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"{label}: interrupted", file=sys.stderr, flush=True)
         return 130

@@ -25,7 +25,7 @@ from fnloop.checkpoint.callback import ModelCheckpoint
 from fnloop.checkpoint.format import read_meta, restore_weights
 from fnloop.cli.job import CHECKPOINTS, Job, make_sinks
 from fnloop.cli.run_folder import choose_run_dir, save_config
-from fnloop.errors import ConfigError
+from fnloop.errors import CheckpointError, ConfigError
 from fnloop.loggers import format_metrics_table, to_plain
 from fnloop.state import Status, TrainState
 from fnloop.eval_steps import eval_step, predict_step
@@ -163,7 +163,10 @@ def _eval_state(job: Job, run_dir: str) -> TrainState:
         return state
     if job.ckpt_path in ("last", "latest", "best"):
         with job.manager(run_dir) as manager:
-            url = manager.resolve(job.ckpt_path)
+            try:
+                url = manager.resolve(job.ckpt_path)
+            except CheckpointError as err:
+                raise ConfigError(f"--ckpt_path {job.ckpt_path}: {err}; run `fnloop fit` first or pass a checkpoint URL") from None
     else:
         url = job.ckpt_path
     _say(job.stage, f"weights from {url}")

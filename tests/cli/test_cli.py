@@ -138,6 +138,23 @@ def test_more_configuration_errors_in_process(args, words, tmp_path, monkeypatch
     assert not (tmp_path / "runs").exists()
 
 
+def test_missing_checkpoints_exit_with_a_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """``--ckpt_path best`` in a run folder without checkpoints is a bad flag value (exit 2); a
+    checkpoint URL that cannot be read is an fnloop error (exit 1); neither prints a traceback."""
+    from fnloop.cli import main
+
+    monkeypatch.setattr(sys, "path", [str(ROOT), *sys.path])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "digits" / "version_0").mkdir(parents=True)
+    assert main(["test", "--config", DIGITS, "--ckpt_path", "best"]) == 2
+    err = capsys.readouterr().err
+    assert "--ckpt_path best" in err and "no 'best' checkpoint" in err and "Traceback" not in err
+    missing = tmp_path / "nowhere"
+    assert main(["test", "--config", DIGITS, "--ckpt_path", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert str(missing) in err and "does not exist" in err and "Traceback" not in err
+
+
 def test_sigterm_saves_exits_143_and_resume_continues(tmp_path):
     config = yaml.safe_load(pathlib.Path(DIGITS).read_text())
     config["trainer"].update(max_epochs=500, limit_train_batches=10, log_every_n_steps=5)
