@@ -25,7 +25,7 @@ import torch
 from fnloop import rng as _rng
 from fnloop.bind import Bound, bind
 from fnloop.compiled import CoreCache, FlatCompiled
-from fnloop.errors import StepError
+from fnloop.errors import StepError, TreeMismatchError
 from fnloop.optim.base import fused_apply
 from fnloop.state import TrainState
 from fnloop.tree import check_same_structure, tree_leaves, tree_structure
@@ -85,6 +85,12 @@ def _check_state(state: Any, name: str) -> None:
     check_not_donated(state, name)
 
 
+def _check_shapes(shapes: Mapping[str, torch.Size], params: Mapping[str, torch.Tensor]) -> None:
+    wrong = [f"{k}: {tuple(params[k].shape)}, the module's is {tuple(s)}" for k, s in shapes.items() if params[k].shape != s]
+    if wrong:
+        raise TreeMismatchError("state.params vs the module's parameters: shapes differ.\n  " + "\n  ".join(wrong))
+
+
 def _split_loss(out: Any, name: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     aux: dict[str, torch.Tensor] = {}
     if isinstance(out, tuple):
@@ -109,7 +115,7 @@ class TrainStep:
         self.loss_fn = loss_fn
         self._cache = CoreCache(compile_kwargs)
         self._checked: tuple[Any, Any] | None = None
-        self._produced: Any = None  # the optimizer state this step returned last
+        self._produced: tuple[Any, Any] = (None, None)  # the (params, optimizer state) this step returned last
         self._seeds = _rng.SeedCache()
 
     def __repr__(self) -> str:
@@ -159,21 +165,25 @@ class TrainStep:
         return core
 
     def _validate(self, state: TrainState) -> None:
-        """Params must match the module and the optimizer state must have ``tx.init``'s structure
-        (checked fully once per module/optimizer, then by treespec equality: ~3 us)."""
+        """Params must match the module's (names and shapes) and the optimizer state must have
+        ``tx.init``'s structure: checked fully once per module/optimizer, then by treespec
+        equality and shapes (~3 us), and not at all for what this step returned last."""
         key = (state.module, state.tx)
         if self._checked is not None and self._checked[0] is key[0] and self._checked[1] is key[1]:
-            if state.opt_state is self._produced:  # this step built it: its structure is right
-                return
-            if state.params.keys() == self._checked_names and tree_structure(state.opt_state) == self._opt_spec:
+            if state.params is self._produced[0] and state.opt_state is self._produced[1]:
+                return  # this step built both: they are right
+            if state.params.keys() == self._shapes.keys() and tree_structure(state.opt_state) == self._opt_spec:
+                _check_shapes(self._shapes, state.params)
                 return
         expected = {n: p for n, p in state.module.named_parameters()}
         check_same_structure(expected, state.params, what="state.params vs the module's parameters")
+        shapes = {k: v.shape for k, v in expected.items()}
+        _check_shapes(shapes, state.params)
         meta = {k: torch.empty_like(v, device="meta") for k, v in state.params.items()}
         reference = state.tx.init(meta)  # structure only: no memory
         check_same_structure(reference, state.opt_state, what="state.opt_state vs tx.init(state.params)")
         self._checked = key
-        self._checked_names = state.params.keys()
+        self._shapes = shapes
         self._opt_spec = tree_structure(reference)
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
@@ -207,7 +217,7 @@ class TrainStep:
                     params, buffers, opt_state, metrics = core(state.params, state.buffers, state.opt_state, batch)
             finally:
                 restore()
-        self._produced = opt_state
+        self._produced = (params, opt_state)
         new_step = state.step + 1
         self._seeds.advance(state.step, new_step)
         return state.replace(step=new_step, params=params, buffers=buffers, opt_state=opt_state), metrics

@@ -319,6 +319,35 @@ def test_params_of_another_model_after_a_good_call():
         step(good.replace(params={k: v for k, v in good.params.items() if k != "2.bias"}), sc.make_batch())
 
 
+@pytest.mark.parametrize("after_a_good_call", [False, True])
+def test_params_of_the_right_names_but_wrong_shapes_are_named(after_a_good_call):
+    """Params swapped in with the module's names but other shapes fail before the forward pass,
+    naming each key and both shapes, also on a step object that already ran, and also when the
+    optimizer state is the one that step returned."""
+    step = fl.train_step(sc.plain_loss)
+    good = _state()
+    if after_a_good_call:
+        good, _ = step(good, sc.make_batch())
+    params = dict(good.params)
+    params["2.bias"] = torch.zeros(params["2.bias"].numel() + 1)
+    with pytest.raises(TreeMismatchError, match=r"2\.bias: \(\d+,\), the module's is \(\d+,\)"):
+        step(good.replace(params=params), sc.make_batch())
+
+
+def test_a_step_keeps_no_reference_to_the_weights_of_states_given_earlier():
+    import gc
+    import weakref
+
+    step = fl.train_step(sc.plain_loss)
+    first = _state()
+    weight = weakref.ref(first.params["0.weight"])
+    state, _ = step(first, sc.make_batch())
+    state, _ = step(state, sc.make_batch())
+    del first
+    gc.collect()
+    assert weight() is None
+
+
 @pytest.mark.parametrize("kind", ["train", "eval", "predict"])
 def test_global_rng_restored_when_fn_raises(kind):
     class Boom(Exception):
