@@ -13,8 +13,9 @@ class FnloopError(Exception):
     """Base class of every error raised by fnloop."""
 
 
-class ConfigError(FnloopError, ValueError):
-    """A flag, option or argument has a value fnloop does not accept."""
+class ConfigError(FnloopError, ValueError, TypeError):
+    """A flag, option or argument has a value (or a type) fnloop does not accept; it is also a
+    ``ValueError`` and a ``TypeError``, so code written against Python's conventions catches it."""
 
 
 class TreeMismatchError(FnloopError, ValueError):

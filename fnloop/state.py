@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fnloop.errors import ConfigError
 from fnloop.tree import dataclass, field
 from fnloop.types import GradientTransformationLike, TensorDict
 
@@ -127,7 +128,7 @@ class TrainState:
             torch.Size([2, 3])
         """
         if not isinstance(module, torch.nn.Module):
-            raise TypeError(f"TrainState.create: module must be a torch.nn.Module, got {type(module).__name__}")
+            raise ConfigError(f"TrainState.create: module must be a torch.nn.Module, got {type(module).__name__}")
         new_params = {n: p.detach().clone() for n, p in module.named_parameters()}
         new_buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
         if init_from is not None:

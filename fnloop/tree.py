@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import optree
 import torch.utils._pytree as torch_pytree
 
-from fnloop.errors import TreeMismatchError
+from fnloop.errors import ConfigError, TreeMismatchError
 
 __all__ = [
     "NAMESPACE",
@@ -115,7 +115,7 @@ def dataclass(cls: type[T] | None = None, /, **kwargs: Any) -> Any:
         """Return a copy with the given fields changed."""
         unknown = changes.keys() - names
         if unknown:
-            raise TypeError(f"{cls.__name__}.replace: unknown field(s) {sorted(unknown)}; fields are {sorted(names)}")
+            raise ConfigError(f"{cls.__name__}.replace: unknown field(s) {sorted(unknown)}; fields are {sorted(names)}")
         new = object.__new__(cls)
         new.__dict__.update(self.__dict__)
         new.__dict__.update(changes)
