@@ -34,6 +34,7 @@ class EvalLike:
             raise StepError(f"{self.kind}: fn must be callable, got {type(fn).__name__}")
         self.fn = fn
         self._cache = CoreCache(compile_kwargs)
+        self._seeds = _rng.SeedCache()  # an evaluation sees the same state (key and step) every batch
 
     def __repr__(self) -> str:
         return f"{self.kind}({getattr(self.fn, '__qualname__', self.fn)!r})"
@@ -62,9 +63,9 @@ class EvalLike:
         _set_mode(module, False)
         core = self._cache.get((module, None), lambda: self._build(module))
         if isinstance(core, FlatCompiled):
-            seed = lambda: (_rng.state_seed(state.rng, state.step), _cuda_devices(device))  # noqa: E731
+            seed = lambda: (self._seeds(state.rng, state.step), _cuda_devices(device))  # noqa: E731
             return core.run(seed, state.params, state.buffers, batch)
-        with _rng.seeded(_rng.state_seed(state.rng, state.step), _cuda_devices(device)):
+        with _rng.seeded(self._seeds(state.rng, state.step), _cuda_devices(device)):
             return core(state.params, state.buffers, batch)
 
 
