@@ -123,9 +123,16 @@ class TensorBoardLogger(FileLogger):
         values = self._prepare(metrics, step)
         if values is None:
             return
-        writer = self.writer
-        for key, value in values.items():
-            writer.add_scalar(key, value, self._last_step)
+        self._add_scalars(values)
+
+    def _add_scalars(self, values: Mapping[str, float]) -> None:
+        """All ``values`` as one event at the last step (one summary, a value per tag)."""
+        if not values:
+            return
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
+        self.writer.file_writer.add_summary(summary, self._last_step)
 
     def log_hparams(
         self, params: Mapping[str, Any], metrics: Mapping[str, float] | None = None
@@ -148,8 +155,7 @@ class TensorBoardLogger(FileLogger):
         writer.file_writer.add_summary(experiment)
         writer.file_writer.add_summary(session_start)
         self._session_open = True
-        for key, value in values.items():
-            writer.add_scalar(key, value, self._last_step)
+        self._add_scalars(values)
 
     def flush(self) -> None:
         """Write queued events to disk now."""
