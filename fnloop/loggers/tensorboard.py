@@ -1,13 +1,16 @@
-"""TensorBoard sink on ``tensorboardX.SummaryWriter``.
+"""TensorBoard sink: event files written with tensorboardX's record format.
 
-Each metric becomes a scalar series tagged with its key (``"train/loss"``), written through
-``add_scalar``, which queues events for a background thread (flushed every ``flush_secs``
-and at ``finalize``). Hyperparameters go to TensorBoard's HPARAMS tab in the run folder
-itself (flattened to ``"a.b"`` keys, values it cannot show turned into strings) and to
-``hparams.yaml``; ``finalize`` closes the HPARAMS session with its status.
+Each metric becomes a scalar series tagged with its key (``"train/loss"``); one log call is one
+event, written in place (a few scalars every ``log_every_n_steps`` cost less written directly
+than sent through tensorboardX's queue and writer thread) and flushed every ``flush_secs`` and
+at ``finalize``. Hyperparameters go to TensorBoard's HPARAMS tab in the run folder itself
+(flattened to ``"a.b"`` keys, values it cannot show turned into strings) and to
+``hparams.yaml``; ``finalize`` closes the HPARAMS session with its status. For what this sink
+does not wrap (histograms, images, text), :attr:`TensorBoardLogger.writer` opens a
+``tensorboardX.SummaryWriter`` on the same folder.
 
-Every writer this sink opens gets its own event file name, so a sink reopened after
-``finalize`` (``fit`` then ``test``) or several sinks in one folder never overwrite a file.
+Every event file this sink opens gets its own name, so a sink reopened after ``finalize``
+(``fit`` then ``test``) or several sinks in one folder never overwrite a file.
 
 Example:
     >>> import tempfile
@@ -60,8 +63,8 @@ class TensorBoardLogger(FileLogger):
         name: experiment name; the run folder is ``root_dir/name/version_<n>``.
         version: ``None`` for the next free version, an int, or a folder name.
         log_dir: write into exactly this folder instead of a versioned one.
-        flush_secs: seconds between background flushes of the event file.
-        max_queue: events held in the writer's queue before ``add_scalar`` waits for it.
+        flush_secs: seconds between flushes of the event files.
+        max_queue: events the :attr:`writer`'s queue holds before its calls wait.
 
     Example:
         >>> import tempfile
@@ -90,6 +93,8 @@ class TensorBoardLogger(FileLogger):
         self.flush_secs = flush_secs
         self.max_queue = max_queue
         self._writer: Any = None
+        self._events: Any = None  # tensorboardX EventsWriter of this sink's own events
+        self._flushed_at = 0.0
         self._tb_hparams: dict[str, bool | int | float | str] = {}
         self._hparam_metrics: dict[str, None] = {}
         self._session_open = False
@@ -118,6 +123,25 @@ class TensorBoardLogger(FileLogger):
             )
         return self._writer
 
+    def _add(self, summary: Any) -> None:
+        """Write ``summary`` as one event at the last step logged (opening the file on demand)."""
+        from tensorboardX.proto.event_pb2 import Event
+
+        if self._events is None:
+            from tensorboardX.event_file_writer import EventsWriter
+
+            folder = self._folder()
+            if folder is None:
+                return
+            os.makedirs(folder, exist_ok=True)
+            suffix = f".{os.getpid()}.{next(_FILE_NUMBERS):06d}"
+            self._events = EventsWriter(os.path.join(folder, "events"), suffix)
+            self._flushed_at = time.monotonic()
+        self._events.write_event(Event(wall_time=time.time(), step=self._last_step, summary=summary))
+        if time.monotonic() - self._flushed_at > self.flush_secs:
+            self._events.flush()
+            self._flushed_at = time.monotonic()
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Add one scalar per key at ``step``."""
         values = self._prepare(metrics, step)
@@ -131,8 +155,7 @@ class TensorBoardLogger(FileLogger):
             return
         from tensorboardX.proto.summary_pb2 import Summary
 
-        summary = Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
-        self.writer.file_writer.add_summary(summary, self._last_step)
+        self._add(Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()]))
 
     def log_hparams(
         self, params: Mapping[str, Any], metrics: Mapping[str, float] | None = None
@@ -151,14 +174,16 @@ class TensorBoardLogger(FileLogger):
         self._tb_hparams.update(flatten_hparams(params))
         self._hparam_metrics.update(dict.fromkeys(values))
         experiment, session_start, _ = hparams(self._tb_hparams, dict(self._hparam_metrics))
-        writer = self.writer
-        writer.file_writer.add_summary(experiment)
-        writer.file_writer.add_summary(session_start)
+        self._add(experiment)
+        self._add(session_start)
         self._session_open = True
         self._add_scalars(values)
 
     def flush(self) -> None:
-        """Write queued events to disk now."""
+        """Write pending events to disk now."""
+        if self._events is not None:
+            self._events.flush()
+            self._flushed_at = time.monotonic()
         if self._writer is not None:
             self._writer.flush()
 
@@ -168,10 +193,12 @@ class TensorBoardLogger(FileLogger):
         Safe to call again; logging afterwards opens a new event file in the same folder.
         """
         check_status(status)
-        if self._writer is None:
-            return
         if self._session_open:
-            self._writer.file_writer.add_summary(_session_end_summary(status))
+            self._add(_session_end_summary(status))
             self._session_open = False
-        self._writer.close()
-        self._writer = None
+        if self._events is not None:
+            self._events.close()  # flushes first
+            self._events = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -162,3 +162,16 @@ def test_bad_options_name_the_flag(tmp_path, kwargs):
     flag = next(iter(kwargs))
     with pytest.raises(ConfigError, match=flag):
         TensorBoardLogger(tmp_path, **kwargs)
+
+
+def test_writer_adds_what_the_sink_does_not_wrap_beside_its_scalars(tmp_path):
+    sink = TensorBoardLogger(log_dir=tmp_path)
+    sink.log_metrics({"train/loss": 1.5}, 4)
+    sink.writer.add_scalar("extra/grad_norm", 2.0, 4)
+    sink.writer.add_text("notes", "hello", 4)
+    sink.flush()
+    sink.finalize("finished")
+    acc = read_events(str(tmp_path))
+    assert series(acc, "train/loss") == [(4, 1.5)]
+    assert series(acc, "extra/grad_norm") == [(4, 2.0)]
+    assert sink._writer is None and sink._events is None  # both files closed
