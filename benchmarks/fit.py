@@ -13,7 +13,7 @@ contenders' times in the same repeat:
 Also the peak memory of training (peak RSS of a fresh subprocess while it trains, above its RSS
 before the model was built) of fit vs the hand-written loop on a 25M-parameter MLP.
 
-    python benchmarks/fit.py [--json] [--repeats 7] [--epochs 4]
+    python benchmarks/fit.py [--json] [--repeats 15] [--epochs 4]
 
 Targets: fit / hand-written <= 1.05; fnloop at least 1.3x faster than Lightning;
 fit with loggers / fit without <= 1.03; peak memory of fit <= 1.15x hand-written.
@@ -144,7 +144,7 @@ def peak_memory(which: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(1)
