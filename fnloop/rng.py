@@ -52,9 +52,14 @@ def fold(key: int, *data: int) -> int:
 def state_seed(rng: torch.Tensor, step: torch.Tensor) -> int | None:
     """The seed of a step, or None under ``torch.func`` transforms (``vmap``'s ``randomness``
     argument then decides) and while compiling (the seed is set outside the compiled region)."""
-    if torch.compiler.is_compiling() or _is_wrapped(rng) or _is_wrapped(step):
+    if _traced(rng, step):
         return None
     return fold(int(rng), int(step))
+
+
+def _traced(rng: torch.Tensor, step: torch.Tensor) -> bool:
+    """Compiling, or under ``torch.func`` transforms: no seed from the host side."""
+    return torch.compiler.is_compiling() or _is_wrapped(rng) or _is_wrapped(step)
 
 
 class SeedCache:
@@ -79,7 +84,7 @@ class SeedCache:
         return (x, x._version, int(x))
 
     def __call__(self, rng: torch.Tensor, step: torch.Tensor) -> int | None:
-        if torch.compiler.is_compiling() or _is_wrapped(rng) or _is_wrapped(step):
+        if _traced(rng, step):
             return None
         self._key = self._int(rng, self._key)
         self._step = self._int(step, self._step)

@@ -35,6 +35,11 @@ from fnloop.loggers.hparams import flatten_hparams
 __all__ = ["TensorBoardLogger"]
 
 _FILE_NUMBERS = itertools.count()
+
+
+def _file_suffix() -> str:
+    """A suffix no other event file of this process has."""
+    return f".{os.getpid()}.{next(_FILE_NUMBERS):06d}"
 _END_STATUS = {
     "finished": "STATUS_SUCCESS",
     "failed": "STATUS_FAILURE",
@@ -119,7 +124,7 @@ class TensorBoardLogger(FileLogger):
                 logdir=folder,
                 flush_secs=self.flush_secs,
                 max_queue=self.max_queue,
-                filename_suffix=f".{os.getpid()}.{next(_FILE_NUMBERS):06d}",
+                filename_suffix=_file_suffix(),
             )
         return self._writer
 
@@ -130,12 +135,10 @@ class TensorBoardLogger(FileLogger):
         if self._events is None:
             from tensorboardX.event_file_writer import EventsWriter
 
-            folder = self._folder()
+            folder = self._folder()  # created by the run folder
             if folder is None:
                 return
-            os.makedirs(folder, exist_ok=True)
-            suffix = f".{os.getpid()}.{next(_FILE_NUMBERS):06d}"
-            self._events = EventsWriter(os.path.join(folder, "events"), suffix)
+            self._events = EventsWriter(os.path.join(folder, "events"), _file_suffix())
             self._flushed_at = time.monotonic()
         self._events.write_event(Event(wall_time=time.time(), step=self._last_step, summary=summary))
         if time.monotonic() - self._flushed_at > self.flush_secs:
