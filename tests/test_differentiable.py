@@ -7,7 +7,6 @@ requires grad, a step builds no graph."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 

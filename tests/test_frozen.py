@@ -51,7 +51,9 @@ def _mse(model: Any, batch: Any) -> torch.Tensor:
     return F.mse_loss(model(batch[0]), batch[1])
 
 
-def _torch_reference(module: torch.nn.Module, make_opt: Callable[[Any], torch.optim.Optimizer]) -> dict[str, torch.Tensor]:
+def _torch_reference(
+    module: torch.nn.Module, make_opt: Callable[[Any], torch.optim.Optimizer]
+) -> dict[str, torch.Tensor]:
     ref = copy.deepcopy(module)
     opt = make_opt(ref.parameters())
     for batch in _batches():

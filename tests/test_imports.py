@@ -217,10 +217,20 @@ def test_graph_builder_sees_every_kind_of_import(tmp_path):
 @pytest.mark.parametrize(
     ("files", "expected"),
     [
-        ({"__init__.py": "", "a.py": "def f():\n    from pkg import b\n", "b.py": "import pkg.a\n"}, [["pkg.a", "pkg.b"]]),
+        (
+            {"__init__.py": "", "a.py": "def f():\n    from pkg import b\n", "b.py": "import pkg.a\n"},
+            [["pkg.a", "pkg.b"]],
+        ),
         ({"__init__.py": "from pkg.a import x\n", "a.py": "from pkg import y\n"}, [["pkg", "pkg.a"]]),
         ({"__init__.py": "from . import a\n", "a.py": "from . import a\n"}, [["pkg.a"]]),
-        ({"__init__.py": "", "a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pkg.b\n", "b.py": "import pkg.a\n"}, []),
+        (
+            {
+                "__init__.py": "",
+                "a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pkg.b\n",
+                "b.py": "import pkg.a\n",
+            },
+            [],
+        ),
     ],
     ids=["deferred-import", "package-init", "self-import", "type-checking-only"],
 )

@@ -147,5 +147,6 @@ def test_two_threads_sharing_a_template_match_sequential_runs():
                 raise AssertionError(f"repeat {repeat}, thread {name} raised {got!r}") from got
             final, metrics = got
             for field in ("step", "params", "buffers", "opt_state", "rng"):
-                assert_trees_equal(getattr(final, field), getattr(expected[name][0], field), msg=f"repeat {repeat}, {name}: {field}")
+                where = f"repeat {repeat}, {name}: {field}"
+                assert_trees_equal(getattr(final, field), getattr(expected[name][0], field), msg=where)
             assert_trees_equal(metrics, expected[name][1], msg=f"repeat {repeat}, {name}: metrics")

@@ -155,10 +155,23 @@ def test_resume_from_a_restored_checkpoint_is_exact(accumulate, clip_val, clip_a
 
 FLAG_CHANGES = [
     ({"accumulate_grad_batches": 2, "gradient_clip_val": 0.5, "on_nonfinite": "skip"}, {}),
-    ({}, {"accumulate_grad_batches": 3, "gradient_clip_val": 0.5, "gradient_clip_algorithm": "value", "on_nonfinite": "skip"}),
+    (
+        {},
+        {
+            "accumulate_grad_batches": 3,
+            "gradient_clip_val": 0.5,
+            "gradient_clip_algorithm": "value",
+            "on_nonfinite": "skip",
+        },
+    ),
     (
         {"accumulate_grad_batches": 3, "gradient_clip_val": 0.5, "gradient_clip_algorithm": "value"},
-        {"accumulate_grad_batches": 2, "gradient_clip_val": 0.5, "gradient_clip_algorithm": "norm", "on_nonfinite": "skip"},
+        {
+            "accumulate_grad_batches": 2,
+            "gradient_clip_val": 0.5,
+            "gradient_clip_algorithm": "norm",
+            "on_nonfinite": "skip",
+        },
     ),
     ({"accumulate_grad_batches": 2, "on_nonfinite": "skip"}, {"gradient_clip_val": 0.5, "on_nonfinite": "stop"}),
 ]
