@@ -116,7 +116,7 @@ def test_bad_publish_arguments(root, args, kwargs, match):
 def test_train_state_init_from_a_published_version(root):
     published = _trained(5.0)
     version = registry.publish(published, root, "base-model")
-    state = TrainState.create(_model(), flo.adamw(lr=1e-3), init_from=(root, "base-model", version))
+    state = TrainState.create(_model(), flo.adamw(lr=1e-3), init_from=registry.load(root, "base-model", version))
     for name, value in {**published.params, **published.buffers}.items():
         got = state.params.get(name, state.buffers.get(name))
         assert torch.equal(got, value), name

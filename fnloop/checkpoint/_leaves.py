@@ -27,7 +27,7 @@ import torch
 
 from fnloop.checkpoint._safetensors import DTYPE_CODES
 from fnloop.errors import CheckpointError, ConfigError
-from fnloop.state import CallbackStates
+from fnloop.state import CallbackStates, OptionsState
 from fnloop.tree import tree_flatten_with_path
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "encode_metrics",
     "decode_metrics",
     "split",
+    "stored_tensors",
     "describe",
     "rebuild",
 ]
@@ -162,6 +163,17 @@ def split(tree: Any, where: str) -> tuple[dict[str, torch.Tensor], list[dict[str
             problems.append(f"  {path!r}: two leaves share this key path (or it is reserved); rename a key")
             continue
         seen.add(path)
+        if isinstance(leaf, OptionsState):  # its tensors sit beside the others, named <path>/<i>
+            described = []
+            for i, t in enumerate(leaf.tensors):
+                if t.dtype not in DTYPE_CODES or t.layout != torch.strided or t.device.type == "meta":
+                    problems.append(f"  {path}/{i}: a {t.layout} {_dtype_name(t.dtype)} tensor on {t.device} cannot be stored")
+                    continue
+                tensors[f"{path}/{i}"] = t
+                described.append({"dtype": _dtype_name(t.dtype), "shape": list(t.shape)})
+            key = list(leaf.key) if leaf.key is not None else None
+            entries.append({"path": path, "kind": "options", "key": key, "tensors": described})
+            continue
         if isinstance(leaf, torch.Tensor):
             if leaf.dtype not in DTYPE_CODES:
                 problems.append(f"  {path}: dtype {_dtype_name(leaf.dtype)} cannot be stored; convert it")
@@ -182,6 +194,15 @@ def split(tree: Any, where: str) -> tuple[dict[str, torch.Tensor], list[dict[str
     if problems:
         raise CheckpointError(f"{where}: cannot save this tree:\n" + "\n".join(problems))
     return tensors, entries, spec
+
+
+def stored_tensors(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{name in state.safetensors: {"dtype", "shape"}}`` for every tensor ``entries`` describe."""
+    out = {e["path"]: e for e in entries if e["kind"] == "tensor"}
+    for e in entries:
+        if e["kind"] == "options":
+            out.update({f"{e['path']}/{i}": d for i, d in enumerate(e["tensors"]) if isinstance(d, dict)})
+    return out
 
 
 def describe(spec: optree.PyTreeSpec) -> str:
@@ -238,6 +259,28 @@ def _place(t: torch.Tensor, ref: torch.Tensor | None, map_location: Any) -> torc
     return t
 
 
+def _options(
+    path: str, entry: dict[str, Any] | None, tensors: dict[str, torch.Tensor], ref: OptionsState, map_location: Any, problems: list[str]
+) -> OptionsState:
+    """The stored :class:`OptionsState` at ``path`` (empty when the checkpoint has none: written
+    before step options were state, or without options)."""
+    if entry is None:
+        return OptionsState()
+    described = entry.get("tensors")
+    if entry.get("kind") != "options" or not isinstance(described, list) or not isinstance(entry.get("key"), (list, type(None))):
+        problems.append(f"  {path}: expected step options, found {entry.get('kind')!r}")
+        return ref
+    out = []
+    for i, d in enumerate(described):
+        t = tensors.get(f"{path}/{i}")
+        if t is None or not isinstance(d, dict) or _dtype_name(t.dtype) != d.get("dtype") or list(t.shape) != d.get("shape"):
+            problems.append(f"  {path}/{i}: missing from the checkpoint or not the tensor meta.json describes")
+            return ref
+        out.append(_place(t, None, map_location))
+    key = entry["key"]
+    return OptionsState(tuple(key) if key is not None else None, tuple(out))
+
+
 def rebuild(
     like: Any,
     entries: list[dict[str, Any]],
@@ -264,6 +307,9 @@ def rebuild(
     out: list[Any] = []
     for path, ref in zip(paths, leaves):
         entry = stored.get(path)
+        if isinstance(ref, OptionsState):
+            out.append(_options(path, entry, tensors, ref, map_location, problems))
+            continue
         if entry is None:
             problems.append(f"  {path}: missing from the checkpoint (expected {_show_leaf(ref)})")
             continue

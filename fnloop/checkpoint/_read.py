@@ -39,6 +39,8 @@ def _valid_entry(e: Any) -> bool:
             and isinstance(shape, list)
             and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
         )
+    if e.get("kind") == "options":  # step options: their tensors are checked when rebuilt
+        return isinstance(e.get("tensors"), list) and isinstance(e.get("key"), (list, type(None)))
     if e.get("kind") != "value" or "value" not in e:
         return False
     try:
@@ -145,7 +147,7 @@ def load_tensors(url: str, meta: dict[str, Any], verify: bool) -> dict[str, torc
             "the file is corrupt or was replaced, restore another checkpoint"
         )
     tensors = _safetensors.parse(buf, where)
-    want = {e["path"]: e for e in meta["leaves"] if e["kind"] == "tensor"}
+    want = _leaves.stored_tensors(meta["leaves"])
     bad = sorted(set(want) ^ set(tensors))
     bad += [
         p

@@ -175,3 +175,8 @@ def ema(decay: float, debias: bool = True) -> GradientTransformation:
         return leaves_like(updates, out), EmaState(count, leaves_like(state.ema, avg))
 
     return GradientTransformation(init, update)
+
+
+def multi_steps_flush(tx: GradientTransformation, state: MultiStepsState, params: Any) -> tuple[Any, MultiStepsState]:
+    """Apply the partial accumulation window of ``multi_steps`` state now (eager only)."""
+    return tx.update.flush(state, params)  # type: ignore[attr-defined,no-any-return]

@@ -242,7 +242,7 @@ def final_state(run_dir: pathlib.Path) -> tuple[dict, dict]:
     """Tensors (by key path) and non-tensor leaves of the state the run saved at its end."""
     tensors = load_file(str(run_dir / "final" / "state.safetensors"))
     meta = json.loads((run_dir / "final" / "meta.json").read_text())
-    values = {e["path"]: e["value"] for e in meta["leaves"] if e["kind"] != "tensor"}
+    values = {e["path"]: e["value"] for e in meta["leaves"] if e["kind"] == "value"}
     return tensors, values
 
 
