@@ -3,6 +3,8 @@
 from fnloop import connectors as connectors
 from fnloop import metrics as metrics
 from fnloop import rng as rng
+from fnloop import execution as execution
+from fnloop import step as step
 from fnloop import testing as testing
 from fnloop import registry as registry
 from fnloop.callbacks import Callback as Callback
@@ -31,7 +33,7 @@ from fnloop.errors import TreeMismatchError as TreeMismatchError
 from fnloop.state import LoopState as LoopState
 from fnloop.state import Status as Status
 from fnloop.state import TrainState as TrainState
-from fnloop.compiled import compile as compile  # noqa: A004
+from fnloop.execution import compile as compile  # noqa: A004
 from fnloop.eval_steps import eval_step as eval_step
 from fnloop.eval_steps import predict_step as predict_step
 from fnloop.step import train_step as train_step

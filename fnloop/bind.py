@@ -1,8 +1,9 @@
 """Run a template module with a state's params and buffers, without touching either.
 
-``TrainState.module`` is a structural copy of the user's module on the meta device. A step binds
-the state's tensors into it for the duration of one call and puts the meta tensors back after,
-so the template never holds weight memory between calls.
+``TrainState.module`` is a structural copy of the user's module on the meta device, and it is
+never changed. A step binds the state's tensors into :func:`working_copy` of it (one per thread
+and train/eval mode) for the duration of one call and puts the meta tensors back after, so two
+threads stepping states that share a template never see each other's weights or mode.
 
 Example:
     >>> import torch, fnloop as fl, fnloop.optim as flo
@@ -16,13 +17,15 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
+import threading
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["Bound", "bind", "slots"]
+__all__ = ["Bound", "bind", "slots", "working_copy"]
 
 # (owner module, attribute name, "_parameters" | "_buffers", key in params/buffers)
 Slot = tuple[torch.nn.Module, str, str, str]
@@ -43,6 +46,34 @@ def slots(module: torch.nn.Module) -> list[Slot]:
             out.append((module.get_submodule(owner_name), attr, kind, key))
     _SLOTS[module] = out
     return out
+
+
+_LOCAL = threading.local()
+
+
+def working_copy(template: torch.nn.Module, training: bool) -> torch.nn.Module:
+    """This thread's copy of ``template`` in train (``training=True``) or eval mode.
+
+    Steps bind weights into the copy, never into ``template``; the copy holds meta tensors between
+    calls, so it costs no weight memory. Made once per template, thread and mode.
+
+    Example:
+        >>> import torch
+        >>> t = torch.nn.Dropout(0.5)
+        >>> c = working_copy(t, False)
+        >>> c is not t, c.training, t.training, working_copy(t, False) is c
+        (True, False, True, True)
+    """
+    copies = getattr(_LOCAL, "copies", None)
+    if copies is None:
+        copies = _LOCAL.copies = weakref.WeakKeyDictionary()
+    pair = copies.get(template)
+    if pair is None:
+        pair = copies[template] = [None, None]
+    work = pair[training]
+    if work is None:
+        work = pair[training] = copy.deepcopy(template).train(training)
+    return work
 
 
 class Bound:

@@ -1,4 +1,8 @@
-"""Pure evaluation and prediction steps: eval mode, no grad, seeded RNG.
+"""Pure evaluation and prediction steps: the module in eval mode, randomness seeded from the state.
+
+What they compute is :func:`eval_core` (the weights passed functionally to an eval-mode working
+copy of the template); :mod:`fnloop.execution` runs it fast (bound weights under ``no_grad``) when
+nothing asks for a graph, and as it is when the caller differentiates through it.
 
 Example:
     >>> import torch, fnloop as fl, fnloop.optim as flo
@@ -14,18 +18,29 @@ from typing import Any
 
 import torch
 
-from fnloop import rng as _rng
-from fnloop.bind import bind
-from fnloop.compiled import CoreCache, FlatCompiled
+from fnloop import execution
+from fnloop.bind import working_copy
 from fnloop.errors import StepError
 from fnloop.state import TrainState
-from fnloop.step import _check_batch_device, _check_state, _cuda_devices, _functional_loss, _params_device, _set_mode
+from fnloop.step import functional_model
 
-__all__ = ["EvalLike", "EvalStep", "PredictStep", "eval_step", "predict_step"]
+__all__ = ["EvalLike", "EvalStep", "PredictStep", "eval_step", "predict_step", "eval_core"]
+
+
+def eval_core(fn: Callable[..., Any], template: torch.nn.Module, finish: Callable[[Any], Any]) -> Callable[..., Any]:
+    """``(params, buffers, batch) -> finish(fn(model, batch))`` with ``model`` the eval-mode
+    working copy of ``template`` bound to ``params`` and ``buffers``: the meaning of an eval step."""
+    traced_copy = working_copy(template, False)  # what dynamo traces; eager calls take their thread's copy
+
+    def core(params: Any, buffers: Any, batch: Any) -> Any:
+        module = traced_copy if torch.compiler.is_compiling() else working_copy(template, False)
+        return finish(fn(functional_model(module, params, buffers), batch))
+
+    return core
 
 
 class EvalLike:
-    """Shared driver of eval and predict steps: eval mode, no grad, seeded RNG."""
+    """Shared driver of eval and predict steps."""
 
     kind = "eval_step"
 
@@ -33,8 +48,8 @@ class EvalLike:
         if not callable(fn):
             raise StepError(f"{self.kind}: fn must be callable, got {type(fn).__name__}")
         self.fn = fn
-        self._cache = CoreCache(compile_kwargs)
-        self._seeds = _rng.SeedCache()  # an evaluation sees the same state (key and step) every batch
+        self.compile_kwargs = compile_kwargs
+        self._run = execution.EvalExecutor(self.kind, fn, self._finish, compile_kwargs, eval_core)
 
     def __repr__(self) -> str:
         return f"{self.kind}({getattr(self.fn, '__qualname__', self.fn)!r})"
@@ -42,36 +57,17 @@ class EvalLike:
     def _finish(self, out: Any) -> Any:
         return out
 
-    def _build(self, module: torch.nn.Module) -> Callable[..., Any]:
-        fn = self.fn
-        compiled = self._cache.compile_kwargs is not None
-
-        def core(params: Any, buffers: Any, batch: Any) -> Any:
-            with torch.no_grad():
-                if compiled:
-                    return self._finish(_functional_loss(fn, module, params, buffers, batch))
-                with bind(module, params, buffers) as model:
-                    return self._finish(fn(model, batch))
-
-        return core
-
     def __call__(self, state: TrainState, batch: Any) -> Any:
-        _check_state(state, self.kind)
-        device = _params_device(state.params)
-        _check_batch_device(batch, device, self.kind)
-        module = state.module
-        _set_mode(module, False)
-        core = self._cache.get((module, None), lambda: self._build(module))
-        if isinstance(core, FlatCompiled):
-            seed = lambda: (self._seeds(state.rng, state.step), _cuda_devices(device))  # noqa: E731
-            return core.run(seed, state.params, state.buffers, batch)
-        with _rng.seeded(self._seeds(state.rng, state.step), _cuda_devices(device)):
-            return core(state.params, state.buffers, batch)
+        return self._run(state, batch)
+
+    def compiled(self, **torch_compile_kwargs: Any) -> EvalLike:
+        """The same step under ``torch.compile(fullgraph=True)`` (see :func:`fnloop.compile`)."""
+        return type(self)(self.fn, compile_kwargs=torch_compile_kwargs)
 
 
 class EvalStep(EvalLike):
     """``(state, batch) -> metrics``: ``fn(model, batch)`` returns a loss tensor (reported as
-    ``"loss"``) or a dict of scalar tensors; module in eval mode, no grad."""
+    ``"loss"``) or a dict of scalar tensors; module in eval mode."""
 
     kind = "eval_step"
 
@@ -89,13 +85,16 @@ class EvalStep(EvalLike):
 
 
 class PredictStep(EvalLike):
-    """``(state, batch) -> outputs``: whatever ``fn(model, batch)`` returns; eval mode, no grad."""
+    """``(state, batch) -> outputs``: whatever ``fn(model, batch)`` returns; eval mode."""
 
     kind = "predict_step"
 
 
 def eval_step(fn: Callable[..., Any]) -> EvalStep:
     """Build the pure eval step of ``fn(model, batch) -> loss | {"name": scalar tensor}``.
+
+    Differentiable with respect to the state and the batch (``torch.func`` and autograd); when
+    nothing requires grad it runs under ``no_grad``.
 
     Example:
         >>> import torch, fnloop as fl

@@ -1,7 +1,8 @@
 """Randomness derived from the state: ``state.rng`` folded with ``state.step``.
 
-A step runs with the global torch generators seeded from ``(rng, step)`` and restores them
-afterwards, so dropout is reproducible and the caller's RNG stream is left as it was.
+A step runs with the global torch generators seeded from ``fold(rng, step)``
+(:func:`fnloop.execution.state_seed`) and restores them afterwards, so dropout is reproducible
+and the caller's RNG stream is left as it was.
 
 Example:
     >>> import torch, fnloop as fl
@@ -17,15 +18,17 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["fold", "seeded", "seed_", "state_seed", "SeedCache", "generator_states"]
+__all__ = ["fold", "seeded", "seed_", "generator_states"]
 
 _MASK = (1 << 64) - 1
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+# the global generators are process-wide: a seeded block holds them until it puts them back
+_GENERATORS = threading.RLock()
 
 
 def _splitmix64(x: int) -> int:
@@ -49,53 +52,6 @@ def fold(key: int, *data: int) -> int:
     return x >> 1
 
 
-def state_seed(rng: torch.Tensor, step: torch.Tensor) -> int | None:
-    """The seed of a step, or None under ``torch.func`` transforms (``vmap``'s ``randomness``
-    argument then decides) and while compiling (the seed is set outside the compiled region)."""
-    if _traced(rng, step):
-        return None
-    return fold(int(rng), int(step))
-
-
-def _traced(rng: torch.Tensor, step: torch.Tensor) -> bool:
-    """Compiling, or under ``torch.func`` transforms: no seed from the host side."""
-    return torch.compiler.is_compiling() or _is_wrapped(rng) or _is_wrapped(step)
-
-
-class SeedCache:
-    """:func:`state_seed` that remembers the Python ints of the key and step tensors it last saw.
-
-    Each ``int(tensor)`` is a host read, slow right after the numeric work of a step. Between
-    the steps of a loop the key is the same tensor object and the step is the tensor the
-    previous call produced (:meth:`advance`), so neither needs reading; a tensor is recognised by
-    identity and version counter, so one changed in place is read again.
-    """
-
-    __slots__ = ("_key", "_step")
-
-    def __init__(self) -> None:
-        self._key: tuple[Any, int, int] = (None, -1, 0)
-        self._step: tuple[Any, int, int] = (None, -1, 0)
-
-    @staticmethod
-    def _int(x: torch.Tensor, known: tuple[Any, int, int]) -> tuple[Any, int, int]:
-        if known[0] is x and known[1] == x._version:
-            return known
-        return (x, x._version, int(x))
-
-    def __call__(self, rng: torch.Tensor, step: torch.Tensor) -> int | None:
-        if _traced(rng, step):
-            return None
-        self._key = self._int(rng, self._key)
-        self._step = self._int(step, self._step)
-        return fold(self._key[2], self._step[2])
-
-    def advance(self, step: torch.Tensor, new_step: torch.Tensor) -> None:
-        """``new_step`` holds ``step + 1``; remembered when ``step`` is the step last seen."""
-        if self._step[0] is step and self._step[1] == step._version:
-            self._step = (new_step, new_step._version, self._step[2] + 1)
-
-
 def generator_states(cuda_devices: Sequence[int]) -> list[torch.Tensor]:
     """States of the CPU generator and those of ``cuda_devices``."""
     gens = [torch.default_generator] + [torch.cuda.default_generators[d] for d in cuda_devices]
@@ -104,16 +60,27 @@ def generator_states(cuda_devices: Sequence[int]) -> list[torch.Tensor]:
 
 def seed_(seed: int | None, cuda_devices: Sequence[int]) -> Callable[[], None]:
     """Seed the CPU generator (and those of ``cuda_devices``) in place; return the function that
-    puts their previous states back (the context manager :func:`seeded` without its overhead)."""
+    puts their previous states back (the context manager :func:`seeded` without its overhead).
+
+    Until then no other thread can seed: threads stepping at once each draw from their own seed.
+    """
     gens = [torch.default_generator] + [torch.cuda.default_generators[d] for d in cuda_devices]
-    saved = [g.get_state() for g in gens]
-    if seed is not None:
-        for g in gens:
-            g.manual_seed(seed)
+    _GENERATORS.acquire()
+    try:
+        saved = [g.get_state() for g in gens]
+        if seed is not None:
+            for g in gens:
+                g.manual_seed(seed)
+    except BaseException:
+        _GENERATORS.release()
+        raise
 
     def restore() -> None:
-        for g, s in zip(gens, saved):
-            g.set_state(s)
+        try:
+            for g, s in zip(gens, saved):
+                g.set_state(s)
+        finally:
+            _GENERATORS.release()
 
     return restore
 

@@ -120,7 +120,7 @@ def test_compiled_step_keeps_the_rng_contract_with_and_without_randomness(dropou
         assert torch.equal(metrics["loss"], outs[0][1]["loss"])
         for k in state.params:
             assert torch.equal(new_state.params[k], outs[0][0].params[k])
-    (core,) = [c for _, c in fast._cache.cores.values()]
+    (core,) = [c for _, c in fast._run._pure.cores.values()]
     assert bool(core.rng_free) == (dropout == 0.0)
     if dropout:  # the dropout mask follows the state's step
         other, _ = fast(state.replace(step=state.step + 1), batch)

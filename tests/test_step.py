@@ -370,17 +370,17 @@ def test_global_rng_restored_when_fn_raises(kind):
 def test_seed_cache_gives_state_seed_and_rereads_tensors_changed_in_place():
     """The cached seed equals ``state_seed`` along a run, for a step tensor the cache did not
     produce, and after a step or key tensor is changed in place (version counter)."""
-    seeds = fl.rng.SeedCache()
+    seeds = fl.execution.SeedCache()
     key, step = torch.tensor(7), torch.tensor(0)
     for _ in range(5):
-        assert seeds(key, step) == fl.rng.state_seed(key, step)
+        assert seeds(key, step) == fl.execution.state_seed(key, step)
         new = step + 1
         seeds.advance(step, new)
         step = new
     other = torch.tensor(40)
-    assert seeds(key, other) == fl.rng.state_seed(key, other)
+    assert seeds(key, other) == fl.execution.state_seed(key, other)
     seeds.advance(torch.tensor(40), torch.tensor(99))  # not the step last seen: nothing remembered
-    assert seeds(key, torch.tensor(99)) == fl.rng.state_seed(key, torch.tensor(99))
+    assert seeds(key, torch.tensor(99)) == fl.execution.state_seed(key, torch.tensor(99))
     step.fill_(3)
     key.fill_(8)
-    assert seeds(key, step) == fl.rng.state_seed(torch.tensor(8), torch.tensor(3))
+    assert seeds(key, step) == fl.execution.state_seed(torch.tensor(8), torch.tensor(3))
