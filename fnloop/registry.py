@@ -136,6 +136,9 @@ def publish(
         >>> publish({"w": torch.zeros(1)}, "memory://doc/publish", "m")
         'v1'
     """
+    from fnloop.execution import check_not_donated
+
+    check_not_donated(state_or_params, "registry.publish")
     _check_name(name)
     weights = _weights(state_or_params)
     try:

@@ -152,6 +152,9 @@ def save(
         >>> save({"w": torch.zeros(3)}, "memory://doc/save-example", overwrite=True)
         'memory://doc/save-example'
     """
+    from fnloop.execution import check_not_donated
+
+    check_not_donated(tree, "save")
     url = os.fspath(url)
     tensors, entries, spec = _leaves.split(tree, url)
     meta: dict[str, Any] = {

@@ -35,9 +35,11 @@ def evaluate(state: Any, eval_step: Any, source: Any, n_batches: int | None, *, 
 
 def run_stage(trainer: Any, state: Any, eval_step: Any, data: Any, *, stage: str, datamodule: Any = None) -> dict[str, float]:
     """``Trainer.validate`` / ``Trainer.test``: metrics as ``{"val/loss": ...}``, printed as a table."""
+    from fnloop.execution import check_not_donated
     from fnloop.loggers import format_metrics_table
     from fnloop.loops.logging import make_logger
 
+    check_not_donated(state, f"Trainer.{'validate' if stage == 'val' else stage}")
     data = require(
         stage_data(data, datamodule, stage), f"{stage} data", f"pass data= or a datamodule with a {stage}_data() method"
     )

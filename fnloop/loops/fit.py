@@ -17,7 +17,6 @@ from fnloop.connectors.device import device_of
 from fnloop.errors import ConfigError
 from fnloop.loops import rules
 from fnloop.loops.data import batches_on, data_seed, limited, make_source, require, stage_data
-from fnloop.loops.prepare import prepare_state
 from fnloop.loops.run import FitRun, call_hook, with_loop
 from fnloop.state import Status
 
@@ -37,10 +36,13 @@ def run_fit(
     checkpoint: Any = None,
 ) -> Any:
     """``Trainer.fit``: see its docstring."""
+    from fnloop.execution import check_not_donated
     from fnloop.state import TrainState
 
     if not isinstance(state, TrainState):
         raise ConfigError(f"Trainer.fit: state must be a fnloop.TrainState, got {type(state).__name__}")
+    check_not_donated(state, "Trainer.fit")
+    train_step = _with_flags(trainer, train_step)
     train_data = require(
         stage_data(train_data, datamodule, "train", fit=True), "train_data", "pass train_data= or a datamodule with train_data()"
     )
@@ -49,13 +51,6 @@ def run_fit(
     no_shuffle = bool(trainer.overfit_batches)
     train_src = make_source(train_data, seed=seed, stage="train", no_shuffle=no_shuffle)
     val_src = make_source(val_data, seed=seed, stage="val") if val_data is not None else None
-    state = prepare_state(
-        state,
-        accumulate=trainer.accumulate_grad_batches,
-        clip_val=trainer.gradient_clip_val,
-        clip_algorithm=trainer.gradient_clip_algorithm,
-        skip_nonfinite=trainer.on_nonfinite == "skip",
-    )
     run = FitRun(trainer, train_step, val_step, train_src, val_src, _checkpoint_of(trainer, checkpoint))
     if ckpt_path is not None:
         from fnloop.checkpoint.callback import resume_from
@@ -64,9 +59,10 @@ def run_fit(
     from fnloop.connectors.signals import stop_signals
 
     run.last_state = state  # what an interruption or a failure reports until the loop moves on
+    caller = state if ckpt_path is None else None  # a donating fit updates the caller's tensors in place
     with stop_signals(trainer.stop_signals) as signals, _deterministic(trainer.deterministic):
         try:
-            state = _fit(run, state, signals)
+            state = _fit(run, state, signals, caller)
         except KeyboardInterrupt:
             state = with_loop(run.last_state, status=Status.INTERRUPTED)
             state = _finish(run, state)
@@ -74,6 +70,31 @@ def run_fit(
             _fail(run, exc)
             raise
     return state
+
+
+def _with_flags(trainer: Any, train_step: Any) -> Any:
+    """The train step with the Trainer's optimizer flags as its options (see fnloop.options)."""
+    from fnloop.options import StepOptions
+
+    flags = StepOptions(
+        trainer.accumulate_grad_batches,
+        trainer.gradient_clip_val,
+        trainer.gradient_clip_algorithm,
+        trainer.on_nonfinite == "skip",
+    )
+    own = getattr(train_step, "options", None)
+    if flags.key is None:
+        return train_step
+    if not hasattr(train_step, "with_options"):
+        raise ConfigError(
+            "Trainer(accumulate_grad_batches / gradient_clip_val / on_nonfinite='skip'): these flags need a step "
+            f"from fnloop.train_step, got {type(train_step).__name__}"
+        )
+    if own is not None and own.key is not None and own != flags:
+        raise ConfigError(
+            f"Trainer.fit: the train step was built with {own} but the Trainer flags ask for {flags}; set them in one place"
+        )
+    return train_step.with_options(flags)
 
 
 def _fail(run: FitRun, exc: BaseException) -> None:
@@ -120,12 +141,16 @@ def _finish(run: FitRun, state: Any) -> Any:
     return state
 
 
-def _fit(run: FitRun, state: Any, signals: Any) -> Any:
+def _fit(run: FitRun, state: Any, signals: Any, caller: Any) -> Any:
+    from fnloop.execution import mark_donated
+
     trainer, src = run.trainer, run.train_src
     donating = trainer.donate and hasattr(run.train_step, "donated")
     step = run.train_step.donated if donating else run.train_step
+    flush = getattr(run.train_step, "flush", None)
     device = device_of(state.params)
-    flush = getattr(state.tx.update, "flush", None)
+    # the first donated step updates the tensors the caller's state holds: refuse that object afterwards
+    unmarked = caller if donating and caller is not None and caller.params is state.params else None
     fresh = state.loop.global_step == 0 and state.loop.batch_idx == 0 and state.loop.epoch == 0
     run.last_state = state = with_loop(state, status=Status.RUNNING)
     run.logger.log_hparams(run.hparams())
@@ -158,14 +183,16 @@ def _fit(run: FitRun, state: Any, signals: Any) -> Any:
             signals.defer = donating  # a Ctrl-C must not cut an in-place update short
             state, metrics = step(state, batch)
             signals.defer = False
+            if unmarked is not None:
+                mark_donated(unmarked)
+                unmarked = None
             t2 = time.perf_counter()
             times["data"] += t1 - t0
             times["step"] += t2 - t1
             batch_size = src.batch_size_of(batch)
             stepped = rules.is_optimizer_step(batch_idx, n_batches=n, accumulate=run.accumulate)
             if stepped and flush is not None and n is not None and batch_idx + 1 == n:
-                params, opt_state = flush(state.opt_state, state.params)  # Lightning steps on a partial window
-                state = state.replace(params=params, opt_state=opt_state)
+                state = flush(state)  # Lightning steps on a partial accumulation window
             loop = state.loop
             validate = check_batch is not None and rules.should_validate(
                 batch_idx, total_batch_idx=loop.total_batch_idx, epoch=epoch, n_batches=n,

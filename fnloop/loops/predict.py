@@ -12,6 +12,9 @@ __all__ = ["run_predict"]
 
 def run_predict(trainer: Any, state: Any, predict_step: Any, data: Any, *, datamodule: Any = None) -> list[Any]:
     """``Trainer.predict``: the outputs of every batch, in data order."""
+    from fnloop.execution import check_not_donated
+
+    check_not_donated(state, "Trainer.predict")
     data = require(
         stage_data(data, datamodule, "predict"), "predict data", "pass data= or a datamodule with a predict_data() method"
     )

@@ -54,7 +54,8 @@ class FitRun:
         self.max_epochs = trainer.resolved_max_epochs
         self.max_steps = trainer.resolved_max_steps
         self.max_time = parse_duration(trainer.max_time)
-        self.accumulate = trainer.accumulate_grad_batches
+        options = getattr(train_step, "options", None)  # the step carries the accumulation flag
+        self.accumulate = options.accumulate_grad_batches if options is not None else trainer.accumulate_grad_batches
         self.window = Window()
         self.started = time.monotonic()
         self.times = {"data": 0.0, "step": 0.0, "eval": 0.0}

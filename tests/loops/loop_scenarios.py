@@ -258,17 +258,25 @@ class SyncProbe(fl.Callback):
             return
         self.data_reads.append((self.segment, self.global_step, self.in_step, name, t.dtype))
 
-    def wrap(self, step: Callable[..., Any]) -> Callable[..., Any]:
-        """``step`` marked as the train step: reads inside it are flagged ``in_step``."""
+    def wrap(self, step: Any) -> Any:
+        """``step`` marked as the train step: reads inside it are flagged ``in_step``; the
+        Trainer's flags still reach it (``with_options``)."""
+        probe = self
 
-        def probed(state: Any, batch: Any) -> Any:
-            self.in_step, self.lr = True, flo.learning_rate(state.opt_state)
-            try:
-                return step(state, batch)
-            finally:
-                self.in_step, self.lr = False, None
+        class Probed:
+            options = step.options
 
-        return probed
+            def __call__(self, state: Any, batch: Any) -> Any:
+                probe.in_step, probe.lr = True, flo.learning_rate(state.opt_state)
+                try:
+                    return step(state, batch)
+                finally:
+                    probe.in_step, probe.lr = False, None
+
+            def with_options(self, options: Any) -> Any:
+                return probe.wrap(step.with_options(options))
+
+        return Probed()
 
     def on_train_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> None:
         self.segment += 1
