@@ -63,7 +63,7 @@ def _functional_outer(params: dict[str, torch.Tensor], query: Any = QUERY) -> to
 def _reference(support: Any = SUPPORT, *, second_order: bool = True, wrt_batch: bool = False) -> list[torch.Tensor]:
     """Meta-gradient by hand: inner SGD step with ``create_graph`` (or detached, first order)."""
     model = PLAIN
-    params = {k: v.detach().clone().requires_grad_(not wrt_batch) for k, v in model.named_parameters()}
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
     x, y = support
     if wrt_batch:
         x = x.detach().clone().requires_grad_(True)
