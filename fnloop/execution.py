@@ -370,6 +370,7 @@ class TrainExecutor:
         names = [n for n, p in template.named_parameters() if p.requires_grad]
         frozen = len(names) != sum(1 for _ in template.parameters())
         apply = fused_apply(options.wrap(tx))
+        wrapped_tx = options.key is not None
 
         def core(params: Any, buffers: Any, opt_state: Any, carried: Any, batch: Any, donate: bool) -> Any:
             # BatchNorm & co update buffers in place: always on copies (small), so an exception in
@@ -382,10 +383,10 @@ class TrainExecutor:
                     loss, aux = split_loss(loss_fn(model, batch), "train_step")
                 grads_list = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
             grads = {k: (g if g is not None else torch.zeros_like(trainable[k])) for k, g in zip(leaves, grads_list)}
-            wrapped = options.join(carried, opt_state, trainable) if options.key else opt_state
+            wrapped = options.join(carried, opt_state, trainable) if wrapped_tx else opt_state
             # the grads dict is the step's own: the optimizer may free each gradient after its last read
             new, wrapped = apply(grads, wrapped, trainable, donate=donate, consume=True)
-            carried, opt_state = options.split(wrapped, trainable) if options.key else (carried, wrapped)
+            carried, opt_state = options.split(wrapped, trainable) if wrapped_tx else (carried, wrapped)
             metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
             return {**params, **new} if frozen else new, buffers, opt_state, carried, metrics
 

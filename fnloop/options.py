@@ -60,6 +60,8 @@ class StepOptions:
     gradient_clip_val: float | None = None
     gradient_clip_algorithm: str | None = None
     skip_nonfinite: bool = False
+    key: tuple[Any, ...] | None = dataclasses.field(init=False, repr=False, compare=False)
+    """What identifies these options in ``state.loop.options``; ``None`` when none is on."""
 
     def __post_init__(self) -> None:
         k = self.accumulate_grad_batches
@@ -72,14 +74,10 @@ class StepOptions:
             raise ConfigError(f"gradient_clip_algorithm={self.gradient_clip_algorithm!r}: accepted values are 'norm', 'value' or None")
         if not isinstance(self.skip_nonfinite, bool):
             raise ConfigError(f"skip_nonfinite={self.skip_nonfinite!r}: accepted values are True or False")
+        clip_val = float(c) if c else None
+        key = (int(k), clip_val, self.gradient_clip_algorithm or "norm", self.skip_nonfinite)
+        object.__setattr__(self, "key", None if key[0] == 1 and clip_val is None and not self.skip_nonfinite else key)
         object.__setattr__(self, "_specs", {})
-
-    @property
-    def key(self) -> tuple[Any, ...] | None:
-        """What identifies these options in ``state.loop.options``; ``None`` when none is on."""
-        clip_val = float(self.gradient_clip_val) if self.gradient_clip_val else None
-        key = (int(self.accumulate_grad_batches), clip_val, self.gradient_clip_algorithm or "norm", self.skip_nonfinite)
-        return None if key[0] == 1 and clip_val is None and not self.skip_nonfinite else key
 
     def wrap(self, tx: GradientTransformation) -> GradientTransformation:
         """``multi_steps(apply_if_finite(chain(clip, tx)), k)``, each layer only when asked for."""
