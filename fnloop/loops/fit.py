@@ -125,7 +125,7 @@ def _fit(run: FitRun, state: Any, signals: Any) -> Any:
     donating = trainer.donate and hasattr(run.train_step, "donated")
     step = run.train_step.donated if donating else run.train_step
     device = device_of(state.params)
-    flush = getattr(state.tx.update, "flush", None)
+    flush = getattr(getattr(state.tx, "fused", None), "flush", None)
     fresh = state.loop.global_step == 0 and state.loop.batch_idx == 0 and state.loop.epoch == 0
     run.last_state = state = with_loop(state, status=Status.RUNNING)
     run.logger.log_hparams(run.hparams())

@@ -26,6 +26,7 @@ class PreparedTx(NamedTuple):
     update: Any
     base: Any
     key: tuple[int, float | None, str, bool]
+    fused: Any = None
 
 
 def unprepare_state(state: Any) -> Any:
@@ -65,9 +66,9 @@ def prepare_state(state: Any, *, accumulate: int, clip_val: float | None, clip_a
     if accumulate > 1:
         tx = multi_steps(tx, accumulate)
         opt_state = _wrap_init(tx, params, opt_state)
-    if not hasattr(tx.update, "apply"):
+    if tx.fused is None:
         raise ConfigError("internal: prepared optimizer lost its fused apply")
-    return state.replace(tx=PreparedTx(tx.init, tx.update, base, key), opt_state=opt_state)
+    return state.replace(tx=PreparedTx(tx.init, tx.update, base, key, tx.fused), opt_state=opt_state)
 
 
 def _wrap_init(tx: Any, params: Any, inner_state: Any) -> Any:

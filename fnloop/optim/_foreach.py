@@ -213,11 +213,23 @@ def maximum_(xs: Tensors, ys: Tensors) -> list[torch.Tensor]:
 
 
 class StateOps:
-    """How an update produces the next value of a state tensor (params, moments, buffers):
-    out of place for a pure call, in place when the caller donated the old state."""
+    """How an update produces new tensors.
 
-    def __init__(self, donate: bool) -> None:
-        self.donate = donate
+    The next value of a state tensor (params, moments, buffers; the methods without a trailing
+    underscore) is written in place into the old one when the caller donated the old state
+    (``donate``), else out of place. A fresh temporary (the methods with a trailing underscore)
+    is updated in place, unless autograd records the update (``graph``): a backward pass may need
+    a temporary's old value (``sqrt`` keeps its result), so every op is then out of place.
+    """
+
+    def __init__(self, donate: bool, graph: bool = False) -> None:
+        self.donate = donate and not graph
+        self.graph = graph
+
+    @property
+    def fresh(self) -> StateOps:
+        """The ops that give a fresh temporary its next value (in place unless recording a graph)."""
+        return PURE if self.graph else DONATE
 
     def mul(self, xs: Tensors, y: Any) -> list[torch.Tensor]:
         return mul_(xs, y) if self.donate else mul(xs, y)
@@ -237,6 +249,41 @@ class StateOps:
     def addcdiv(self, xs: Tensors, ys: Tensors, zs: Tensors, value: float = 1.0) -> list[torch.Tensor]:
         return addcdiv_(xs, ys, zs, value) if self.donate else addcdiv(xs, ys, zs, value)
 
+    # fresh temporaries
+
+    def add_(self, xs: Tensors, ys: Any, **kwargs: Any) -> list[torch.Tensor]:
+        return add(xs, ys, **kwargs) if self.graph else add_(xs, ys, **kwargs)
+
+    def mul_(self, xs: Tensors, y: Any) -> list[torch.Tensor]:
+        return mul(xs, y) if self.graph else mul_(xs, y)
+
+    def div_(self, xs: Tensors, y: Any) -> list[torch.Tensor]:
+        return div(xs, y) if self.graph else div_(xs, y)
+
+    def sqrt_(self, xs: Tensors) -> list[torch.Tensor]:
+        return sqrt(xs) if self.graph else sqrt_(xs)
+
+    def addcmul_(self, xs: Tensors, ys: Tensors, zs: Tensors, value: float = 1.0) -> list[torch.Tensor]:
+        return addcmul(xs, ys, zs, value) if self.graph else addcmul_(xs, ys, zs, value)
+
+    def addcdiv_(self, xs: Tensors, ys: Tensors, zs: Tensors, value: float = 1.0) -> list[torch.Tensor]:
+        return addcdiv(xs, ys, zs, value) if self.graph else addcdiv_(xs, ys, zs, value)
+
 
 PURE = StateOps(False)
 DONATE = StateOps(True)
+GRAPH = StateOps(False, graph=True)
+
+
+def records_graph(*lists: Tensors) -> bool:
+    """Whether autograd records ops on these leaves: grad mode is on and one of them requires
+    grad (a differentiable optimizer step, as in MAML); one check per call. ``False`` at once
+    when grad mode is off."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(x.requires_grad for xs in lists for x in xs)
+
+
+def state_ops(donate: bool, graph: bool) -> StateOps:
+    """The ops of one update: in place into a donated state, out of place while recording a graph."""
+    return GRAPH if graph else DONATE if donate else PURE
