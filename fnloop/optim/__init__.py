@@ -32,6 +32,9 @@ from fnloop.optim.base import from_apply as from_apply
 from fnloop.optim.base import fused_apply as fused_apply
 from fnloop.optim.base import identity as identity
 from fnloop.optim.base import learning_rate as learning_rate
+from fnloop.optim.partition import MultiTransformState as MultiTransformState
+from fnloop.optim.partition import multi_transform as multi_transform
+from fnloop.optim.partition import set_to_zero as set_to_zero
 from fnloop.optim.schedules import constant as constant
 from fnloop.optim.schedules import exponential as exponential
 from fnloop.optim.schedules import join as join
