@@ -6,8 +6,9 @@ Every function takes and returns lists of tensors and never mutates its inputs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -17,9 +18,29 @@ _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 Tensors = Sequence[torch.Tensor]
 
 
+_recording = 0  # > 0 while an update records an autograd graph (see `recording`)
+
+
 def _fallback(xs: Tensors) -> bool:
-    """Per-leaf ops: under torch.func transforms, and for empty lists (no foreach kernel for those)."""
-    return not xs or (not torch.compiler.is_compiling() and _is_wrapped(xs[0]))
+    """Per-leaf ops: under torch.func transforms, while recording an autograd graph, and for
+    empty lists (no foreach kernel for those)."""
+    return not xs or _recording > 0 or (not torch.compiler.is_compiling() and _is_wrapped(xs[0]))
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[None]:
+    """Run the ops of this block leaf by leaf: for an update that records an autograd graph
+    (:func:`records_graph`). The backward formulas of torch's foreach kernels are not reliable
+    (``_foreach_addcdiv``'s fails on leaves of different shapes); the per-leaf ops are, and give
+    the same values. A process-wide switch: a plain update running meanwhile in another thread
+    also goes leaf by leaf, slower but with the same results.
+    """
+    global _recording
+    _recording += 1
+    try:
+        yield
+    finally:
+        _recording -= 1
 
 
 def _scalar_like(xs: Tensors, y: Any) -> Any:
@@ -282,8 +303,3 @@ def records_graph(*lists: Tensors) -> bool:
     if not torch.is_grad_enabled():
         return False
     return any(x.requires_grad for xs in lists for x in xs)
-
-
-def state_ops(donate: bool, graph: bool) -> StateOps:
-    """The ops of one update: in place into a donated state, out of place while recording a graph."""
-    return GRAPH if graph else DONATE if donate else PURE

@@ -32,8 +32,11 @@ def fused(kernel: Kernel) -> Fused:
     def apply(grads: Any, state: Any, params: Any, *, donate: bool = False, consume: bool = False) -> tuple[Any, Any]:
         p, spec = tree_flatten(params)
         g = take_leaves(grads, spec, consume)
-        ops = fe.state_ops(donate, fe.records_graph(g, p))
-        new_p, state = kernel(g, state, p, spec, ops)
+        if fe.records_graph(g, p):
+            with fe.recording():
+                new_p, state = kernel(g, state, p, spec, fe.GRAPH)
+        else:
+            new_p, state = kernel(g, state, p, spec, fe.DONATE if donate else fe.PURE)
         return spec.unflatten(new_p), state
 
     return apply

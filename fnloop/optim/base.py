@@ -116,6 +116,14 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def fused(
         grads: Any, state: tuple[Any, ...], params: Any, *, donate: bool = False, consume: bool = False
     ) -> tuple[Any, tuple[Any, ...]]:
+        if torch.is_grad_enabled() and fe.records_graph(tree_leaves(grads), tree_leaves(params)):
+            with fe.recording():  # the leading updates too run leaf by leaf
+                return composed(grads, state, params, donate=donate, consume=consume)
+        return composed(grads, state, params, donate=donate, consume=consume)
+
+    def composed(
+        grads: Any, state: tuple[Any, ...], params: Any, *, donate: bool = False, consume: bool = False
+    ) -> tuple[Any, tuple[Any, ...]]:
         new_state = []
         for t, s in zip(transforms[:-1], state):
             grads, s = t.update(grads, s, params)
@@ -159,10 +167,9 @@ def apply_updates(params: Any, updates: Any) -> Any:
 def host(value: torch.Tensor) -> Any:
     """A host-side scalar of the optimizer state (a step counter or a learning rate, kept as a
     0-d CPU tensor) as a Python number in eager mode, as torch.optim reads them (no device sync);
-    the tensor (int counters as float64) while compiling, under ``torch.func`` transforms, or when
-    it requires grad (a learning rate one differentiates with respect to).
+    the tensor (int counters as float64) while compiling or under ``torch.func`` transforms.
     """
-    if torch.compiler.is_compiling() or fe._is_wrapped(value) or value.device.type != "cpu" or value.requires_grad:
+    if torch.compiler.is_compiling() or fe._is_wrapped(value) or value.device.type != "cpu":
         return value.to(torch.float64) if not value.is_floating_point() else value
     return value.item()
 
