@@ -6,6 +6,8 @@ input."""
 from __future__ import annotations
 
 import collections
+import pathlib
+import re
 from typing import Any
 
 import pytest
@@ -190,3 +192,13 @@ def test_bad_input_raises_config_error_naming_the_argument(make: Any, argument: 
         make()
     assert argument in str(info.value)
 
+
+
+def test_readme_fine_tuning_snippet_runs() -> None:
+    text = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "multi_transform" in b]
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet, "README fine-tuning", "exec"), namespace)
+    state, frozen = namespace["state"], namespace["frozen"]
+    assert state.tx is frozen and set(state.opt_state.inner_states) == {"body", "head"}
+    assert torch.isfinite(namespace["metrics"]["loss"])
