@@ -215,6 +215,25 @@ def test_update_then_apply_updates_matches_fused(case_id: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("case_id", list(CONSTANT))
+def test_donated_fused_apply_is_bitwise_the_pure_one(case_id: str) -> None:
+    """In place into a donated state (gradients consumed) against out of place, over 10 steps."""
+    module, batches = sc.make_mlp(0), sc.make_batches()
+    grads_of = sc.grad_fn(module)
+    tx = ALL[case_id].tx()
+    apply = fused_apply(tx)
+    p_pure = {k: v.detach().clone() for k, v in module.named_parameters()}
+    s_pure = tx.init(p_pure)
+    p_don, s_don = {k: v.clone() for k, v in p_pure.items()}, tx.init(p_pure)
+    for k in range(10):
+        grads = grads_of(p_pure, batches[k % len(batches)])
+        p_pure, s_pure = apply(grads, s_pure, p_pure)
+        p_don, s_don = apply(dict(grads), s_don, p_don, donate=True, consume=True)
+    sc.assert_dicts_equal(p_don, p_pure)
+    for a, b in zip(sc.tensor_leaves(s_don), sc.tensor_leaves(s_pure)):
+        assert torch.equal(a, b)
+
+
 def test_update_returns_the_fused_step_as_a_difference() -> None:
     """One step from the same inputs: ``params + updates`` equals the fused new params."""
     module, batches = sc.make_mlp(0), sc.make_batches()
