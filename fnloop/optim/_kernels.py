@@ -44,7 +44,10 @@ def fused(kernel: Kernel) -> Fused:
 
 def _put(state: tuple[Any, ...], new: dict[int, Any]) -> tuple[Any, ...]:
     """The chain state ``state`` with the entries at the positions in ``new`` replaced."""
-    return tuple(new.get(i, s) for i, s in enumerate(state))
+    out = list(state)
+    for i, s in new.items():
+        out[i] = s
+    return tuple(out)
 
 
 def _signed(g: Leaves, p: Leaves, ops: fe.StateOps, maximize: bool, weight_decay: float) -> Leaves:
