@@ -58,10 +58,21 @@ def _signed(g: Leaves, p: Leaves, ops: fe.StateOps, maximize: bool, weight_decay
     return fe.add(g, p, alpha=weight_decay) if weight_decay else g
 
 
-def sgd(schedule: Schedule, *, maximize: bool, weight_decay: float, momentum: float, dampening: float, nesterov: bool, at: dict[str, int]) -> Kernel:
+def sgd(
+    schedule: Schedule,
+    *,
+    maximize: bool,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    at: dict[str, int],
+) -> Kernel:
     """``torch.optim.SGD``'s ``_multi_tensor_sgd``."""
 
-    def kernel(g: Leaves, state: tuple[Any, ...], p: Leaves, spec: Any, ops: fe.StateOps) -> tuple[Leaves, tuple[Any, ...]]:
+    def kernel(
+        g: Leaves, state: tuple[Any, ...], p: Leaves, spec: Any, ops: fe.StateOps
+    ) -> tuple[Leaves, tuple[Any, ...]]:
         lr = state[at["lr"]]
         g = _signed(g, p, ops, maximize, weight_decay)
         new_state: dict[int, Any] = {}
@@ -102,7 +113,9 @@ def adam(
 ) -> Kernel:
     """``torch.optim.Adam``'s and ``AdamW``'s ``_multi_tensor_adam`` (not capturable)."""
 
-    def kernel(g: Leaves, state: tuple[Any, ...], p: Leaves, spec: Any, ops: fe.StateOps) -> tuple[Leaves, tuple[Any, ...]]:
+    def kernel(
+        g: Leaves, state: tuple[Any, ...], p: Leaves, spec: Any, ops: fe.StateOps
+    ) -> tuple[Leaves, tuple[Any, ...]]:
         lr, s = state[at["lr"]], state[at["adam"]]
         lr_now = host(lr.lr)
         g = _signed(g, p, ops, maximize, 0.0 if decoupled else weight_decay)
@@ -124,18 +137,30 @@ def adam(
         denom = ops.add_(ops.div_(fe.sqrt(nu_max if amsgrad else nu), root2), eps)
         # p is a fresh tensor when decoupled decay ran: update it in place (same kernels as torch)
         new_p = addcdiv(p, mu, denom, step_size, ops.fresh if weight_decay and decoupled else ops)
-        new_s = ScaleByAdamState(count, spec.unflatten(mu), spec.unflatten(nu), spec.unflatten(nu_max) if amsgrad else None)
+        new_s = ScaleByAdamState(
+            count, spec.unflatten(mu), spec.unflatten(nu), spec.unflatten(nu_max) if amsgrad else None
+        )
         return new_p, _put(state, {at["adam"]: new_s, at["lr"]: advance_lr(schedule, lr)})
 
     return kernel
 
 
 def rmsprop(
-    schedule: Schedule, *, maximize: bool, weight_decay: float, momentum: float, centered: bool, alpha: float, eps: float, at: dict[str, int]
+    schedule: Schedule,
+    *,
+    maximize: bool,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    alpha: float,
+    eps: float,
+    at: dict[str, int],
 ) -> Kernel:
     """``torch.optim.RMSprop``'s ``_multi_tensor_rmsprop`` (not capturable)."""
 
-    def kernel(g: Leaves, state: tuple[Any, ...], p: Leaves, spec: Any, ops: fe.StateOps) -> tuple[Leaves, tuple[Any, ...]]:
+    def kernel(
+        g: Leaves, state: tuple[Any, ...], p: Leaves, spec: Any, ops: fe.StateOps
+    ) -> tuple[Leaves, tuple[Any, ...]]:
         lr, s = state[at["lr"]], state[at["rms"]]
         g = _signed(g, p, ops, maximize, weight_decay)
         sq = ops.addcmul_(ops.mul(spec.flatten_up_to(s.square_avg), alpha), g, g, 1 - alpha)
@@ -161,12 +186,21 @@ def rmsprop(
 
 
 def adagrad(
-    schedule: Schedule, *, maximize: bool, weight_decay: float, lr_decay: float, eps: float, lr_dtype: torch.dtype | None, at: dict[str, int]
+    schedule: Schedule,
+    *,
+    maximize: bool,
+    weight_decay: float,
+    lr_decay: float,
+    eps: float,
+    lr_dtype: torch.dtype | None,
+    at: dict[str, int],
 ) -> Kernel:
     """``torch.optim.Adagrad``'s ``_multi_tensor_adagrad``; with a tensor learning rate (of dtype
     ``lr_dtype``) torch computes the decayed rate in that dtype, and so does this kernel."""
 
-    def kernel(g: Leaves, state: tuple[Any, ...], p: Leaves, spec: Any, ops: fe.StateOps) -> tuple[Leaves, tuple[Any, ...]]:
+    def kernel(
+        g: Leaves, state: tuple[Any, ...], p: Leaves, spec: Any, ops: fe.StateOps
+    ) -> tuple[Leaves, tuple[Any, ...]]:
         lr, s = state[at["lr"]], state[at["rss"]]
         g = _signed(g, p, ops, maximize, weight_decay)
         lr_now = host(lr.lr)

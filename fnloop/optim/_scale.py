@@ -54,7 +54,12 @@ __all__ = [
 
 def check_number(name: str, value: Any, *, opt: str, low: float = 0.0, high: float | None = None) -> float:
     """``value`` as a float in ``[low, high)``; else a ConfigError naming ``opt``'s argument ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (high is not None and value >= high):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value < low
+        or (high is not None and value >= high)
+    ):
         bound = f"in [{low}, {high})" if high is not None else f">= {low}"
         raise ConfigError(f"{opt}: {name} must be a number {bound}, got {value!r}")
     return float(value)
@@ -139,7 +144,9 @@ class ScaleByAdamState(NamedTuple):
     nu_max: Any
 
 
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, amsgrad: bool = False) -> GradientTransformation:
+def scale_by_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, amsgrad: bool = False
+) -> GradientTransformation:
     """Adam's direction: ``(mu / (1 - b1**t)) / (sqrt(nu / (1 - b2**t)) + eps)``, with the moments
     of ``torch.optim.Adam`` (``amsgrad`` uses the running maximum of ``nu``).
 
@@ -154,7 +161,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, amsg
     eps = check_number("eps", eps, opt="scale_by_adam")
 
     def init(params: Any) -> ScaleByAdamState:
-        return ScaleByAdamState(new_count(), zeros_like_tree(params), zeros_like_tree(params), zeros_like_tree(params) if amsgrad else None)
+        return ScaleByAdamState(
+            new_count(), zeros_like_tree(params), zeros_like_tree(params), zeros_like_tree(params) if amsgrad else None
+        )
 
     def update(updates: Any, state: ScaleByAdamState, params: Any = None) -> tuple[Any, ScaleByAdamState]:
         g = tree_leaves(updates)

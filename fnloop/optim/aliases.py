@@ -27,7 +27,16 @@ import torch
 
 from fnloop.errors import ConfigError
 from fnloop.optim import _kernels
-from fnloop.optim._scale import check_number, scale, scale_by_adam, scale_by_learning_rate, scale_by_rms, scale_by_rss, scale_by_schedule, trace
+from fnloop.optim._scale import (
+    check_number,
+    scale,
+    scale_by_adam,
+    scale_by_learning_rate,
+    scale_by_rms,
+    scale_by_rss,
+    scale_by_schedule,
+    trace,
+)
 from fnloop.optim.base import GradientTransformation, LearningRate, as_schedule, chain
 from fnloop.optim.transforms import add_decayed_weights
 
@@ -76,7 +85,13 @@ def sgd(
         ("lr", scale_by_learning_rate(schedule)),
     )
     kernel = _kernels.sgd(
-        schedule, maximize=maximize, weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov, at=at
+        schedule,
+        maximize=maximize,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        at=at,
     )
     return tx._replace(fused=_kernels.fused(kernel))
 
@@ -191,7 +206,14 @@ def rmsprop(
         ("lr", scale_by_learning_rate(schedule)),
     )
     kernel = _kernels.rmsprop(
-        schedule, maximize=maximize, weight_decay=weight_decay, momentum=momentum, centered=centered, alpha=alpha, eps=eps, at=at
+        schedule,
+        maximize=maximize,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        centered=centered,
+        alpha=alpha,
+        eps=eps,
+        at=at,
     )
     return tx._replace(fused=_kernels.fused(kernel))
 
@@ -225,5 +247,7 @@ def adagrad(
         ("lr", scale_by_learning_rate(schedule)),
     )
     lr_dtype = lr.dtype if isinstance(lr, torch.Tensor) else None
-    kernel = _kernels.adagrad(schedule, maximize=maximize, weight_decay=weight_decay, lr_decay=lr_decay, eps=eps, lr_dtype=lr_dtype, at=at)
+    kernel = _kernels.adagrad(
+        schedule, maximize=maximize, weight_decay=weight_decay, lr_decay=lr_decay, eps=eps, lr_dtype=lr_dtype, at=at
+    )
     return tx._replace(fused=_kernels.fused(kernel))

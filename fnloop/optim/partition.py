@@ -40,7 +40,9 @@ def set_to_zero() -> GradientTransformation:
     def update(updates: Any, state: EmptyState, params: Any = None) -> tuple[Any, EmptyState]:
         return leaves_like(updates, [torch.zeros_like(u) for u in tree_leaves(updates)]), state
 
-    def fused(grads: Any, state: EmptyState, params: Any, *, donate: bool = False, consume: bool = False) -> tuple[Any, EmptyState]:
+    def fused(
+        grads: Any, state: EmptyState, params: Any, *, donate: bool = False, consume: bool = False
+    ) -> tuple[Any, EmptyState]:
         if consume and type(grads) is dict:
             grads.clear()
         return leaves_like(params, tree_leaves(params)), state
@@ -73,7 +75,9 @@ def _flat(tree: Any) -> tuple[list[str], list[Any], Callable[[list[Any]], Any]]:
     return names, leaves, spec.unflatten
 
 
-def multi_transform(transforms: Mapping[str, GradientTransformation], labels: Labels | Callable[[Any], Labels]) -> GradientTransformation:
+def multi_transform(
+    transforms: Mapping[str, GradientTransformation], labels: Labels | Callable[[Any], Labels]
+) -> GradientTransformation:
     """Apply ``transforms[label]`` to the parameters labelled ``label``: per-group optimizers
     (learning rates, weight decay) and frozen groups (:func:`set_to_zero`), as optax's
     ``multi_transform``.
@@ -97,10 +101,14 @@ def multi_transform(transforms: Mapping[str, GradientTransformation], labels: La
         ['decay', 'no_decay']
     """
     if not isinstance(transforms, Mapping) or not transforms:
-        raise ConfigError(f"multi_transform: transforms must be a non-empty dict label -> GradientTransformation, got {transforms!r}")
+        raise ConfigError(
+            f"multi_transform: transforms must be a non-empty dict label -> GradientTransformation, got {transforms!r}"
+        )
     for label, t in transforms.items():
         if not isinstance(t, GradientTransformation):
-            raise ConfigError(f"multi_transform: transforms[{label!r}] is a {type(t).__name__}, expected a GradientTransformation")
+            raise ConfigError(
+                f"multi_transform: transforms[{label!r}] is a {type(t).__name__}, expected a GradientTransformation"
+            )
     fused_of = {label: fused_apply(t) for label, t in transforms.items()}
 
     def groups(tree: Any, names: list[str]) -> dict[str, list[int]]:
@@ -111,11 +119,15 @@ def multi_transform(transforms: Mapping[str, GradientTransformation], labels: La
         elif tree_structure(labelled) == tree_structure(tree):
             flat = tree_leaves(labelled)
         else:
-            raise ConfigError(f"multi_transform: the labels' tree does not match the params' tree ({len(tree_leaves(labelled))} labels, {len(names)} params)")
+            raise ConfigError(
+                f"multi_transform: the labels' tree does not match the params' tree ({len(tree_leaves(labelled))} labels, {len(names)} params)"
+            )
         out: dict[str, list[int]] = {label: [] for label in transforms}
         for i, label in enumerate(flat):
             if label not in out:
-                raise ConfigError(f"multi_transform: labels[{names[i]!r}] is {label!r}, which is not a key of transforms {sorted(transforms)}")
+                raise ConfigError(
+                    f"multi_transform: labels[{names[i]!r}] is {label!r}, which is not a key of transforms {sorted(transforms)}"
+                )
             out[label].append(i)
         return out
 
@@ -152,7 +164,11 @@ def multi_transform(transforms: Mapping[str, GradientTransformation], labels: La
         out, new_states = list(p), {}
         for label in transforms:
             sub_p, new_states[label] = fused_of[label](
-                sub_grads.pop(label), state.inner_states[label], split(p, names, at[label]), donate=donate, consume=consume
+                sub_grads.pop(label),
+                state.inner_states[label],
+                split(p, names, at[label]),
+                donate=donate,
+                consume=consume,
             )
             for i in at[label]:
                 out[i] = sub_p[names[i]]

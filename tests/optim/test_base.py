@@ -25,7 +25,9 @@ def _grads(params: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor
 
 
 def test_a_pair_of_functions_is_still_a_transform_and_falls_back_to_update() -> None:
-    tx = flo.GradientTransformation(lambda params: flo.EmptyState(), lambda u, s, params=None: ({k: -v for k, v in u.items()}, s))
+    tx = flo.GradientTransformation(
+        lambda params: flo.EmptyState(), lambda u, s, params=None: ({k: -v for k, v in u.items()}, s)
+    )
     assert tx.fused is None and tuple(tx) == (tx.init, tx.update, None)
     p = {"w": torch.ones(2)}
     new, _ = flo.fused_apply(tx)({"w": torch.ones(2)}, tx.init(p), p, donate=True, consume=True)
@@ -55,15 +57,24 @@ def test_the_fused_path_is_a_field_not_a_function_attribute(make: Any) -> None:
 MEANINGS = {
     "sgd": (
         lambda: flo.sgd(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, maximize=True),
-        lambda: flo.chain(flo.scale(-1.0), flo.add_decayed_weights(0.01), flo.trace(0.9, dampening=0.1), flo.scale_by_learning_rate(0.1)),
+        lambda: flo.chain(
+            flo.scale(-1.0),
+            flo.add_decayed_weights(0.01),
+            flo.trace(0.9, dampening=0.1),
+            flo.scale_by_learning_rate(0.1),
+        ),
     ),
     "adam": (
         lambda: flo.adam(lr=1e-2, weight_decay=0.1, amsgrad=True),
-        lambda: flo.chain(flo.add_decayed_weights(0.1), flo.scale_by_adam(amsgrad=True), flo.scale_by_learning_rate(1e-2)),
+        lambda: flo.chain(
+            flo.add_decayed_weights(0.1), flo.scale_by_adam(amsgrad=True), flo.scale_by_learning_rate(1e-2)
+        ),
     ),
     "adamw": (
         lambda: flo.adamw(lr=1e-2, weight_decay=0.1, mask=flo.ndim_mask(2)),
-        lambda: flo.chain(flo.scale_by_adam(), flo.add_decayed_weights(0.1, mask=flo.ndim_mask(2)), flo.scale_by_learning_rate(1e-2)),
+        lambda: flo.chain(
+            flo.scale_by_adam(), flo.add_decayed_weights(0.1, mask=flo.ndim_mask(2)), flo.scale_by_learning_rate(1e-2)
+        ),
     ),
     "rmsprop": (
         lambda: flo.rmsprop(lr=1e-2, centered=True, momentum=0.5),
@@ -71,7 +82,9 @@ MEANINGS = {
     ),
     "adagrad": (
         lambda: flo.adagrad(lr=1e-2, lr_decay=0.1, initial_accumulator_value=0.1),
-        lambda: flo.chain(flo.scale_by_rss(0.1), flo.scale_by_schedule(lambda k: 1 / (1 + k * 0.1)), flo.scale_by_learning_rate(1e-2)),
+        lambda: flo.chain(
+            flo.scale_by_rss(0.1), flo.scale_by_schedule(lambda k: 1 / (1 + k * 0.1)), flo.scale_by_learning_rate(1e-2)
+        ),
     ),
 }
 

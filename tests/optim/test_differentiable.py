@@ -22,9 +22,13 @@ ALIASES = {
     "adamw": lambda: flo.adamw(lr=0.05, weight_decay=0.1),
     "adamw-mask-maximize": lambda: flo.adamw(lr=0.05, weight_decay=0.1, mask=flo.ndim_mask(2), maximize=True),
     "rmsprop": lambda: flo.rmsprop(lr=0.01),
-    "rmsprop-centered-momentum-weight_decay": lambda: flo.rmsprop(lr=0.01, centered=True, momentum=0.5, weight_decay=0.1),
+    "rmsprop-centered-momentum-weight_decay": lambda: flo.rmsprop(
+        lr=0.01, centered=True, momentum=0.5, weight_decay=0.1
+    ),
     "adagrad": lambda: flo.adagrad(lr=0.1),
-    "adagrad-lr_decay-weight_decay-initial": lambda: flo.adagrad(lr=0.1, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.1),
+    "adagrad-lr_decay-weight_decay-initial": lambda: flo.adagrad(
+        lr=0.1, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.1
+    ),
     "chain-clip-adamw": lambda: flo.chain(flo.clip_by_global_norm(10.0), flo.adamw(lr=0.05)),
 }
 
@@ -42,7 +46,10 @@ def _init() -> Params:
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(5, 2, generator=gen, dtype=torch.float64)) for _ in range(2)]
+    return [
+        (torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(5, 2, generator=gen, dtype=torch.float64))
+        for _ in range(2)
+    ]
 
 
 def _loss(p: Params, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -96,7 +103,9 @@ def test_second_order_gradients_agree_with_torch_func_and_finite_differences(mak
     for name in p0:
         torch.testing.assert_close(by_autograd[name], by_func[name], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(by_autograd[name], by_fd[name], rtol=1e-6, atol=1e-6)
-    assert any(v.grad_fn is not None for v in by_autograd.values()), "create_graph=True: the gradient is itself differentiable"
+    assert any(v.grad_fn is not None for v in by_autograd.values()), (
+        "create_graph=True: the gradient is itself differentiable"
+    )
 
 
 @pytest.mark.parametrize("make", list(ALIASES.values()), ids=list(ALIASES))
@@ -107,7 +116,6 @@ def test_recording_a_graph_gives_the_same_values_as_the_plain_call(make: Any) ->
     leaves = {k: v.clone().requires_grad_(True) for k, v in p0.items()}
     recorded = _unrolled(tx, _autograd_grads)(leaves)
     assert torch.equal(recorded.detach(), plain)
-
 
 
 def test_a_plain_call_decides_once_and_keeps_the_in_place_foreach_path(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -65,12 +65,19 @@ def torch_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
 
 def test_parameter_groups_are_bitwise_torch_adamw_groups() -> None:
     module, batches = make_model(), sc.make_batches()
-    ref = sc.torch_run(module, lambda groups: torch.optim.AdamW(groups, foreach=True), batches, STEPS, param_groups=torch_groups)
+    ref = sc.torch_run(
+        module, lambda groups: torch.optim.AdamW(groups, foreach=True), batches, STEPS, param_groups=torch_groups
+    )
     got = sc.fnloop_run(module, fine_tune_tx(), batches, STEPS)
     sc.assert_dicts_equal(got["params"], ref["params"])
     start = dict(module.named_parameters())
     assert all(not torch.equal(got["params"][k], start[k]) for k in start), "the run did not train every parameter"
-    assert sorted(got["opt_state"].inner_states) == ["backbone/decay", "backbone/no_decay", "head/decay", "head/no_decay"]
+    assert sorted(got["opt_state"].inner_states) == [
+        "backbone/decay",
+        "backbone/no_decay",
+        "head/decay",
+        "head/no_decay",
+    ]
     assert float(flo.learning_rate(got["opt_state"].inner_states["head/decay"])) == LR["head"]
 
 
@@ -147,15 +154,22 @@ def test_update_matches_fused_and_donated_matches_pure(make: Any) -> None:
 
 def test_labels_as_a_tree_equal_labels_as_a_function() -> None:
     params = _params()
-    as_tree = flo.multi_transform({"a": flo.sgd(lr=0.1, momentum=0.9), "b": flo.adam(lr=1e-2)}, {k: "ab"[i % 2] for i, k in enumerate(params)})
-    as_fn = flo.multi_transform({"a": flo.sgd(lr=0.1, momentum=0.9), "b": flo.adam(lr=1e-2)}, lambda ps: {k: "ab"[i % 2] for i, k in enumerate(ps)})
+    as_tree = flo.multi_transform(
+        {"a": flo.sgd(lr=0.1, momentum=0.9), "b": flo.adam(lr=1e-2)}, {k: "ab"[i % 2] for i, k in enumerate(params)}
+    )
+    as_fn = flo.multi_transform(
+        {"a": flo.sgd(lr=0.1, momentum=0.9), "b": flo.adam(lr=1e-2)},
+        lambda ps: {k: "ab"[i % 2] for i, k in enumerate(ps)},
+    )
     got = [flo.fused_apply(tx)(_grads(params, 0), tx.init(params), params)[0] for tx in (as_tree, as_fn)]
     sc.assert_dicts_equal(got[0], got[1])
 
 
 def test_nested_params_are_grouped_by_key_path() -> None:
     params = {"enc": {"w": torch.ones(2, 2), "b": torch.ones(2)}, "out": [torch.ones(3)]}
-    tx = flo.multi_transform({"x": flo.sgd(lr=0.5), "y": flo.set_to_zero()}, {"enc": {"w": "x", "b": "y"}, "out": ["x"]})
+    tx = flo.multi_transform(
+        {"x": flo.sgd(lr=0.5), "y": flo.set_to_zero()}, {"enc": {"w": "x", "b": "y"}, "out": ["x"]}
+    )
     state = tx.init(params)
     assert float(flo.learning_rate(state.inner_states["x"])) == 0.5
     grads = fl.tree_map(torch.ones_like, params)
@@ -178,7 +192,10 @@ def test_compiles_without_graph_breaks() -> None:
 BAD = {
     "empty-transforms": (lambda: flo.multi_transform({}, {}), "transforms"),
     "not-a-transform": (lambda: flo.multi_transform({"a": "adam"}, {}), "transforms['a']"),
-    "unknown-label": (lambda: flo.multi_transform({"a": flo.sgd(lr=0.1)}, {"w": "b"}).init({"w": torch.ones(1)}), "labels['w']"),
+    "unknown-label": (
+        lambda: flo.multi_transform({"a": flo.sgd(lr=0.1)}, {"w": "b"}).init({"w": torch.ones(1)}),
+        "labels['w']",
+    ),
     "labels-tree-mismatch": (
         lambda: flo.multi_transform({"a": flo.sgd(lr=0.1)}, {"v": "a"}).init({"w": torch.ones(1)}),
         "labels' tree",
@@ -191,7 +208,6 @@ def test_bad_input_raises_config_error_naming_the_argument(make: Any, argument: 
     with pytest.raises(ConfigError) as info:
         make()
     assert argument in str(info.value)
-
 
 
 def test_readme_fine_tuning_snippet_runs() -> None:
