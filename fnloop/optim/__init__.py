@@ -5,18 +5,18 @@ Example:
     >>> tx = flo.chain(flo.clip_by_global_norm(1.0), flo.adamw(lr=flo.warmup_cosine(1e-3, warmup_steps=10, decay_steps=100)))
 """
 
+from fnloop.optim._learning_rate import ScaleByLearningRateState as ScaleByLearningRateState
+from fnloop.optim._learning_rate import ScaleByScheduleState as ScaleByScheduleState
+from fnloop.optim._learning_rate import scale_by_learning_rate as scale_by_learning_rate
+from fnloop.optim._learning_rate import scale_by_schedule as scale_by_schedule
 from fnloop.optim._scale import ScaleByAdamState as ScaleByAdamState
-from fnloop.optim._scale import ScaleByLearningRateState as ScaleByLearningRateState
 from fnloop.optim._scale import ScaleByRmsState as ScaleByRmsState
 from fnloop.optim._scale import ScaleByRssState as ScaleByRssState
-from fnloop.optim._scale import ScaleByScheduleState as ScaleByScheduleState
 from fnloop.optim._scale import TraceState as TraceState
 from fnloop.optim._scale import scale as scale
 from fnloop.optim._scale import scale_by_adam as scale_by_adam
-from fnloop.optim._scale import scale_by_learning_rate as scale_by_learning_rate
 from fnloop.optim._scale import scale_by_rms as scale_by_rms
 from fnloop.optim._scale import scale_by_rss as scale_by_rss
-from fnloop.optim._scale import scale_by_schedule as scale_by_schedule
 from fnloop.optim._scale import trace as trace
 from fnloop.optim.aliases import adagrad as adagrad
 from fnloop.optim.aliases import adam as adam

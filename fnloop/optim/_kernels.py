@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from fnloop.optim import _foreach as fe
-from fnloop.optim._scale import ScaleByAdamState, ScaleByRmsState, ScaleByRssState, TraceState, advance_lr
+from fnloop.optim._learning_rate import advance_lr
+from fnloop.optim._scale import ScaleByAdamState, ScaleByRmsState, ScaleByRssState, TraceState
 from fnloop.optim.base import Fused, Schedule, addcdiv, axpy, host, take_leaves
 from fnloop.tree import tree_flatten, tree_leaves
 

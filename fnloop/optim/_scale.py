@@ -1,6 +1,6 @@
 """The small transforms the optimizers are chains of, each with the arithmetic of its part of a
-``torch.optim`` optimizer: ``scale``, ``trace`` (momentum), ``scale_by_adam``, ``scale_by_rms``,
-``scale_by_rss``, ``scale_by_schedule`` and ``scale_by_learning_rate``.
+``torch.optim`` optimizer: ``scale``, ``trace`` (momentum), ``scale_by_adam``, ``scale_by_rms`` and
+``scale_by_rss`` (the learning-rate transforms are in :mod:`fnloop.optim._learning_rate`).
 
 Their ``update`` is the meaning of each part (pure, out of place); the aliases in
 :mod:`fnloop.optim.aliases` add a fused path with torch.optim's exact kernels over the same state.
@@ -22,17 +22,7 @@ import torch
 
 from fnloop.errors import ConfigError
 from fnloop.optim import _foreach as fe
-from fnloop.optim.base import (
-    EmptyState,
-    GradientTransformation,
-    LearningRate,
-    Schedule,
-    as_schedule,
-    host,
-    leaves_like,
-    new_count,
-    next_lr,
-)
+from fnloop.optim.base import EmptyState, GradientTransformation, host, leaves_like, new_count
 from fnloop.tree import tree_leaves
 
 __all__ = [
@@ -45,10 +35,6 @@ __all__ = [
     "scale_by_rms",
     "ScaleByRssState",
     "scale_by_rss",
-    "ScaleByScheduleState",
-    "scale_by_schedule",
-    "ScaleByLearningRateState",
-    "scale_by_learning_rate",
 ]
 
 
@@ -70,7 +56,7 @@ def zeros_like_tree(tree: Any, fill: float = 0.0) -> Any:
     return leaves_like(tree, [torch.full_like(x, fill) for x in tree_leaves(tree)])
 
 
-def _map(updates: Any, fn: Callable[[list[torch.Tensor]], list[torch.Tensor]]) -> Any:
+def map_leaves(updates: Any, fn: Callable[[list[torch.Tensor]], list[torch.Tensor]]) -> Any:
     return leaves_like(updates, fn(tree_leaves(updates)))
 
 
@@ -87,7 +73,7 @@ def scale(factor: float) -> GradientTransformation:
     factor = float(factor)
 
     def update(updates: Any, state: EmptyState, params: Any = None) -> tuple[Any, EmptyState]:
-        return _map(updates, fe.neg if factor == -1.0 else lambda u: fe.mul(u, factor)), state
+        return map_leaves(updates, fe.neg if factor == -1.0 else lambda u: fe.mul(u, factor)), state
 
     return GradientTransformation(lambda params: EmptyState(), update)
 
@@ -252,67 +238,3 @@ def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> 
         return leaves_like(updates, out), ScaleByRssState(leaves_like(state.sum, total))
 
     return GradientTransformation(init, update)
-
-
-class ScaleByScheduleState(NamedTuple):
-    """``count``: updates done."""
-
-    count: torch.Tensor
-
-
-def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
-    """Multiply the updates by ``schedule(count)`` (count: updates done before this one).
-
-    Example:
-        >>> import torch, fnloop.optim as flo
-        >>> tx = flo.scale_by_schedule(lambda count: 1.0 / (1.0 + count))
-        >>> _, s = tx.update({"w": torch.ones(1)}, tx.init({"w": torch.ones(1)}))
-        >>> tx.update({"w": torch.ones(1)}, s)[0]
-        {'w': tensor([0.5000])}
-    """
-    if not callable(schedule):
-        raise ConfigError(f"scale_by_schedule: schedule must be a callable count -> factor, got {schedule!r}")
-
-    def update(updates: Any, state: ScaleByScheduleState, params: Any = None) -> tuple[Any, ScaleByScheduleState]:
-        factor = schedule(host(state.count))
-        return _map(updates, lambda u: fe.mul(u, factor)), ScaleByScheduleState(state.count + 1)
-
-    return GradientTransformation(lambda params: ScaleByScheduleState(new_count()), update)
-
-
-class ScaleByLearningRateState(NamedTuple):
-    """``count``: updates done; ``lr``: the learning rate the next update uses."""
-
-    count: torch.Tensor
-    lr: torch.Tensor
-
-
-def init_lr(schedule: Schedule) -> ScaleByLearningRateState:
-    """The state of :func:`scale_by_learning_rate` before the first update."""
-    return ScaleByLearningRateState(new_count(), schedule(0).to(torch.float64))
-
-
-def advance_lr(schedule: Schedule, state: ScaleByLearningRateState) -> ScaleByLearningRateState:
-    """The state of :func:`scale_by_learning_rate` after one more update."""
-    count = state.count + 1
-    return ScaleByLearningRateState(count, next_lr(schedule, state.lr, count))
-
-
-def scale_by_learning_rate(lr: LearningRate, *, flip_sign: bool = True) -> GradientTransformation:
-    """Multiply the updates by ``-lr`` (``lr`` when ``flip_sign=False``); a schedule is evaluated on
-    the transform's own count and the LR in force is kept in the state.
-
-    Example:
-        >>> import torch, fnloop.optim as flo
-        >>> tx = flo.scale_by_learning_rate(0.5)
-        >>> tx.update({"w": torch.ones(1)}, tx.init({"w": torch.ones(1)}))[0]
-        {'w': tensor([-0.5000])}
-    """
-    schedule = as_schedule(lr)
-    sign = -1.0 if flip_sign else 1.0
-
-    def update(updates: Any, state: ScaleByLearningRateState, params: Any = None) -> tuple[Any, Any]:
-        factor = sign * host(state.lr)
-        return _map(updates, lambda u: fe.mul(u, factor)), advance_lr(schedule, state)
-
-    return GradientTransformation(lambda params: init_lr(schedule), update)

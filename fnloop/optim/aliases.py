@@ -27,16 +27,8 @@ import torch
 
 from fnloop.errors import ConfigError
 from fnloop.optim import _kernels
-from fnloop.optim._scale import (
-    check_number,
-    scale,
-    scale_by_adam,
-    scale_by_learning_rate,
-    scale_by_rms,
-    scale_by_rss,
-    scale_by_schedule,
-    trace,
-)
+from fnloop.optim._learning_rate import scale_by_learning_rate, scale_by_schedule
+from fnloop.optim._scale import check_number, scale, scale_by_adam, scale_by_rms, scale_by_rss, trace
 from fnloop.optim.base import GradientTransformation, LearningRate, as_schedule, chain
 from fnloop.optim.transforms import add_decayed_weights
 
