@@ -193,14 +193,18 @@ def test_learning_rate_is_constant_without_schedule(case_id: str) -> None:
     assert set(got["lrs"]) == {float(opt.param_groups[0]["lr"])}  # a tensor lr reads as its value
 
 
+def _direct(case_id: str) -> tuple[Any, list[Any], Any, Any, dict[str, torch.Tensor]]:
+    """``(grads_of, batches, tx, its fused apply, start params)`` to call a case's transform directly."""
+    module, batches = sc.make_mlp(0), sc.make_batches()
+    tx = ALL[case_id].tx()
+    start = {k: v.detach().clone() for k, v in module.named_parameters()}
+    return sc.grad_fn(module), batches, tx, fused_apply(tx), start
+
+
 @pytest.mark.parametrize("case_id", list(ALL))
 def test_update_then_apply_updates_matches_fused(case_id: str) -> None:
     """``tx.update`` + ``flo.apply_updates`` (optax style) against ``fused_apply`` over 50 steps."""
-    module, batches = sc.make_mlp(0), sc.make_batches()
-    grads_of = sc.grad_fn(module)
-    tx = ALL[case_id].tx()
-    apply = fused_apply(tx)
-    start = {k: v.detach().clone() for k, v in module.named_parameters()}
+    grads_of, batches, tx, apply, start = _direct(case_id)
     p_fused, s_fused = start, tx.init(start)
     p_optax, s_optax = start, tx.init(start)
     for k in range(50):
@@ -218,11 +222,7 @@ def test_update_then_apply_updates_matches_fused(case_id: str) -> None:
 @pytest.mark.parametrize("case_id", list(CONSTANT))
 def test_donated_fused_apply_is_bitwise_the_pure_one(case_id: str) -> None:
     """In place into a donated state (gradients consumed) against out of place, over 10 steps."""
-    module, batches = sc.make_mlp(0), sc.make_batches()
-    grads_of = sc.grad_fn(module)
-    tx = ALL[case_id].tx()
-    apply = fused_apply(tx)
-    p_pure = {k: v.detach().clone() for k, v in module.named_parameters()}
+    grads_of, batches, tx, apply, p_pure = _direct(case_id)
     s_pure = tx.init(p_pure)
     p_don, s_don = {k: v.clone() for k, v in p_pure.items()}, tx.init(p_pure)
     for k in range(10):
