@@ -206,8 +206,8 @@ def test_train_state_round_trip_and_meta(base):
     fs, path = fsspec.core.url_to_fs(url)
     assert meta["sha256"] == hashlib.sha256(fs.cat_file(path + "/state.safetensors")).hexdigest()
     leaves = {e["path"]: e for e in meta["leaves"]}
-    mu = {"path": "opt_state/1/mu/0.weight", "kind": "tensor", "dtype": "float32", "shape": [4, 3]}
-    assert leaves["opt_state/1/mu/0.weight"] == mu
+    mu = {"path": "opt_state/1/0/mu/0.weight", "kind": "tensor", "dtype": "float32", "shape": [4, 3]}
+    assert leaves["opt_state/1/0/mu/0.weight"] == mu
     assert leaves["loop/status"] == {"path": "loop/status", "kind": "value", "value": "running", "type": "str"}
     assert leaves["loop/callbacks/early_stopping/best"]["value"] == "inf"
     assert "TrainState(" in meta["treespec"] and "AdamState(" in meta["treespec"]
