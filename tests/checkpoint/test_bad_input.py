@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -11,6 +10,7 @@ import uuid
 import fsspec
 import pytest
 import torch
+import xxhash
 
 from fnloop.checkpoint import restore, restore_params, save
 from fnloop.errors import CheckpointError, FnloopError
@@ -37,6 +37,10 @@ def _edit_meta(fs, path, *, drop=(), **changes):
     for key in drop:
         del meta[key]
     fs.pipe_file(f"{path}/meta.json", json.dumps(meta).encode())
+
+
+def _checksum(data: bytes) -> str:
+    return "xxh3_128:" + xxhash.xxh3_128(data).hexdigest()
 
 
 def _raises(url, like, *reasons, file="state.safetensors"):
@@ -153,7 +157,7 @@ def test_pickle_renamed_to_state_file_is_rejected_without_running(ckpt, tmp_path
         local.write_bytes(pickle.dumps(payload))
     data = local.read_bytes()
     fs.pipe_file(f"{path}/state.safetensors", data)
-    _edit_meta(fs, path, sha256=hashlib.sha256(data).hexdigest(), state_bytes=len(data))
+    _edit_meta(fs, path, checksum=_checksum(data), state_bytes=len(data))
     _raises(url, tree, "not a valid safetensors file")
     with pytest.raises(CheckpointError):
         restore_params(url)
@@ -168,7 +172,7 @@ def test_header_that_disagrees_with_meta(ckpt):
     _, other_path = fsspec.core.url_to_fs(scratch)
     data = fs.cat_file(f"{other_path}/state.safetensors")
     fs.pipe_file(f"{path}/state.safetensors", data)
-    _edit_meta(fs, path, sha256=hashlib.sha256(data).hexdigest(), state_bytes=len(data))
+    _edit_meta(fs, path, checksum=_checksum(data), state_bytes=len(data))
     _raises(url, tree, "does not agree with meta.json", "'w'")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -13,6 +12,7 @@ import fsspec
 import pytest
 import safetensors.torch
 import torch
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -200,11 +200,13 @@ def test_train_state_round_trip_and_meta(base):
     assert tree_structure(out) == tree_structure(like)
     assert_same_tree(state, out, structure=False)
     meta = read_meta(url)
-    assert meta["format"] == "fnloop-checkpoint" and meta["format_version"] == 1
+    assert meta["format"] == "fnloop-checkpoint"
     assert meta["step"] == 7 and meta["metrics"] == {"val_loss": 0.25}
     assert meta["torch_version"] == torch.__version__ and meta["fnloop_version"]
     fs, path = fsspec.core.url_to_fs(url)
-    assert meta["sha256"] == hashlib.sha256(fs.cat_file(path + "/state.safetensors")).hexdigest()
+    data = fs.cat_file(path + "/state.safetensors")
+    assert meta["checksum"] == "xxh3_128:" + xxhash.xxh3_128(data).hexdigest()
+    assert meta["format_version"] == 2 and meta["state_bytes"] == len(data)
     leaves = {e["path"]: e for e in meta["leaves"]}
     mu = {"path": "opt_state/1/mu/0.weight", "kind": "tensor", "dtype": "float32", "shape": [4, 3]}
     assert leaves["opt_state/1/mu/0.weight"] == mu
