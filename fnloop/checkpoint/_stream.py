@@ -29,7 +29,7 @@ __all__ = ["GROUP", "CHUNK", "read_tensors"]
 
 GROUP = 1 << 20
 """Tensors smaller than this are read together into one buffer (one allocation, one read)."""
-CHUNK = 8 << 20
+CHUNK = 1 << 20
 """Bytes per read call."""
 
 ReadInto = Callable[[memoryview], "int | None"]
