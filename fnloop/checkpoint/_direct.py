@@ -132,10 +132,10 @@ class DirectWriter:
             self._wait()
         finally:
             self._pool.shutdown(wait=True)
-            for view in self._views:
-                view.release()
-            for m in self._maps:
-                m.close()
+            for view, m in zip(self._views, self._maps):
+                with contextlib.suppress(BufferError):  # a traceback may still hold a slice: freed with it
+                    view.release()
+                    m.close()
 
 
 @contextlib.contextmanager

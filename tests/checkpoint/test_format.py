@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -294,3 +295,32 @@ def test_unstorable_leaves_are_named(base):
     assert "obj" in str(err.value) and "complex128" in str(err.value)
     fs, path = fsspec.core.url_to_fs(f"{base}/ck")
     assert not fs.exists(path + "/meta.json")
+
+
+def _as_format_1(fs, path: str) -> None:
+    """Rewrite a checkpoint's meta.json the way format 1 wrote it (a sha256 of the tensor file)."""
+    meta = json.loads(fs.cat_file(f"{path}/meta.json"))
+    del meta["checksum"]
+    meta["format_version"] = 1
+    meta["sha256"] = hashlib.sha256(fs.cat_file(f"{path}/state.safetensors")).hexdigest()
+    fs.pipe_file(f"{path}/meta.json", json.dumps(meta, indent=1).encode())
+
+
+def test_format_1_checkpoints_with_sha256_still_restore(base):
+    state = _state()
+    url = save(state, f"{base}/old")
+    fs, path = fsspec.core.url_to_fs(url)
+    _as_format_1(fs, path)
+    meta = read_meta(url)
+    assert meta["format_version"] == 1 and meta["checksum"] == "sha256:" + meta["sha256"]
+    assert_same_tree(state, restore(url, like=_state()), structure=False)
+    data = bytearray(fs.cat_file(f"{path}/state.safetensors"))
+    data[len(data) // 2] ^= 0x01
+    fs.pipe_file(f"{path}/state.safetensors", bytes(data))
+    with pytest.raises(CheckpointError, match=r"checksum mismatch \(sha256:"):
+        restore(url, like=_state())
+    meta = json.loads(fs.cat_file(f"{path}/meta.json"))
+    meta["sha256"] = "abc"
+    fs.pipe_file(f"{path}/meta.json", json.dumps(meta).encode())
+    with pytest.raises(CheckpointError, match="'sha256' must be a hex digest"):
+        restore(url, like=_state())
