@@ -70,10 +70,14 @@ def _files(path: str) -> list[str]:
     return [path]
 
 
+_SCRATCH = memoryview(bytearray(1 << 20))
+
+
 def _warm(path: str) -> None:
+    """Read the file(s) once into the page cache, through one small reused buffer (no allocation)."""
     for name in _files(path):
         with open(name, "rb", buffering=0) as f:
-            while f.read(16 << 20):
+            while f.readinto(_SCRATCH):
                 pass
 
 
@@ -94,14 +98,17 @@ def make_state(megabytes: float, tensors: int) -> dict[str, torch.Tensor]:
     return {f"layer{i}.weight": torch.empty(numel).normal_(generator=gen) for i in range(tensors)}
 
 
-def _loads(raw: str, url: str, like: dict, cache: str) -> dict[str, float]:
+def _loads(raw: str, url: str, like: dict, cache: str, turn: int) -> dict[str, float]:
+    """One timing of each load; the order rotates with ``turn`` (what the allocator holds depends on
+    what ran before)."""
     prepare = _warm if cache == "warm" else _drop
-    out = {}
-    for kind, path, fn in [
+    kinds = [
         ("torch_load", raw, lambda: torch.load(raw, weights_only=True)),
         ("fnloop_restore", url, lambda: restore(url, like=like)),
         ("fnloop_restore_noverify", url, lambda: restore(url, like=like, verify=False)),
-    ]:
+    ]
+    out = {}
+    for kind, path, fn in kinds[turn % 3 :] + kinds[: turn % 3]:
         prepare(path)
         out[kind] = _timed(fn)
     return out
@@ -165,7 +172,7 @@ def run(megabytes: float, tensors: int, repeat: int, directory: str) -> dict:
                 "fnloop_save": _timed(lambda: save(state, url)),
             }
             for cache in ("warm", "cold"):
-                round_.update({f"{k}_{cache}": v for k, v in _loads(raw, url, like, cache).items()})
+                round_.update({f"{k}_{cache}": v for k, v in _loads(raw, url, like, cache, i).items()})
             if i > 0:  # the first round warms up allocators and threads
                 for k, v in round_.items():
                     times[k].append(v)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fnloop.checkpoint import _fs, _leaves
-from fnloop.checkpoint._checksum import Checksum, split_digest
+from fnloop.checkpoint._checksum import Checksum, for_stream, split_digest
 from fnloop.checkpoint._safetensors import Malformed
 from fnloop.checkpoint._stream import read_tensors
 from fnloop.errors import CheckpointError
@@ -32,8 +32,6 @@ FORMAT_VERSION = 2
 """Written by this fnloop: ``"checksum": "xxh3_128:<hex>"`` in ``meta.json``."""
 READS = (1, 2)
 """Format versions this fnloop restores; version 1 recorded ``"sha256": "<hex>"``."""
-PARALLEL_CHECKSUM_MIN = 32 << 20
-"""Files of this many bytes or more are checksummed on a worker thread beside the reads."""
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
 
@@ -142,8 +140,8 @@ def _size(fs: Any, state_path: str) -> int:
 def load_tensors(url: str, meta: dict[str, Any], verify: bool) -> dict[str, torch.Tensor]:
     """Every tensor of ``state.safetensors`` by key path, on CPU, after checking size and checksum.
 
-    Each tensor is read straight into its own memory (small ones share a buffer) while the
-    checksum of the bytes already read runs on a worker thread. Nothing is unpickled: the
+    Each tensor is read straight into its own memory (small ones share a buffer), and each
+    chunk is checksummed as soon as it lands. Nothing is unpickled: the
     header is JSON, the data raw bytes. ``verify=False`` skips the checksum (the size, the
     header and its agreement with ``meta.json`` are still checked).
 
@@ -164,7 +162,7 @@ def load_tensors(url: str, meta: dict[str, Any], verify: bool) -> dict[str, torc
         if expected and size != expected:
             raise CheckpointError(f"{where}: truncated or replaced, {size} bytes where meta.json records {expected}")
         algorithm = recorded.partition(":")[0]
-        checksum = Checksum(algorithm, parallel=size >= PARALLEL_CHECKSUM_MIN) if verify else None
+        checksum = for_stream(algorithm, size) if verify else None
         try:
             tensors = _read_file(fs, state_path, size, where, checksum)
         except Malformed:

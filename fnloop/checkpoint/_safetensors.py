@@ -25,6 +25,7 @@ import json
 import math
 import struct
 import sys
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -58,7 +59,10 @@ for _name, _code in [
         DTYPE_CODES[getattr(torch, _name)] = _code
 CODE_DTYPES: dict[str, torch.dtype] = {c: d for d, c in DTYPE_CODES.items()}
 
-CHUNK = 16 << 20
+CHUNK = 256 << 10
+"""Bytes per write and checksum update: small enough to be checksummed while still in the CPU cache."""
+DEVICE_CHUNK = 16 << 20
+"""Bytes copied to the host at a time from a tensor on another device."""
 MAX_HEADER = 100 << 20
 
 
@@ -77,16 +81,17 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _as_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of ``t`` without a copy when it is a dense contiguous CPU tensor."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.to("cpu")
-    t = t.resolve_conj().resolve_neg()
-    flat = t.reshape(-1)
+def _pieces(t: torch.Tensor) -> Iterator[memoryview]:
+    """The bytes of ``t`` in order, ``CHUNK`` at a time: views of a dense contiguous CPU tensor,
+    copies of ``DEVICE_CHUNK`` bytes at a time from another device (never the whole tensor)."""
+    flat = t.detach().resolve_conj().resolve_neg().reshape(-1)
     if flat.stride(0) != 1:  # non-contiguous, or a 1-element slice that still carries a stride
-        flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
-    return memoryview(flat.view(torch.uint8).numpy())
+        flat = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device).copy_(flat)
+    step = DEVICE_CHUNK // flat.element_size() if flat.device.type != "cpu" else flat.numel()
+    for start in range(0, flat.numel(), max(1, step)):
+        data = memoryview(flat[start : start + step].to("cpu").view(torch.uint8).numpy())
+        for offset in range(0, len(data), CHUNK):
+            yield data[offset : offset + CHUNK]
 
 
 def header(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[str]]:
@@ -135,9 +140,7 @@ def write(out: Writable, tensors: dict[str, torch.Tensor], checksum: Checksum | 
     for name in order:
         if tensors[name].numel() == 0:
             continue
-        data = _as_bytes(tensors[name])
-        for start in range(0, len(data), CHUNK):
-            chunk = data[start : start + CHUNK]
+        for chunk in _pieces(tensors[name]):
             add(chunk)
             out.write(chunk)
     return total

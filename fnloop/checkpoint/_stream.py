@@ -1,11 +1,11 @@
 """Reading a safetensors file straight into its tensors, with the checksum computed on the way.
 
 The header is read and checked first; then each tensor's bytes are read into that tensor's
-own memory (tensors under ``GROUP`` bytes share one buffer with their neighbours), in
-chunks of ``CHUNK`` bytes. With a :class:`~fnloop.checkpoint._checksum.Checksum` that runs
-on a worker thread, a chunk is hashed while the next one is read. Every byte of the file goes
-through the checksum even when the file turns out malformed or short, so a caller can tell
-corruption (the checksum differs) from a file another writer got wrong.
+own memory (tensors under ``GROUP`` bytes share one buffer with their neighbours), in chunks
+of ``CHUNK`` bytes, each added to the checksum as soon as it lands, while it is still in the
+CPU cache (a sha256 checksum hashes it on a worker thread during the next read). Every byte
+of the file goes through the checksum even when the file turns out malformed or short, so a
+caller can tell corruption (the checksum differs) from a file another writer got wrong.
 
 Example:
     >>> import io, torch
@@ -29,7 +29,7 @@ __all__ = ["GROUP", "CHUNK", "read_tensors"]
 
 GROUP = 1 << 20
 """Tensors smaller than this are read together into one buffer (one allocation, one read)."""
-CHUNK = 1 << 20
+CHUNK = 256 << 10
 """Bytes per read call."""
 
 ReadInto = Callable[[memoryview], "int | None"]

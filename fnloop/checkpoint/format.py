@@ -30,12 +30,11 @@ from typing import Any
 import torch
 
 from fnloop.checkpoint import _direct, _fs, _leaves, _safetensors
-from fnloop.checkpoint._checksum import ALGORITHM, Checksum
+from fnloop.checkpoint._checksum import ALGORITHM, for_stream
 from fnloop.checkpoint._read import (
     FORMAT,
     FORMAT_VERSION,
     META_FILE,
-    PARALLEL_CHECKSUM_MIN,
     STATE_FILE,
     load_tensors,
     own,
@@ -141,8 +140,7 @@ def _save_remote(
 
 def _write_state(out: _safetensors.Writable, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write the tensor file to ``out``, recording its checksum and length in ``meta``."""
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
-    checksum = Checksum(ALGORITHM, parallel=size >= PARALLEL_CHECKSUM_MIN)
+    checksum = for_stream(ALGORITHM, sum(t.numel() * t.element_size() for t in tensors.values()))
     try:
         meta["state_bytes"] = _safetensors.write(out, tensors, checksum)
         meta["checksum"] = checksum.digest()
