@@ -141,9 +141,9 @@ def load_tensors(url: str, meta: dict[str, Any], verify: bool) -> dict[str, torc
     """Every tensor of ``state.safetensors`` by key path, on CPU, after checking size and checksum.
 
     Each tensor is read straight into its own memory (small ones share a buffer), and each
-    chunk is checksummed as soon as it lands. Nothing is unpickled: the
-    header is JSON, the data raw bytes. ``verify=False`` skips the checksum (the size, the
-    header and its agreement with ``meta.json`` are still checked).
+    chunk is checksummed as soon as it lands. Nothing is unpickled: the header is JSON, the
+    data raw bytes. ``verify=False`` skips the checksum (the size, the header and its
+    agreement with ``meta.json`` are still checked).
 
     Example:
         >>> import torch
