@@ -40,6 +40,7 @@ from fnloop.tree import check_same_structure, tree_flatten, tree_leaves, tree_st
 
 __all__ = [
     "mark_donated",
+    "pin",
     "check_not_donated",
     "check_state",
     "cuda_devices",
@@ -90,6 +91,32 @@ def check_state(state: Any, name: str) -> None:
     if not isinstance(state, TrainState):
         raise StepError(f"{name}: expected a fnloop.TrainState as first argument, got {type(state).__name__}")
     check_not_donated(state, name)
+
+
+# --- pinned states: tensors a background writer still reads -----------------------------------
+
+_PINNED: dict[int, int] = {}  # id of a params dict or optimizer state -> pins held
+
+
+def pin(state: Any) -> Callable[[], None]:
+    """Keep in-place updates off ``state``'s tensors until the returned function is called: a
+    donated step on a pinned state runs its pure path (new tensors) instead. An async checkpoint
+    save pins what it writes, so it needs no copy of the state."""
+    keys = [id(getattr(state, "params", state)), id(getattr(state, "opt_state", state))]
+    for k in keys:
+        _PINNED[k] = _PINNED.get(k, 0) + 1
+
+    def unpin() -> None:
+        for k in keys:
+            left = _PINNED.pop(k, 1) - 1
+            if left:
+                _PINNED[k] = left
+
+    return unpin
+
+
+def _pinned(state: TrainState) -> bool:
+    return bool(_PINNED) and (id(state.params) in _PINNED or id(state.opt_state) in _PINNED)
 
 
 # --- small per-call helpers ----------------------------------------------------------------
@@ -403,6 +430,8 @@ class TrainExecutor:
         produced = state.params is self._produced[0] and state.opt_state is self._produced[1]
         graph = _wants_graph((), leaves) if produced else _wants_graph((state.params, state.buffers, state.opt_state, state.rng), leaves)
         devices = cuda_devices(state.params)
+        if donate and _pinned(state):  # a background save still reads these tensors
+            donate = False
         if graph and (donate or self.compile_kwargs is not None):
             what = "a donated in-place update" if donate else "a compiled step"
             raise StepError(
