@@ -1,4 +1,6 @@
-"""Options of a train step: gradient accumulation, gradient clipping and non-finite skipping.
+"""Options of a train step: gradient accumulation, gradient clipping, non-finite skipping,
+precision (:mod:`fnloop.connectors.precision`) and the cross-rank gradient reduction of a
+distributed strategy (:mod:`fnloop.connectors.strategy`).
 
 The Trainer's flags of the same names become :class:`StepOptions`. They wrap the state's
 optimizer inside the step only (``multi_steps(apply_if_finite(chain(clip, tx)), k)``, each layer
@@ -25,6 +27,8 @@ from typing import Any
 import optree
 import torch
 
+from fnloop import rng as _rng
+from fnloop.connectors.precision import autocast, cast_batch, loss_scale, resolve_precision, scale_of
 from fnloop.errors import ConfigError
 from fnloop.optim import GradientTransformation, apply_if_finite, chain, clip, clip_by_global_norm, multi_steps
 from fnloop.optim.wrappers import multi_steps_flush
@@ -54,12 +58,19 @@ class StepOptions:
         gradient_clip_val: clip the (accumulated) gradients to this global norm (or value).
         gradient_clip_algorithm: ``"norm"`` (default) or ``"value"``.
         skip_nonfinite: an update whose gradients hold a NaN or an infinity is skipped (no host sync).
+        precision: Lightning's precision name (see :mod:`fnloop.connectors.precision`): autocast
+            for ``*-mixed``, dynamic loss scaling for ``16-mixed``, batch cast for ``*-true``.
+        grad_reduce: ``grads -> grads`` averaged across ranks (a strategy's reducer, e.g.
+            :class:`fnloop.connectors.strategy.GradReducer`); it also folds its ``rank`` into the
+            step's seed, so each rank draws its own dropout masks.
     """
 
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
     gradient_clip_algorithm: str | None = None
     skip_nonfinite: bool = False
+    precision: str = "32-true"
+    grad_reduce: Any = None
 
     def __post_init__(self) -> None:
         k = self.accumulate_grad_batches
@@ -72,6 +83,7 @@ class StepOptions:
             raise ConfigError(f"gradient_clip_algorithm={self.gradient_clip_algorithm!r}: accepted values are 'norm', 'value' or None")
         if not isinstance(self.skip_nonfinite, bool):
             raise ConfigError(f"skip_nonfinite={self.skip_nonfinite!r}: accepted values are True or False")
+        object.__setattr__(self, "precision", resolve_precision(self.precision, flag="StepOptions(precision"))
         object.__setattr__(self, "_specs", {})
 
     @property
@@ -79,15 +91,21 @@ class StepOptions:
         """What identifies these options in ``state.loop.options``; ``None`` when none is on."""
         clip_val = float(self.gradient_clip_val) if self.gradient_clip_val else None
         key = (int(self.accumulate_grad_batches), clip_val, self.gradient_clip_algorithm or "norm", self.skip_nonfinite)
+        if self.precision == "16-mixed":
+            return (*key, "16-mixed")  # the loss scale and its growth counter are carried
         return None if key[0] == 1 and clip_val is None and not self.skip_nonfinite else key
 
     def wrap(self, tx: GradientTransformation) -> GradientTransformation:
-        """``multi_steps(apply_if_finite(chain(clip, tx)), k)``, each layer only when asked for."""
+        """``multi_steps(loss_scale(apply_if_finite(chain(clip, tx))), k)``, each layer only when
+        asked for (``loss_scale`` under ``16-mixed``: accumulated scaled gradients are unscaled,
+        checked and clipped once per optimizer step, as with ``GradScaler``)."""
         if self.gradient_clip_val:
             alg = self.gradient_clip_algorithm or "norm"
             tx = chain(clip_by_global_norm(self.gradient_clip_val) if alg == "norm" else clip(self.gradient_clip_val), tx)
         if self.skip_nonfinite:
             tx = apply_if_finite(tx)
+        if self.precision == "16-mixed":
+            tx = loss_scale(tx)
         if self.accumulate_grad_batches > 1:
             tx = multi_steps(tx, self.accumulate_grad_batches)
         return tx
@@ -127,3 +145,25 @@ class StepOptions:
         if self.accumulate_grad_batches == 1:
             return params, wrapped_state
         return multi_steps_flush(wrapped, wrapped_state, params)
+
+    # --- hooks of the step's core (precision and distribution) -------------------------------
+
+    def batch(self, batch: Any) -> Any:
+        """The batch as the step computes on it (cast under a ``*-true`` precision)."""
+        return cast_batch(batch, self.precision)
+
+    def forward(self, device: torch.device | None) -> Any:
+        """The context of the forward pass: autocast under ``*-mixed``."""
+        return autocast(self.precision, device)
+
+    def scale(self, wrapped_state: Any) -> torch.Tensor | None:
+        """The loss scale the gradients are computed with (``16-mixed``); None otherwise."""
+        return scale_of(wrapped_state) if self.precision == "16-mixed" else None
+
+    def reduce(self, grads: Any) -> Any:
+        """The gradients averaged across ranks (the identity without a reducer)."""
+        return grads if self.grad_reduce is None else self.grad_reduce(grads)
+
+    def seed(self, seed: int | None) -> int | None:
+        """The step's seed for this rank: ``seed`` folded with the reducer's rank."""
+        return seed if seed is None or self.grad_reduce is None else _rng.fold(seed, self.grad_reduce.rank)
