@@ -24,7 +24,8 @@ from fnloop.callbacks.base import Callback
 from fnloop.checkpoint.callback import ModelCheckpoint
 from fnloop.checkpoint.format import read_meta, restore_weights
 from fnloop.cli.job import CHECKPOINTS, Job, make_sinks
-from fnloop.cli.run_folder import choose_run_dir, save_config
+from fnloop.cli.run_folder import CONFIG_FILE, choose_run_dir, save_config
+from fnloop.connectors.launch import connect
 from fnloop.errors import CheckpointError, ConfigError
 from fnloop.loggers import format_metrics_table, to_plain
 from fnloop.state import Status, TrainState
@@ -62,13 +63,19 @@ def _has_data(data: Any, stage: str) -> bool:
     return any(callable(getattr(data, m, None)) for m in _DATA_METHODS[stage])
 
 
+def _lead() -> bool:
+    """This process prints and writes the run's files: rank 0, or the only process."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def _say(stage: str, text: str) -> None:
-    print(f"fnloop {stage}: {text}", flush=True)
+    if _lead():
+        print(f"fnloop {stage}: {text}", flush=True)
 
 
 def _accuracy_line(metrics: Mapping[str, float], stage: str) -> None:
     key = f"{stage}/acc"
-    if key in metrics:
+    if key in metrics and _lead():
         print(f"{_TITLES.get(stage, stage)} accuracy: {metrics[key]:.4f}", flush=True)
 
 
@@ -98,6 +105,8 @@ def _report_fit(state: TrainState, seconds: float, run_dir: str, manager: Any, l
     _say("fit", f"{loop.status} after {loop.epoch} epochs ({loop.global_step} steps) in {seconds:.1f} s")
     _say("fit", f"logs in {run_dir} ({_files(run_dir)})")
     best = manager.best() if manager.monitor is not None else None
+    if not _lead():
+        return best
     found = [f"{kind} {os.path.basename(url)}" for kind, url in (("best", best), ("last", manager.latest())) if url]
     _say("fit", f"checkpoints in {os.path.join(run_dir, CHECKPOINTS)} ({', '.join(found) or 'none'})")
     if last.values:
@@ -129,9 +138,11 @@ def fit(job: Job) -> int:
         >>> main(["fit", "--config", "examples/digits.yaml", "--trainer.max_epochs", "2"])  # doctest: +SKIP
         0
     """
-    run_dir = choose_run_dir("fit", root=job.root, name=job.name, run_dir=job.run_dir, ckpt_path=job.ckpt_path)
-    config_path = save_config(run_dir, job.config_text, overwrite=job.overwrite_config)
-    sinks = make_sinks(job.loggers, run_dir)
+    parallel = connect(job.trainer)  # a distributed run: join it, or start its other ranks (this process is rank 0)
+    lead = parallel.is_global_zero
+    run_dir = parallel.broadcast(choose_run_dir("fit", root=job.root, name=job.name, run_dir=job.run_dir, ckpt_path=job.ckpt_path) if lead else None)
+    config_path = save_config(run_dir, job.config_text, overwrite=job.overwrite_config) if lead else os.path.join(run_dir, CONFIG_FILE)
+    sinks = make_sinks(job.loggers if lead else [], run_dir)
     last = _LastMetrics()
     trainer = dataclasses.replace(job.trainer, callbacks=[*job.trainer.callback_list, last], logger=sinks)
     _say("fit", f"run folder {run_dir} (config {config_path})")
@@ -147,7 +158,7 @@ def fit(job: Job) -> int:
             checkpoint=ModelCheckpoint(manager),
             ckpt_path=job.ckpt_path,
         )
-        best = _report_fit(state, time.perf_counter() - started, run_dir, manager, last)
+        best = parallel.broadcast(_report_fit(state, time.perf_counter() - started, run_dir, manager, last))
     if state.loop.status == Status.INTERRUPTED:
         _say("fit", f"interrupted; resume with: fnloop fit --config {config_path} --ckpt_path last --run_dir {run_dir}")
         return EXIT_INTERRUPTED
