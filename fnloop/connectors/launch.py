@@ -100,6 +100,10 @@ def _start_workers(world: int, port: int) -> None:
 
     command = worker_command()
     base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "GROUP_RANK": "0"}
+    if "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: ranks sharing the cores do not oversubscribe them
+        threads = max(1, (os.cpu_count() or 1) // world)
+        base["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(min(torch.get_num_threads(), threads))
     envs = {i - 1: {**base, "RANK": str(i), "LOCAL_RANK": str(i)} for i in range(1, world)}
     args = {i - 1: tuple(command[1:]) for i in range(1, world)}
     logs = DefaultLogsSpecs(log_dir=tempfile.mkdtemp(prefix="fnloop-ranks-"))
