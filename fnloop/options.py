@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import optree
 import torch
+import torch.utils._pytree as torch_pytree
 
 from fnloop import rng as _rng
 from fnloop.connectors.precision import autocast, cast_batch, loss_scale, resolve_precision, scale_of
@@ -39,6 +40,37 @@ __all__ = ["StepOptions"]
 
 _INNER = object()  # stands for the user's optimizer state inside the wrappers' state
 _CLIP = ("norm", "value")
+
+
+class _Specs(NamedTuple):
+    """The wrappers' state structure: optree's spec (eager), and torch's pytree spec with
+    ``order[i]``, the optree leaf index of torch's leaf ``i`` (None: a None torch keeps as a leaf)."""
+
+    tree: optree.PyTreeSpec
+    order: list[Any]
+    torch_spec: Any
+
+
+def _flatten_up_to(spec: Any, tree: Any) -> list[Any]:
+    if spec.is_leaf():
+        return [tree]
+    children, _ = torch_pytree.SUPPORTED_NODES[torch_pytree._get_node_type(tree)].flatten_fn(tree)
+    return [leaf for child, child_spec in zip(children, spec.children()) for leaf in _flatten_up_to(child_spec, child)]
+
+
+def _traced_split(spec: _Specs, wrapped_state: Any) -> list[Any]:
+    """``spec.tree.flatten_up_to(wrapped_state)`` in a form dynamo traces."""
+    parts: list[Any] = [None] * spec.tree.num_leaves
+    for i, leaf in zip(spec.order, _flatten_up_to(spec.torch_spec, wrapped_state)):
+        if i is not None:
+            parts[i] = leaf
+    return parts
+
+
+def _traced_join(spec: _Specs, carried: tuple[torch.Tensor, ...], fresh: Any, opt_state: Any) -> Any:
+    """:meth:`StepOptions.join` in a form dynamo traces."""
+    leaves = [*carried, opt_state] if carried else [*_traced_split(spec, fresh)[:-1], opt_state]
+    return torch_pytree.tree_unflatten([None if i is None else leaves[i] for i in spec.order], spec.torch_spec)
 
 
 def _placeholder() -> GradientTransformation:
@@ -110,6 +142,15 @@ class StepOptions:
             tx = multi_steps(tx, self.accumulate_grad_batches)
         return tx
 
+    def spec_of(self, params: Any) -> _Specs | None:
+        """The wrappers' state structure over ``params`` (None when no option carries anything),
+        also as torch's pytree spec, which a compiled core can trace."""
+        if not self.key:
+            return None
+        tree = self._spec(params)
+        order, torch_spec = torch_pytree.tree_flatten(tree.unflatten(range(tree.num_leaves)))
+        return _Specs(tree, order, torch_spec)
+
     def _spec(self, params: Any) -> optree.PyTreeSpec:
         """The wrappers' state structure with the user's optimizer state as one leaf (the last)."""
         pspec = optree.tree_structure(params, namespace=NAMESPACE)
@@ -125,18 +166,24 @@ class StepOptions:
         none, wrote it: a window of other options is dropped)."""
         return state_options.tensors if state_options.key == self.key else ()
 
-    def join(self, carried: tuple[torch.Tensor, ...], opt_state: Any, params: Any) -> Any:
-        """The wrappers' state around ``opt_state``, from what :meth:`split` carried (or fresh)."""
+    def join(self, carried: tuple[torch.Tensor, ...], opt_state: Any, params: Any, spec: Any = None) -> Any:
+        """The wrappers' state around ``opt_state``, from what :meth:`split` carried (or fresh);
+        ``spec``: :meth:`spec_of` the params, computed ahead (a compiled core cannot hash it)."""
+        if torch.compiler.is_compiling():  # optree's specs are opaque to dynamo: torch's pytree instead
+            return _traced_join(spec, carried, self.wrap(_placeholder()).init(params), opt_state)
         if carried:
             extras = list(carried)
         else:
             fresh = self.wrap(_placeholder()).init(params)
             extras = optree.tree_leaves(fresh, is_leaf=lambda x: x is _INNER, namespace=NAMESPACE)[:-1]
-        return self._spec(params).unflatten([*extras, opt_state])
+        return (spec.tree if spec is not None else self._spec(params)).unflatten([*extras, opt_state])
 
-    def split(self, wrapped_state: Any, params: Any) -> tuple[tuple[torch.Tensor, ...], Any]:
+    def split(self, wrapped_state: Any, params: Any, spec: Any = None) -> tuple[tuple[torch.Tensor, ...], Any]:
         """Inverse of :meth:`join`: ``(the tensors to carry, the user's optimizer state)``."""
-        parts = self._spec(params).flatten_up_to(wrapped_state)
+        if torch.compiler.is_compiling():
+            parts = _traced_split(spec, wrapped_state)
+        else:
+            parts = (spec.tree if spec is not None else self._spec(params)).flatten_up_to(wrapped_state)
         return tuple(parts[:-1]), parts[-1]
 
     def flush(self, wrapped: GradientTransformation, wrapped_state: Any, params: Any) -> tuple[Any, Any]:

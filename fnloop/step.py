@@ -67,12 +67,13 @@ def train_core(
     traced_copy = working_copy(template, True)  # what dynamo traces; eager calls take their thread's copy
     tx_run = options.wrap(tx)
     apply = fused_apply(tx_run)
+    spec = options.spec_of({n: p for n, p in template.named_parameters() if p.requires_grad})
 
     def core(params: Any, buffers: Any, opt_state: Any, carried: Any, batch: Any) -> Any:
         buffers = {k: v.clone() for k, v in buffers.items()}  # BatchNorm & co update buffers in place
         batch = options.batch(batch)
         trainable = {n: params[n] for n in names}
-        wrapped = options.join(carried, opt_state, trainable) if options.key else opt_state
+        wrapped = options.join(carried, opt_state, trainable, spec) if options.key else opt_state
         scale = options.scale(wrapped)  # 16-mixed: the gradients are those of loss * scale
 
         def loss_of(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Any:
@@ -85,7 +86,7 @@ def train_core(
         with torch.enable_grad():  # buffers are an input too: BatchNorm may update them in place
             grads, (loss, aux) = torch.func.grad(loss_of, has_aux=True)(trainable, buffers)
         new, wrapped = apply(options.reduce(grads), wrapped, trainable)
-        carried, opt_state = options.split(wrapped, trainable) if options.key else (carried, wrapped)
+        carried, opt_state = options.split(wrapped, trainable, spec) if options.key else (carried, wrapped)
         return {**params, **new} if frozen else new, buffers, opt_state, carried, {"loss": loss, **aux}
 
     return core
