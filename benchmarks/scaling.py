@@ -39,23 +39,17 @@ from fnloop.connectors.launch import free_port
 from fnloop.connectors.strategy import GradReducer
 from fnloop.options import StepOptions
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step import loss_fn  # noqa: E402
+from step import mlp as mlp_of  # noqa: E402
+
 WIDTHS = [256, 1024, 1024, 10]
 BATCH = 64
 
 
 def mlp() -> torch.nn.Module:
     torch.manual_seed(0)
-    layers: list[torch.nn.Module] = []
-    for i in range(len(WIDTHS) - 1):
-        layers.append(torch.nn.Linear(WIDTHS[i], WIDTHS[i + 1]))
-        if i < len(WIDTHS) - 2:
-            layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers)
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return torch.nn.functional.cross_entropy(model(x), y)
+    return mlp_of(WIDTHS)
 
 
 def data(rank: int) -> tuple[torch.Tensor, torch.Tensor]:

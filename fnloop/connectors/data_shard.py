@@ -64,24 +64,19 @@ class ShardedIterableSource:
 
 
 def _pick(source: IterableSource, epoch: int, wanted: list[int]) -> Iterator[Any]:
-    """The batches at ``wanted`` positions of a pass (in order; wrapped ones from a new pass)."""
+    """The batches at ``wanted`` positions of a pass, in order; the wrapped ones (positions
+    lower than the first) from a second pass."""
     if not wanted:
         return
-    first_pass = [i for i in wanted if i >= wanted[0]]
-    wrapped = wanted[len(first_pass):]
-    keep = set(first_pass)
-    for i, batch in zip(itertools.count(), source.batches(epoch)):
-        if i in keep:
-            yield batch
-        if i >= first_pass[-1]:
-            break
-    if wrapped:
-        keep = set(wrapped)
-        for i, batch in zip(itertools.count(), source.batches(epoch)):
-            if i in keep:
-                yield batch
-            if i >= wrapped[-1]:
-                break
+    split = next((j for j in range(1, len(wanted)) if wanted[j] < wanted[j - 1]), len(wanted))
+    for part in (wanted[:split], wanted[split:]):
+        if part:
+            keep = set(part)
+            for i, batch in zip(itertools.count(), source.batches(epoch)):
+                if i in keep:
+                    yield batch
+                if i >= part[-1]:
+                    break
 
 
 def shard_source(source: Any, *, rank: int, world_size: int) -> Any:
