@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import datetime
 import os
 import socket
@@ -124,16 +123,6 @@ def _join_workers() -> None:
                 print(f"fnloop: rank {i + 1} exited with code {failure.exitcode}", file=sys.stderr, flush=True)
 
 
-def worker_failures() -> str:
-    """Ranks this process started that have already exited non-zero (for error messages)."""
-    lost = []
-    for ctx in _WORKERS:
-        result = ctx.wait(timeout=0)
-        if result is not None and result.is_failed():
-            lost += [f"rank {i + 1} (exit code {f.exitcode})" for i, f in result.failures.items()]
-    return ", ".join(lost)
-
-
 def connect(trainer: Any) -> Parallel:
     """This process's place in the run the trainer's flags describe, joining (or starting) the
     process group when the run has several processes. Idempotent within a process."""
@@ -174,7 +163,3 @@ def _leave() -> None:
             pass
         dist.destroy_process_group()
     _CURRENT.clear()
-
-
-def replace_device(parallel: Parallel, device: torch.device) -> Parallel:
-    return dataclasses.replace(parallel, device=device)

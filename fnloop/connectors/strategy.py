@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -226,8 +225,3 @@ class Parallel:
         except Exception as err:
             raise _failed(self.rank, self.world_size, "a broadcast", err) from err
         return box[0]
-
-
-def per_rank(n: int, world_size: int) -> int:
-    """Items per rank when ``n`` are padded to a multiple of ``world_size``."""
-    return math.ceil(n / world_size)

@@ -18,7 +18,6 @@ What is compared:
 
 from __future__ import annotations
 
-import copy
 import os
 import pathlib
 import subprocess
