@@ -388,12 +388,14 @@ class TrainExecutor:
             scale = options.scale(wrapped)
             with torch.enable_grad():
                 leaves = {k: v.detach().requires_grad_(True) for k, v in trainable.items()}
+                # a distributed step all-reduces each bucket as soon as backward has produced it
+                overlap = options.grad_reduce.overlapped(leaves) if options.grad_reduce is not None else None
                 with bind(working_copy(template, True), {**params, **leaves} if frozen else leaves, buffers) as model:
                     with options.forward(_device(params)):
                         loss, aux = split_loss(loss_fn(model, batch), "train_step")
                 grads_list = torch.autograd.grad(loss if scale is None else loss * scale, list(leaves.values()), allow_unused=True)
             grads = {k: (g if g is not None else torch.zeros_like(trainable[k])) for k, g in zip(leaves, grads_list)}
-            grads = options.reduce(grads)
+            grads = overlap.finish(grads) if overlap is not None else options.reduce(grads)
             # the grads dict is the step's own: the optimizer may free each gradient after its last read
             new, wrapped = apply(grads, wrapped, trainable, donate=donate, consume=True)
             carried, opt_state = options.split(wrapped, trainable) if options.key else (carried, wrapped)

@@ -78,13 +78,17 @@ def resolve_strategy(strategy: Any) -> DDPStrategy | None:
     raise ConfigError(f"Trainer(strategy={strategy!r}): accepted values are 'auto', 'ddp', 'fsdp' or a fnloop DDPStrategy(...)")
 
 
-def _buckets(grads: list[torch.Tensor], cap_bytes: float) -> list[list[int]]:
-    """Indices of ``grads`` grouped in order into buckets of one dtype and at most ``cap_bytes``."""
+def _buckets(grads: list[torch.Tensor], cap_bytes: float, first_cap_bytes: float = 2.0**20) -> list[list[int]]:
+    """Indices of ``grads`` grouped into buckets of one dtype and at most ``cap_bytes``, from the
+    last parameter to the first (the order backward produces them) with a smaller first bucket,
+    as ``DistributedDataParallel`` groups them: communication starts early in the backward pass."""
     out: list[list[int]] = []
     size, dtype = 0.0, None
-    for i, g in enumerate(grads):
+    for i in reversed(range(len(grads))):
+        g = grads[i]
         nbytes = g.numel() * g.element_size()
-        if not out or g.dtype != dtype or size + nbytes > cap_bytes:
+        cap = min(first_cap_bytes, cap_bytes) if len(out) == 1 else cap_bytes
+        if not out or g.dtype != dtype or size + nbytes > cap:
             out.append([])
             size, dtype = 0.0, g.dtype
         out[-1].append(i)
@@ -129,6 +133,65 @@ class GradReducer:
             for i in bucket:
                 n = tensors[i].numel()
                 out[i] = mean[offset : offset + n].view_as(tensors[i])
+                offset += n
+        return dict(zip(names, out))  # type: ignore[arg-type]
+
+    def overlapped(self, leaves: Mapping[str, torch.Tensor]) -> _Overlap:
+        """The same reduction started during the backward pass (as ``DistributedDataParallel``
+        does): each bucket's all-reduce is launched as soon as autograd has produced its
+        gradients, through hooks on ``leaves`` (the tensors being differentiated). Eager only;
+        :meth:`_Overlap.finish` gives bitwise what ``self(grads)`` gives (same buckets, same sums)."""
+        return _Overlap(self, leaves)
+
+
+class _Overlap:
+    """Buckets of one backward pass, launched as their gradients arrive."""
+
+    def __init__(self, reducer: GradReducer, leaves: Mapping[str, torch.Tensor]) -> None:
+        import torch.distributed as dist
+
+        self.reducer = reducer
+        self.group = reducer.group if reducer.group is not None else dist.group.WORLD
+        tensors = list(leaves.values())
+        self.buckets = _buckets(tensors, reducer.bucket_cap_mb * 2**20)
+        self.bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in bucket}
+        self.waiting = [len(bucket) for bucket in self.buckets]
+        self.grads: list[torch.Tensor | None] = [None] * len(tensors)
+        self.launched: dict[int, tuple[torch.Tensor, Any]] = {}
+        for i, t in enumerate(tensors):
+            t.register_hook(lambda g, i=i: self._ready(i, g))
+
+    def _launch(self, b: int) -> None:
+        import torch.distributed as dist
+
+        flat = torch.cat([self.grads[i].reshape(-1) for i in self.buckets[b]])  # type: ignore[union-attr]
+        self.launched[b] = (flat, dist.all_reduce(flat, group=self.group, async_op=True))
+
+    def _ready(self, i: int, grad: torch.Tensor) -> None:
+        self.grads[i] = grad
+        b = self.bucket_of[i]
+        self.waiting[b] -= 1
+        if self.waiting[b] == 0:
+            self._launch(b)
+
+    def finish(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The averaged ``grads`` (those no hook saw, unused parameters' zeros, join late)."""
+        names = list(grads)
+        for i, name in enumerate(names):
+            if self.grads[i] is None:
+                self.grads[i] = grads[name]
+        for b in range(len(self.buckets)):
+            if b not in self.launched:
+                self._launch(b)
+        out: list[torch.Tensor | None] = [None] * len(names)
+        for b, bucket in enumerate(self.buckets):
+            flat, work = self.launched[b]
+            work.wait()
+            mean = flat.div_(self.reducer.world_size)  # our own buffer: the same values as flat / world_size
+            offset = 0
+            for i in bucket:
+                n = self.grads[i].numel()  # type: ignore[union-attr]
+                out[i] = mean[offset : offset + n].view_as(grads[names[i]])
                 offset += n
         return dict(zip(names, out))  # type: ignore[arg-type]
 

@@ -26,10 +26,11 @@ def one_rank_group():
         dist.destroy_process_group()
 
 
-def test_buckets_keep_order_dtype_and_cap():
+def test_buckets_run_backwards_by_dtype_and_cap():
     grads = [torch.zeros(10), torch.zeros(10), torch.zeros(4, dtype=torch.float64), torch.zeros(30), torch.zeros(1)]
-    assert _buckets(grads, cap_bytes=100) == [[0, 1], [2], [3], [4]]
-    assert _buckets(grads, cap_bytes=1e9) == [[0, 1], [2], [3, 4]]
+    assert _buckets(grads, cap_bytes=100) == [[4], [3], [2], [1, 0]]
+    assert _buckets(grads, cap_bytes=1e9) == [[4, 3], [2], [1, 0]]
+    assert _buckets(grads, cap_bytes=1e9, first_cap_bytes=8) == [[4], [3], [2], [1, 0]]  # a small first bucket
 
 
 @pytest.mark.parametrize("value, message", [("fsdp", "not available yet"), ("dp", "accepted values"), (DDPStrategy(), None)])
