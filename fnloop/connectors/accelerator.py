@@ -57,7 +57,7 @@ def prepare_state(state: Any, parallel: Parallel, precision: str, *, sync_batchn
             raise ConfigError("Trainer(sync_batchnorm=True): torch's SyncBatchNorm runs on CUDA devices only; use accelerator='cuda'")
         module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(state.module))
         state = state.replace(module=module)
-    return state
+    return parallel.strategy.setup_state(state, parallel) if parallel.strategy is not None and parallel.distributed else state
 
 
 def setup(trainer: Any, state: Any, train_step: Any) -> tuple[Parallel, Any, Any]:

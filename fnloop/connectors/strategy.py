@@ -8,7 +8,8 @@
   driver needs at its boundaries (metric reduction, stop agreement, broadcast of a value).
 
 A sharded strategy (FSDP2) plugs in the same way: a frozen config resolved by
-:func:`resolve_strategy` and a reducer (or a state transform) the driver hands to the step.
+:func:`resolve_strategy` with ``backend(device)``, ``reducer(rank, world_size)`` (what the step
+does with the gradients) and ``setup_state(state, parallel)`` (what each rank holds).
 
 Example:
     >>> resolve_strategy("ddp")
@@ -60,8 +61,20 @@ class DDPStrategy:
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, numbers.Real) or not self.timeout_s > 0:
             raise ConfigError(f"DDPStrategy(timeout_s={self.timeout_s!r}): accepted values are a number of seconds > 0")
 
+    # --- what a strategy gives the driver (a sharded strategy, FSDP2, implements the same three) ---
+
     def backend(self, device: torch.device) -> str:
+        """The process group backend on ``device``."""
         return self.process_group_backend or ("nccl" if device.type == "cuda" else "gloo")
+
+    def reducer(self, rank: int, world_size: int) -> GradReducer:
+        """The train step's gradient reduction (``StepOptions.grad_reduce``)."""
+        return GradReducer(rank, world_size, self.bucket_cap_mb)
+
+    def setup_state(self, state: Any, parallel: Parallel) -> Any:
+        """The state as this rank holds it: replicated whole under DDP (a sharded strategy
+        returns its shard, e.g. DTensor leaves)."""
+        return state
 
 
 def resolve_strategy(strategy: Any) -> DDPStrategy | None:
@@ -231,8 +244,7 @@ class Parallel:
         """The train step's gradient reduction (None in a single-process run)."""
         if not self.distributed:
             return None
-        cap = self.strategy.bucket_cap_mb if self.strategy is not None else 25.0
-        return GradReducer(self.rank, self.world_size, cap)
+        return (self.strategy or DDPStrategy()).reducer(self.rank, self.world_size)
 
     def _all_reduce(self, tensor: torch.Tensor, op: Any, what: str) -> torch.Tensor:
         import torch.distributed as dist
