@@ -34,6 +34,7 @@ OPTIONS = st.builds(
     gradient_clip_val=st.sampled_from([None, 0.3]),
     gradient_clip_algorithm=st.sampled_from([None, "norm", "value"]),
     skip_nonfinite=st.booleans(),
+    precision=st.sampled_from(["32-true", "bf16-mixed", "16-mixed"]),
 )
 
 
