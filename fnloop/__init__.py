@@ -36,6 +36,8 @@ from fnloop.state import TrainState as TrainState
 from fnloop.execution import compile as compile  # noqa: A004
 from fnloop.eval_steps import eval_step as eval_step
 from fnloop.eval_steps import predict_step as predict_step
+from fnloop.stacking import stack as stack
+from fnloop.stacking import unstack as unstack
 from fnloop.step import train_step as train_step
 from fnloop.trainer import Trainer as Trainer
 from fnloop.tree import check_same_structure as check_same_structure
