@@ -34,6 +34,7 @@ from fnloop.state import LoopState as LoopState
 from fnloop.state import Status as Status
 from fnloop.state import TrainState as TrainState
 from fnloop.execution import compile as compile  # noqa: A004
+from fnloop.ensemble import vmap as vmap
 from fnloop.eval_steps import eval_step as eval_step
 from fnloop.eval_steps import predict_step as predict_step
 from fnloop.stacking import stack as stack

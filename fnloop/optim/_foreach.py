@@ -17,9 +17,12 @@ _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 Tensors = Sequence[torch.Tensor]
 
 
+per_leaf = False  # True while fnloop.vmap compiles or runs a compiled batched step: leaves are batched there
+
+
 def _fallback(xs: Tensors) -> bool:
     """Per-leaf ops: under torch.func transforms, and for empty lists (no foreach kernel for those)."""
-    return not xs or (not torch.compiler.is_compiling() and _is_wrapped(xs[0]))
+    return not xs or per_leaf or (not torch.compiler.is_compiling() and _is_wrapped(xs[0]))
 
 
 def _scalar_like(xs: Tensors, y: Any) -> Any:
