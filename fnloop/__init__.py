@@ -37,6 +37,7 @@ from fnloop.execution import compile as compile  # noqa: A004
 from fnloop.ensemble import vmap as vmap
 from fnloop.eval_steps import eval_step as eval_step
 from fnloop.eval_steps import predict_step as predict_step
+from fnloop.per_example import per_example_grads as per_example_grads
 from fnloop.stacking import stack as stack
 from fnloop.stacking import unstack as unstack
 from fnloop.step import train_step as train_step
