@@ -14,6 +14,9 @@ from fnloop.optim.aliases import adam as adam
 from fnloop.optim.aliases import adamw as adamw
 from fnloop.optim.aliases import rmsprop as rmsprop
 from fnloop.optim.aliases import sgd as sgd
+from fnloop.optim.averaging import EmaParamsState as EmaParamsState
+from fnloop.optim.averaging import averaged_params as averaged_params
+from fnloop.optim.averaging import ema_params as ema_params
 from fnloop.optim.dp import DPState as DPState
 from fnloop.optim.dp import PerExampleGradientTransformation as PerExampleGradientTransformation
 from fnloop.optim.dp import dp_aggregate as dp_aggregate
