@@ -22,6 +22,7 @@ import torch
 
 from fnloop.errors import ConfigError
 from fnloop.optim import _foreach as fe
+from fnloop.optim._find import find_state
 from fnloop.optim.base import GradientTransformation, from_apply, fused_apply, host, leaves_like
 from fnloop.tree import tree_leaves
 
@@ -64,17 +65,6 @@ def ema_params(inner: GradientTransformation, decay: float) -> GradientTransform
     return from_apply(init, apply)
 
 
-def _find(node: Any) -> Any:
-    if isinstance(node, EmaParamsState):
-        return node.ema
-    children = node.values() if isinstance(node, dict) else node if isinstance(node, (list, tuple)) else ()
-    for child in children:
-        found = _find(child)
-        if found is not None:
-            return found
-    return None
-
-
 def averaged_params(opt_state: Any) -> Any:
     """The averaged params kept by :func:`ema_params` inside ``opt_state``.
 
@@ -83,7 +73,7 @@ def averaged_params(opt_state: Any) -> Any:
         >>> flo.averaged_params(flo.ema_params(flo.sgd(lr=0.1), 0.9).init({"w": torch.ones(1)}))
         {'w': tensor([1.])}
     """
-    found = _find(opt_state)
+    found = find_state(opt_state, EmaParamsState)
     if found is None:
         raise ConfigError("averaged_params: this optimizer state holds no average (build the optimizer with flo.ema_params)")
-    return found
+    return found.ema

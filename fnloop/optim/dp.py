@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fnloop.errors import ConfigError
+from fnloop.optim._find import find_state
 from fnloop.optim.aliases import sgd
 from fnloop.optim.base import GradientTransformation, LearningRate, chain, leaves_like
 from fnloop.tree import tree_leaves
@@ -127,11 +128,4 @@ def dp_state(opt_state: Any) -> DPState | None:
         >>> float(flo.dp_state(flo.dp_sgd(0.1, 1.0, 1.3).init({"w": torch.ones(1)})).noise_multiplier)
         1.3
     """
-    if isinstance(opt_state, DPState):
-        return opt_state
-    children = opt_state.values() if isinstance(opt_state, dict) else opt_state if isinstance(opt_state, (list, tuple)) else ()
-    for child in children:
-        found = dp_state(child)
-        if found is not None:
-            return found
-    return None
+    return find_state(opt_state, DPState)  # type: ignore[no-any-return]
