@@ -142,6 +142,8 @@ class VmappedStep:
             return self._eager(state, args, devices)[0]
         leaves = tree_leaves(args[-1])
         signature = (
+            id(template),
+            id(tx),
             tree_structure(args[-1]),
             torch.is_grad_enabled(),
             *((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else (type(x), x) for x in leaves),
