@@ -40,7 +40,15 @@ def per_example_value_and_grad(
     loss_of: Callable[[Any, Any], tuple[torch.Tensor, Any]], batch_dim: int = 0
 ) -> Callable[[Any, Any], tuple[Any, Any]]:
     """``(params, batch) -> (grads, aux)`` with a leading example dimension on each, for
-    ``loss_of(params, one_example_batch) -> (loss, aux)`` (differentiated w.r.t. ``params``)."""
+    ``loss_of(params, one_example_batch) -> (loss, aux)`` (differentiated w.r.t. ``params``).
+
+    Example:
+        >>> import torch
+        >>> fn = per_example_value_and_grad(lambda p, b: ((p["w"] * b).sum(), {}))
+        >>> fn({"w": torch.ones(2)}, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))[0]["w"]
+        tensor([[1., 2.],
+                [3., 4.]])
+    """
 
     def one(params: Any, example: Any) -> tuple[Any, Any]:
         as_batch = torch_pytree.tree_map(lambda x: x.unsqueeze(batch_dim) if isinstance(x, torch.Tensor) else x, example)
