@@ -24,41 +24,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.utils._pytree as torch_pytree
 
 from fnloop import execution
 from fnloop import rng as _rng
 from fnloop.bind import working_copy
 from fnloop.errors import StepError
 from fnloop.loss import split_loss
+from fnloop.example_grads import per_example_value_and_grad
 from fnloop.state import TrainState
+from fnloop.step import functional_model
 
-__all__ = ["per_example_grads", "per_example_value_and_grad"]
-
-
-def per_example_value_and_grad(
-    loss_of: Callable[[Any, Any], tuple[torch.Tensor, Any]], batch_dim: int = 0
-) -> Callable[[Any, Any], tuple[Any, Any]]:
-    """``(params, batch) -> (grads, aux)`` with a leading example dimension on each, for
-    ``loss_of(params, one_example_batch) -> (loss, aux)`` (differentiated w.r.t. ``params``).
-
-    Example:
-        >>> import torch
-        >>> fn = per_example_value_and_grad(lambda p, b: ((p["w"] * b).sum(), {}))
-        >>> fn({"w": torch.ones(2)}, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))[0]["w"]
-        tensor([[1., 2.],
-                [3., 4.]])
-    """
-
-    def one(params: Any, example: Any) -> tuple[Any, Any]:
-        as_batch = torch_pytree.tree_map(lambda x: x.unsqueeze(batch_dim) if isinstance(x, torch.Tensor) else x, example)
-        return torch.func.grad(lambda p: loss_of(p, as_batch), has_aux=True)(params)  # type: ignore[no-any-return]
-
-    def batched(params: Any, batch: Any) -> tuple[Any, Any]:
-        dims = torch_pytree.tree_map(lambda x: batch_dim if isinstance(x, torch.Tensor) else None, batch)
-        return torch.func.vmap(one, in_dims=(None, dims), randomness="different")(params, batch)  # type: ignore[no-any-return]
-
-    return batched
+__all__ = ["per_example_grads"]
 
 
 def per_example_grads(loss_fn: Callable[..., Any], *, batch_dim: int = 0) -> Callable[[TrainState, Any], dict[str, torch.Tensor]]:
@@ -82,8 +58,6 @@ def per_example_grads(loss_fn: Callable[..., Any], *, batch_dim: int = 0) -> Cal
         raise StepError(f"per_example_grads: loss_fn must be callable, got {type(loss_fn).__name__}")
 
     def grads(state: TrainState, batch: Any) -> dict[str, torch.Tensor]:
-        from fnloop.step import functional_model  # fnloop.step uses this module's core
-
         execution.check_state(state, "per_example_grads")
         template = state.module
         names = [n for n, p in template.named_parameters() if p.requires_grad]

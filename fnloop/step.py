@@ -36,7 +36,7 @@ from fnloop.loss import split_loss
 from fnloop.optim.base import fused_apply
 from fnloop.optim.dp import PerExampleGradientTransformation
 from fnloop.options import StepOptions
-from fnloop.per_example import per_example_value_and_grad
+from fnloop.example_grads import per_example_value_and_grad
 from fnloop.state import OptionsState, TrainState
 
 __all__ = ["TrainStep", "train_step", "apply_train_step", "train_core", "functional_model", "flush_window"]
