@@ -23,6 +23,14 @@ from fnloop.optim.aliases import adam as adam
 from fnloop.optim.aliases import adamw as adamw
 from fnloop.optim.aliases import rmsprop as rmsprop
 from fnloop.optim.aliases import sgd as sgd
+from fnloop.optim.averaging import EmaParamsState as EmaParamsState
+from fnloop.optim.averaging import averaged_params as averaged_params
+from fnloop.optim.averaging import ema_params as ema_params
+from fnloop.optim.dp import DPState as DPState
+from fnloop.optim.dp import PerExampleGradientTransformation as PerExampleGradientTransformation
+from fnloop.optim.dp import dp_aggregate as dp_aggregate
+from fnloop.optim.dp import dp_sgd as dp_sgd
+from fnloop.optim.dp import dp_state as dp_state
 from fnloop.optim.base import EmptyState as EmptyState
 from fnloop.optim.base import GradientTransformation as GradientTransformation
 from fnloop.optim.base import apply_updates as apply_updates
