@@ -62,7 +62,7 @@ def materialize(xs: Tensors, *scalars: Any) -> tuple[Any, ...]:
     scalars stay inlined) and torch versions without the prim used to pin the buffer return the
     scalars unchanged.
     """
-    compiling_for_cpu = torch.compiler.is_compiling() and bool(xs) and xs[0].device.type == "cpu"
+    compiling_for_cpu = torch.compiler.is_compiling() and len(xs) > 0 and xs[0].device.type == "cpu"
     # not for batched leaves (fnloop.vmap): the prim has no vmap batching rule
     force = getattr(torch.ops.prims, "inductor_force_stride_order", None) if compiling_for_cpu and not per_leaf else None
     at = [i for i, s in enumerate(scalars) if isinstance(s, torch.Tensor) and s.ndim == 0 and s.device.type == "cpu"]
