@@ -237,8 +237,15 @@ class Trainer:
 
         return run_stage(self, state, eval_step, data, stage="test", datamodule=datamodule)
 
-    def predict(self, state: Any, predict_step: Any, data: Any = None, *, datamodule: Any = None) -> list[Any]:
-        """Run ``predict_step`` over ``data``; returns the outputs of every batch, in order."""
+    def predict(
+        self, state: Any, predict_step: Any, data: Any = None, *, datamodule: Any = None, return_predictions: bool = True
+    ) -> Any:
+        """Run ``predict_step`` over ``data``; returns the outputs of every batch, in order.
+
+        ``data`` may be several loaders (a list or a dict, see :mod:`fnloop.loops.loaders`): the
+        result is then a list (or dict) of such lists. ``return_predictions=False`` keeps nothing
+        in memory and returns None (a :class:`fnloop.PredictionWriter` callback writes them).
+        """
         from fnloop.loops.predict import run_predict
 
-        return run_predict(self, state, predict_step, data, datamodule=datamodule)
+        return run_predict(self, state, predict_step, data, datamodule=datamodule, return_predictions=return_predictions)

@@ -1,23 +1,54 @@
-"""The prediction loop: a predict step over a loader, outputs returned in order."""
+"""The prediction loop: a predict step over one or several loaders, outputs returned in order
+(or only handed to callbacks such as :class:`fnloop.PredictionWriter`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fnloop.connectors.device import device_of
-from fnloop.loops.data import batches_on, data_seed, limited, make_source, require, stage_data
+from fnloop.loops.data import batches_on, data_seed, limited, require, stage_data
+from fnloop.loops.evaluate import eval_loaders
+from fnloop.loops.hooks import Hooks
 
 __all__ = ["run_predict"]
 
 
-def run_predict(trainer: Any, state: Any, predict_step: Any, data: Any, *, datamodule: Any = None) -> list[Any]:
-    """``Trainer.predict``: the outputs of every batch, in data order."""
+def run_predict(
+    trainer: Any, state: Any, predict_step: Any, data: Any, *, datamodule: Any = None, return_predictions: bool = True
+) -> Any:
+    """``Trainer.predict``: the outputs of every batch in data order; with several loaders, a
+    list (or dict) of such lists, one per loader; None when ``return_predictions`` is False."""
     from fnloop.execution import check_not_donated
 
     check_not_donated(state, "Trainer.predict")
     data = require(
         stage_data(data, datamodule, "predict"), "predict data", "pass data= or a datamodule with a predict_data() method"
     )
-    source = make_source(data, seed=data_seed(trainer, state), stage="predict")
-    n = limited(source, 0, trainer.limit("predict"), "predict")
-    return [predict_step(state, batch) for batch in batches_on(source, 0, 0, n, device_of(state.params))]
+    loaders = eval_loaders(data, predict_step, seed=data_seed(trainer, state), stage="predict")
+    limit = trainer.limit("predict")
+    hooks = Hooks(trainer.callback_list)
+    device = device_of(state.params)
+    state = hooks("setup", state, "predict")
+    state = hooks("on_predict_start", state)
+    state = hooks("on_predict_epoch_start", state)
+    outputs: list[list[Any]] = []
+    for idx, loader in enumerate(loaders):
+        kept: list[Any] = []
+        n = limited(loader.source, 0, limit, "predict")
+        for batch_idx, batch in enumerate(batches_on(loader.source, 0, 0, n, device)):
+            state = hooks("on_predict_batch_start", state, batch, batch_idx, idx)
+            out = loader.step(state, batch)
+            if return_predictions:
+                kept.append(out)
+            state = hooks("on_predict_batch_end", state, out, batch, batch_idx, idx)
+        outputs.append(kept)
+    state = hooks("on_predict_epoch_end", state)
+    state = hooks("on_predict_end", state)
+    hooks("teardown", state, "predict")
+    if not return_predictions:
+        return None
+    if loaders[0].name is None:
+        return outputs[0]
+    if isinstance(data, dict):
+        return {loader.name: out for loader, out in zip(loaders, outputs)}
+    return outputs
