@@ -106,7 +106,8 @@ class Callback:
         """At the start of each training epoch (also a resumed one)."""
 
     def on_train_epoch_end(self, state: Any) -> Any:
-        """After the last batch of an epoch (and the validation run it triggers)."""
+        """After the last batch of an epoch (and the validation run it triggers); only for an
+        epoch that completes (Lightning also calls it when ``max_steps`` stops mid-epoch)."""
 
     def on_train_batch_start(self, state: Any, batch: Any, batch_idx: int) -> Any:
         """Before each train step."""

@@ -138,7 +138,14 @@ def _fit(run: FitRun, state: Any, signals: Any, ckpt_path: str | None) -> Any:
     if ckpt_path is not None:
         from fnloop.checkpoint.callback import resume_from
 
-        state = resume_from(ckpt_path, state, run.checkpoint.manager if run.checkpoint is not None else None)
+        manager = run.checkpoint.manager if run.checkpoint is not None else None
+        restored = resume_from(ckpt_path, state, manager)
+        if restored is not state and hooks.wants("on_load_checkpoint"):
+            from fnloop.checkpoint._read import read_meta
+
+            url = manager.resolve(ckpt_path) if manager is not None else ckpt_path
+            restored = hooks("on_load_checkpoint", restored, read_meta(url).get("metrics", {}))
+        state = restored
     donating = trainer.donate and hasattr(run.train_step, "donated")
     step = run.train_step.donated if donating else run.train_step
     flush = getattr(run.train_step, "flush", None)

@@ -75,3 +75,17 @@ class Hooks:
         """
         for cb in self._for(name):
             getattr(cb, name)(*args)
+
+    def save_metadata(self, state: Any, metadata: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint metadata after every ``on_save_checkpoint(state, metadata)``: each
+        callback may return a new dict (None keeps it).
+
+        Example:
+            >>> Hooks([]).save_metadata(None, {"val/loss": 0.5})
+            {'val/loss': 0.5}
+        """
+        for cb in self._for("on_save_checkpoint"):
+            out = cb.on_save_checkpoint(state, dict(metadata))
+            if out is not None:
+                metadata = dict(out)
+        return metadata

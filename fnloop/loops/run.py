@@ -49,6 +49,8 @@ class FitRun:
             callbacks.append(self.bar)
         self.callbacks = callbacks
         self.hooks = Hooks(callbacks)
+        if checkpoint is not None:  # what the callbacks add to each checkpoint's metadata
+            checkpoint.metadata_hook = self.hooks.save_metadata if self.hooks.wants("on_save_checkpoint") else None
         self.logger = make_logger(trainer)
         self.max_epochs = trainer.resolved_max_epochs
         self.max_steps = trainer.resolved_max_steps
