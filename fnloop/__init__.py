@@ -23,6 +23,7 @@ from fnloop.connectors.device import to_device as to_device
 from fnloop.loggers import ConsoleLogger as ConsoleLogger
 from fnloop.loggers import CSVLogger as CSVLogger
 from fnloop.loggers import JSONLLogger as JSONLLogger
+from fnloop.loggers import MLFlowLogger as MLFlowLogger
 from fnloop.loggers import TensorBoardLogger as TensorBoardLogger
 from fnloop.bind import bind as bind
 from fnloop.errors import CheckpointError as CheckpointError

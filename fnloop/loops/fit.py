@@ -116,6 +116,9 @@ def _checkpoint_of(trainer: Any, checkpoint: Any) -> Any:
 def _finish(run: FitRun, state: Any) -> Any:
     state = run.flush_window(state)
     state = run.hooks("on_fit_end", state)
+    last = run.checkpoint.manager.latest() if run.checkpoint is not None else None
+    if last is not None:
+        run.logger.log_checkpoint(last)
     profile = run.profile()
     run.logger.log_metrics(profile, step=state.loop.global_step)
     if run.trainer.enable_progress_bar or run.trainer.logger is not None:
