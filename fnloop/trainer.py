@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -146,6 +147,21 @@ class Trainer:
 
     # --- resolved values -------------------------------------------------------------------
 
+    @functools.cached_property
+    def loggers(self) -> Any:
+        """The sinks of ``logger`` (Lightning's meanings: None or True -> TensorBoard and CSV in
+        ``default_root_dir`` (``runs``), False -> none), made once per Trainer so that ``fit``
+        and a later ``test`` write to the same run folder.
+
+        Example:
+            >>> import fnloop as fl
+            >>> type(fl.Trainer(logger=False).loggers).__name__
+            'NullLogger'
+        """
+        from fnloop.loops.logging import make_logger
+
+        return make_logger(self.logger, self.default_root_dir)
+
     @property
     def callback_list(self) -> list[Callback]:
         """The callbacks as a list."""
@@ -225,17 +241,26 @@ class Trainer:
             datamodule=datamodule, ckpt_path=ckpt_path, checkpoint=checkpoint,
         )
 
-    def validate(self, state: Any, eval_step: Any, data: Any = None, *, datamodule: Any = None) -> dict[str, float]:
-        """Run ``eval_step`` over ``data``; metrics reduced over the loader (``val/...``)."""
+    def validate(
+        self, state: Any, eval_step: Any, data: Any = None, *, datamodule: Any = None, verbose: bool = True
+    ) -> dict[str, float]:
+        """Run ``eval_step`` over ``data``; metrics reduced over the loader (``val/...``).
+
+        ``data`` may be several loaders (a list or dict: ``val/loss/dataloader_idx_1`` or
+        ``val/loss/<key>``; see :mod:`fnloop.loops.loaders`), ``eval_step`` one step or one per
+        loader. With ``enable_progress_bar`` and ``verbose`` the metrics are printed as a table.
+        """
         from fnloop.loops.evaluate import run_stage
 
-        return run_stage(self, state, eval_step, data, stage="val", datamodule=datamodule)
+        return run_stage(self, state, eval_step, data, stage="val", datamodule=datamodule, verbose=verbose)
 
-    def test(self, state: Any, eval_step: Any, data: Any = None, *, datamodule: Any = None) -> dict[str, float]:
-        """Run ``eval_step`` over ``data``; metrics reduced over the loader (``test/...``)."""
+    def test(
+        self, state: Any, eval_step: Any, data: Any = None, *, datamodule: Any = None, verbose: bool = True
+    ) -> dict[str, float]:
+        """Run ``eval_step`` over ``data``; metrics reduced over the loader (``test/...``); see :meth:`validate`."""
         from fnloop.loops.evaluate import run_stage
 
-        return run_stage(self, state, eval_step, data, stage="test", datamodule=datamodule)
+        return run_stage(self, state, eval_step, data, stage="test", datamodule=datamodule, verbose=verbose)
 
     def predict(
         self, state: Any, predict_step: Any, data: Any = None, *, datamodule: Any = None, return_predictions: bool = True

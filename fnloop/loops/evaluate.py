@@ -99,11 +99,13 @@ def evaluate(
     return state, metrics
 
 
-def run_stage(trainer: Any, state: Any, eval_step: Any, data: Any, *, stage: str, datamodule: Any = None) -> dict[str, float]:
-    """``Trainer.validate`` / ``Trainer.test``: metrics as ``{"val/loss": ...}``, printed as a table."""
+def run_stage(
+    trainer: Any, state: Any, eval_step: Any, data: Any, *, stage: str, datamodule: Any = None, verbose: bool = True
+) -> dict[str, float]:
+    """``Trainer.validate`` / ``Trainer.test``: metrics as ``{"val/loss": ...}``; the progress bar
+    (``enable_progress_bar``) prints them as a table unless ``verbose`` is False."""
+    from fnloop.callbacks.progress import ProgressBar
     from fnloop.execution import check_not_donated
-    from fnloop.loggers import format_metrics_table
-    from fnloop.loops.logging import make_logger
 
     entry = _ENTRY[stage]
     check_not_donated(state, f"Trainer.{entry}")
@@ -112,16 +114,16 @@ def run_stage(trainer: Any, state: Any, eval_step: Any, data: Any, *, stage: str
     )
     loaders = eval_loaders(data, eval_step, seed=data_seed(trainer, state), stage=stage)
     limit = trainer.limit(stage)
-    hooks, kind = Hooks(trainer.callback_list), _KIND[stage]
+    callbacks = trainer.callback_list
+    if trainer.enable_progress_bar and verbose and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks = [*callbacks, ProgressBar()]
+    hooks, kind = Hooks(callbacks), _KIND[stage]
     state = hooks("setup", state, entry)
     state = hooks(f"on_{kind}_start", state)
     state, metrics = evaluate(state, loaders, lambda s: limited(s, 0, limit, stage), hooks, kind=kind, prefix=stage)
-    logger = make_logger(trainer)
     if metrics:
-        logger.log_metrics(metrics, step=state.loop.global_step)
+        trainer.loggers.log_metrics(metrics, step=state.loop.global_step)
     state = hooks(f"on_{kind}_end", state, metrics)
     hooks("teardown", state, entry)
-    logger.finalize("finished")
-    if trainer.enable_progress_bar or trainer.logger is not None:
-        print(format_metrics_table(metrics, title={"val": "Validate", "test": "Test"}[stage] + " metrics"))
+    trainer.loggers.finalize("finished")
     return metrics

@@ -119,12 +119,7 @@ def _finish(run: FitRun, state: Any) -> Any:
     last = run.checkpoint.manager.latest() if run.checkpoint is not None else None
     if last is not None:
         run.logger.log_checkpoint(last)
-    profile = run.profile()
-    run.logger.log_metrics(profile, step=state.loop.global_step)
-    if run.trainer.enable_progress_bar or run.trainer.logger is not None:
-        from fnloop.loggers import format_metrics_table
-
-        print(format_metrics_table({k[5:]: v for k, v in profile.items()}, title="fit time (s)"))
+    run.logger.log_metrics(run.profile(), step=state.loop.global_step)
     state = run.hooks("teardown", state, "fit")
     run.logger.finalize(state.loop.status if state.loop.status in ("finished", "interrupted") else "finished")
     return state

@@ -15,17 +15,22 @@ from fnloop.metrics.metric import ExtremumState, Max, Mean, MeanState, Min, Sum,
 __all__ = ["make_logger", "Window"]
 
 
-def make_logger(trainer: Any) -> Any:
-    """The run's sinks: ``logger=None/False`` -> no-op; ``True`` -> TensorBoard and CSV in
-    ``default_root_dir`` (``runs``) as Lightning does; a sink or a list of sinks -> a collection
-    sharing one run folder."""
+def make_logger(spec: Any, root_dir: str | None) -> Any:
+    """The sinks of ``Trainer(logger=spec)``, with Lightning's meanings: ``None`` (the default)
+    or ``True`` -> TensorBoard and CSV in ``<root_dir or "runs">/default/version_<n>``;
+    ``False`` -> nothing is written; a sink or a list of sinks -> a collection sharing one run
+    folder.
+
+    Example:
+        >>> type(make_logger(False, None)).__name__
+        'NullLogger'
+    """
     from fnloop.loggers import CSVLogger, LoggerCollection, NullLogger, TensorBoardLogger
 
-    spec = trainer.logger
-    if spec is None or spec is False:
+    if spec is False:
         return NullLogger()
-    if spec is True:
-        root = trainer.default_root_dir or "runs"
+    if spec is None or spec is True:
+        root = root_dir or "runs"
         spec = [TensorBoardLogger(root), CSVLogger(root)]
     sinks = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     for i, sink in enumerate(sinks):
@@ -33,7 +38,7 @@ def make_logger(trainer: Any) -> Any:
         if not all(callable(getattr(type(sink), m, None)) for m in ("log_metrics", "log_hparams", "finalize")):
             raise ConfigError(
                 f"Trainer(logger=...): item {i} ({type(sink).__name__}) is not a logger; use fnloop.TensorBoardLogger, "
-                "CSVLogger, JSONLLogger, ConsoleLogger, or an object with log_metrics/log_hparams/finalize/log_dir"
+                "CSVLogger, JSONLLogger, ConsoleLogger, MLFlowLogger, or an object with log_metrics/log_hparams/finalize/log_dir"
             )
     return LoggerCollection(sinks)
 

@@ -15,7 +15,7 @@ from fnloop.loops import rules
 from fnloop.loops.data import limited
 from fnloop.loops.evaluate import Loader, evaluate, prefixed
 from fnloop.loops.hooks import Hooks
-from fnloop.loops.logging import Window, make_logger
+from fnloop.loops.logging import Window
 from fnloop.metrics import Accumulator
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class FitRun:
         self.hooks = Hooks(callbacks)
         if checkpoint is not None:  # what the callbacks add to each checkpoint's metadata
             checkpoint.metadata_hook = self.hooks.save_metadata if self.hooks.wants("on_save_checkpoint") else None
-        self.logger = make_logger(trainer)
+        self.logger = trainer.loggers
         self.max_epochs = trainer.resolved_max_epochs
         self.max_steps = trainer.resolved_max_steps
         self.max_time = parse_duration(trainer.max_time)
