@@ -10,6 +10,7 @@ from fnloop import registry as registry
 from fnloop.callbacks import Callback as Callback
 from fnloop.callbacks import EarlyStopping as EarlyStopping
 from fnloop.callbacks import LearningRateMonitor as LearningRateMonitor
+from fnloop.callbacks import ModelSummary as ModelSummary
 from fnloop.callbacks import ProgressBar as ProgressBar
 from fnloop.callbacks import Timer as Timer
 from fnloop.callbacks import request_stop as request_stop

@@ -6,7 +6,7 @@ Example:
     >>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
     >>> loss = lambda model, b: torch.nn.functional.mse_loss(model(b[0]), b[1])
     >>> state = fl.TrainState.create(torch.nn.Linear(3, 1), flo.sgd(lr=0.1))
-    >>> trainer = fl.Trainer(max_epochs=2, enable_progress_bar=False)
+    >>> trainer = fl.Trainer(max_epochs=2, enable_progress_bar=False, enable_model_summary=False, logger=False)
     >>> state = trainer.fit(state, fl.train_step(loss), data)
     >>> state.loop.global_step, state.loop.status
     (8, 'finished')
@@ -62,6 +62,11 @@ class Trainer:
     that state is refused afterwards; use the state fit returns. ``False`` keeps it intact at the
     cost of a second copy of the weights and optimizer state).
 
+    Lightning's ``enable_model_summary`` (print :class:`fnloop.ModelSummary` when fit starts),
+    ``inference_mode`` (evaluation and prediction under ``torch.inference_mode`` rather than
+    ``torch.no_grad``) and ``reload_dataloaders_every_n_epochs`` (ask the datamodule for new train
+    and val data every n epochs; 0: never) keep their meanings.
+
     Example:
         >>> import fnloop as fl
         >>> fl.Trainer(max_epochs=20, val_check_interval=0.5, accumulate_grad_batches=2, gradient_clip_val=1.0).max_epochs
@@ -95,6 +100,9 @@ class Trainer:
     on_nonfinite: str = "raise"
     stop_signals: Sequence[int] | None = None
     donate: bool = True
+    enable_model_summary: bool = True
+    inference_mode: bool = True
+    reload_dataloaders_every_n_epochs: int = 0
 
     def __post_init__(self) -> None:
         _int_flag("max_epochs", self.max_epochs, low=-1, allow_none=True)
@@ -140,6 +148,10 @@ class Trainer:
                 )
         if self.seed is not None:
             _int_flag("seed", self.seed, low=0, allow_none=True)
+        for name in ("enable_model_summary", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"Trainer({name}={getattr(self, name)!r}): accepted values are True or False")
+        _int_flag("reload_dataloaders_every_n_epochs", self.reload_dataloaders_every_n_epochs, low=0, extra=" (0: never)")
         if self.min_epochs is not None and self.max_epochs not in (None, -1) and self.min_epochs > self.max_epochs:
             raise ConfigError(
                 f"Trainer(min_epochs={self.min_epochs}, max_epochs={self.max_epochs}): min_epochs must be <= max_epochs"

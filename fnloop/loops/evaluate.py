@@ -23,7 +23,7 @@ from fnloop.loops.hooks import Hooks
 from fnloop.loops.loaders import split_loaders, step_for, suffixed
 from fnloop.metrics import Accumulator
 
-__all__ = ["Loader", "eval_loaders", "evaluate", "run_stage", "prefixed"]
+__all__ = ["Loader", "eval_loaders", "evaluate", "grad_mode", "run_stage", "prefixed"]
 
 _KIND = {"val": "validation", "test": "test", "predict": "predict"}
 _ENTRY = {"val": "validate", "test": "test", "predict": "predict"}
@@ -59,6 +59,17 @@ def eval_loaders(data: Any, step: Any, *, seed: int, stage: str) -> list[Loader]
     ]
 
 
+def grad_mode(inference: bool) -> Any:
+    """``torch.inference_mode()`` or ``torch.no_grad()`` (``Trainer(inference_mode=...)``).
+
+    Example:
+        >>> with grad_mode(False):
+        ...     torch.is_grad_enabled()
+        False
+    """
+    return torch.inference_mode() if inference else torch.no_grad()
+
+
 def _to_floats(values: dict[str, torch.Tensor]) -> dict[str, float]:
     if not values:
         return {}
@@ -75,12 +86,14 @@ def evaluate(
     kind: str,
     prefix: str,
     epoch: int = 0,
+    inference: bool = True,
 ) -> tuple[Any, dict[str, float]]:
     """Run every loader's step over its first ``n_batches(source)`` batches; returns the state
     the batch hooks left and the metrics (batch-size weighted means, or each name's reduction:
     ``*_max``/``*_min``/``*_sum``), one host sync per loader.
 
     Calls ``on_{kind}_epoch_start``, ``on_{kind}_batch_start/_end`` and ``on_{kind}_epoch_end``.
+    Steps run under ``torch.inference_mode()`` (``inference``) or ``torch.no_grad()``.
     """
     acc = Accumulator()
     device = device_of(state.params)
@@ -91,8 +104,9 @@ def evaluate(
         accs = acc.init()
         for batch_idx, batch in enumerate(batches_on(loader.source, epoch, 0, n_batches(loader.source), device)):
             state = hooks(start, state, batch, batch_idx, idx)
-            out = loader.step(state, batch)
-            accs = acc.update(accs, out, loader.source.batch_size_of(batch))
+            with grad_mode(inference):
+                out = loader.step(state, batch)
+                accs = acc.update(accs, out, loader.source.batch_size_of(batch))
             state = hooks(end, state, out, batch, batch_idx, idx)
         metrics.update(suffixed(prefixed(_to_floats(acc.compute(accs)), prefix), loader.name))
     state = hooks(f"on_{kind}_epoch_end", state)
@@ -120,7 +134,9 @@ def run_stage(
     hooks, kind = Hooks(callbacks), _KIND[stage]
     state = hooks("setup", state, entry)
     state = hooks(f"on_{kind}_start", state)
-    state, metrics = evaluate(state, loaders, lambda s: limited(s, 0, limit, stage), hooks, kind=kind, prefix=stage)
+    state, metrics = evaluate(
+        state, loaders, lambda s: limited(s, 0, limit, stage), hooks, kind=kind, prefix=stage, inference=trainer.inference_mode
+    )
     if metrics:
         trainer.loggers.log_metrics(metrics, step=state.loop.global_step)
     state = hooks(f"on_{kind}_end", state, metrics)

@@ -16,7 +16,8 @@ import torch
 from fnloop.connectors.device import device_of
 from fnloop.errors import ConfigError
 from fnloop.loops import rules
-from fnloop.loops.data import batches_on, data_seed, limited, make_source, require, stage_data
+from fnloop.connectors.datamodule import resolve_datamodule
+from fnloop.loops.data import batches_on, data_seed, limited, make_source, require
 from fnloop.loops.evaluate import eval_loaders
 from fnloop.loops.run import FitRun, with_loop
 from fnloop.state import Status
@@ -44,14 +45,24 @@ def run_fit(
         raise ConfigError(f"Trainer.fit: state must be a fnloop.TrainState, got {type(state).__name__}")
     check_not_donated(state, "Trainer.fit")
     train_step = _with_flags(trainer, train_step)
-    train_data = require(
-        stage_data(train_data, datamodule, "train", fit=True), "train_data", "pass train_data= or a datamodule with train_data()"
-    )
-    val_data = stage_data(val_data, datamodule, "val", fit=True) if val_step is not None else None
+    reloadable = datamodule is not None and train_data is None and trainer.reload_dataloaders_every_n_epochs > 0
     seed = data_seed(trainer, state)
-    train_src = make_source(train_data, seed=seed, stage="train", no_shuffle=bool(trainer.overfit_batches))
-    val_loaders = eval_loaders(val_data, val_step, seed=seed, stage="val") if val_data is not None else []
+
+    def sources() -> tuple[Any, list[Any]]:
+        """The train source and val loaders, from the datamodule again when asked."""
+        wanted = train_data is None or (val_step is not None and val_data is None)
+        built = resolve_datamodule(datamodule, "fit") if datamodule is not None and wanted else {}
+        train = require(
+            train_data if train_data is not None else built.get("train_data"),
+            "train_data", "pass train_data= or a datamodule with train_data()",
+        )
+        val = (val_data if val_data is not None else built.get("val_data")) if val_step is not None else None
+        train_src = make_source(train, seed=seed, stage="train", no_shuffle=bool(trainer.overfit_batches))
+        return train_src, (eval_loaders(val, val_step, seed=seed, stage="val") if val is not None else [])
+
+    train_src, val_loaders = sources()
     run = FitRun(trainer, train_step, val_loaders, train_src, _checkpoint_of(trainer, checkpoint))
+    run.reload = sources if reloadable else None
     from fnloop.connectors.signals import stop_signals
 
     with stop_signals(trainer.stop_signals) as signals, _deterministic(trainer.deterministic):
@@ -168,6 +179,9 @@ def _fit(run: FitRun, state: Any, signals: Any, ckpt_path: str | None) -> Any:
             if state.loop.stop and run.can_stop(state, state.loop.epoch):
                 break
             epoch = state.loop.epoch
+            if run.reload is not None and epoch > 0 and epoch % trainer.reload_dataloaders_every_n_epochs == 0:
+                run.train_src, run.val_loaders = run.reload()
+                src = run.train_src
             n = limited(src, epoch, trainer.limit("train"), "train")
             interval, every_n_epochs = trainer.resolved_val_check
             check_batch = (

@@ -7,7 +7,7 @@ from typing import Any
 
 from fnloop.connectors.device import device_of
 from fnloop.loops.data import batches_on, data_seed, limited, require, stage_data
-from fnloop.loops.evaluate import eval_loaders
+from fnloop.loops.evaluate import eval_loaders, grad_mode
 from fnloop.loops.hooks import Hooks
 
 __all__ = ["run_predict"]
@@ -37,7 +37,8 @@ def run_predict(
         n = limited(loader.source, 0, limit, "predict")
         for batch_idx, batch in enumerate(batches_on(loader.source, 0, 0, n, device)):
             state = hooks("on_predict_batch_start", state, batch, batch_idx, idx)
-            out = loader.step(state, batch)
+            with grad_mode(trainer.inference_mode):
+                out = loader.step(state, batch)
             if return_predictions:
                 kept.append(out)
             state = hooks("on_predict_batch_end", state, out, batch, batch_idx, idx)

@@ -9,8 +9,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from fnloop.callbacks.misc import parse_duration
+from fnloop.callbacks.model_summary import ModelSummary
 from fnloop.callbacks.progress import ProgressBar
 from fnloop.errors import StepError
+from fnloop.loggers.rank import is_global_zero
 from fnloop.loops import rules
 from fnloop.loops.data import limited
 from fnloop.loops.evaluate import Loader, evaluate, prefixed
@@ -40,7 +42,10 @@ class FitRun:
         self.val_loaders = val_loaders
         self.train_src = train_src
         self.checkpoint = checkpoint
+        self.reload: Any = None  # () -> (train source, val loaders) under reload_dataloaders_every_n_epochs
         callbacks = [c for c in trainer.callback_list if c is not checkpoint]
+        if trainer.enable_model_summary and is_global_zero() and not any(isinstance(c, ModelSummary) for c in callbacks):
+            callbacks.insert(0, ModelSummary())
         if checkpoint is not None:  # last, so it saves what the other callbacks returned
             callbacks.append(checkpoint)
         self.bar = None
@@ -74,7 +79,9 @@ class FitRun:
     def _evaluate(self, state: Any, n_batches: Any) -> tuple[Any, dict[str, float]]:
         t0 = time.perf_counter()
         state = self.hooks("on_validation_start", state)
-        state, metrics = evaluate(state, self.val_loaders, n_batches, self.hooks, kind="validation", prefix="val")
+        state, metrics = evaluate(
+            state, self.val_loaders, n_batches, self.hooks, kind="validation", prefix="val", inference=self.trainer.inference_mode
+        )
         self.times["eval"] += time.perf_counter() - t0
         return state, metrics
 

@@ -22,7 +22,10 @@ def _fit_and_test(trainer):
 
 @pytest.mark.parametrize("logger", [None, True])
 def test_none_and_true_write_tensorboard_and_csv_to_one_folder_for_fit_and_test(tmp_path, logger, capsys):
-    trainer = fl.Trainer(max_epochs=1, logger=logger, default_root_dir=str(tmp_path), enable_progress_bar=False, log_every_n_steps=2)
+    trainer = fl.Trainer(
+        max_epochs=1, logger=logger, default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,
+        log_every_n_steps=2,
+    )
     tested = _fit_and_test(trainer)
     (run_dir,) = glob.glob(str(tmp_path / "default" / "version_*"))
     assert glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
@@ -35,14 +38,14 @@ def test_none_and_true_write_tensorboard_and_csv_to_one_folder_for_fit_and_test(
 
 def test_false_writes_nothing_and_prints_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    trainer = fl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False)
+    trainer = fl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
     _fit_and_test(trainer)
     assert os.listdir(tmp_path) == []
     assert capsys.readouterr().out == ""
 
 
 def test_the_progress_bar_prints_the_test_table_unless_verbose_is_false(capsys):
-    trainer = fl.Trainer(max_epochs=1, logger=False, enable_progress_bar=True)
+    trainer = fl.Trainer(max_epochs=1, logger=False, enable_progress_bar=True, enable_model_summary=False)
     state = sc.linear_state()
     trainer.test(state, fl.eval_step(sc.mse), sc.batches(2))
     assert "test/loss" in capsys.readouterr().out
