@@ -12,6 +12,7 @@ from fnloop.callbacks import EarlyStopping as EarlyStopping
 from fnloop.callbacks import LearningRateMonitor as LearningRateMonitor
 from fnloop.callbacks import ModelSummary as ModelSummary
 from fnloop.callbacks import ProgressBar as ProgressBar
+from fnloop.callbacks import ReduceLROnPlateau as ReduceLROnPlateau
 from fnloop.callbacks import Timer as Timer
 from fnloop.callbacks import request_stop as request_stop
 from fnloop.checkpoint import CheckpointManager as CheckpointManager

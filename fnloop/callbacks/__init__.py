@@ -9,4 +9,5 @@ from fnloop.callbacks.misc import LearningRateMonitor as LearningRateMonitor
 from fnloop.callbacks.misc import Timer as Timer
 from fnloop.callbacks.misc import parse_duration as parse_duration
 from fnloop.callbacks.model_summary import ModelSummary as ModelSummary
+from fnloop.callbacks.plateau import ReduceLROnPlateau as ReduceLROnPlateau
 from fnloop.callbacks.progress import ProgressBar as ProgressBar

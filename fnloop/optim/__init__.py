@@ -24,6 +24,10 @@ from fnloop.optim.base import chain as chain
 from fnloop.optim.base import identity as identity
 from fnloop.optim.base import learning_rate as learning_rate
 from fnloop.optim.base import scale_by_learning_rate as scale_by_learning_rate
+from fnloop.optim.plateau import PlateauState as PlateauState
+from fnloop.optim.plateau import plateau_lr as plateau_lr
+from fnloop.optim.plateau import plateau_step as plateau_step
+from fnloop.optim.plateau import reduce_on_plateau as reduce_on_plateau
 from fnloop.optim.schedules import constant as constant
 from fnloop.optim.schedules import exponential as exponential
 from fnloop.optim.schedules import join as join
