@@ -11,6 +11,7 @@ from fnloop.callbacks import Callback as Callback
 from fnloop.callbacks import EarlyStopping as EarlyStopping
 from fnloop.callbacks import LearningRateMonitor as LearningRateMonitor
 from fnloop.callbacks import ModelSummary as ModelSummary
+from fnloop.callbacks import PredictionWriter as PredictionWriter
 from fnloop.callbacks import ProgressBar as ProgressBar
 from fnloop.callbacks import ReduceLROnPlateau as ReduceLROnPlateau
 from fnloop.callbacks import Timer as Timer
