@@ -43,6 +43,8 @@ from fnloop.eval_steps import predict_step as predict_step
 from fnloop.step import train_step as train_step
 from fnloop.trainer import Trainer as Trainer
 from fnloop.tree import check_same_structure as check_same_structure
+from fnloop.tools import LRFinderResult as LRFinderResult
+from fnloop.tools import lr_find as lr_find
 from fnloop.tree import dataclass as dataclass
 from fnloop.tree import field as field
 from fnloop.tree import keystr as keystr
