@@ -52,20 +52,47 @@ def _limit_flag(name: str, value: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Trainer:
-    """Lightning's ``Trainer`` flags, with the same meaning; the loops live in
-    :mod:`fnloop.loops` and read every counter from ``state.loop``.
+    """The driver's flags, with Lightning's names and meanings.
 
-    Flags not in Lightning: ``on_nonfinite`` (``"raise"``, ``"skip"`` the update without a
-    host sync, or ``"stop"``; checked at each logging boundary), ``seed`` (data order; defaults
-    to the state's RNG key), ``stop_signals`` (OS signals that stop fit cleanly), ``donate``
-    (default True: fit updates the state it is given in place, as a hand-written loop does, and
-    that state is refused afterwards; use the state fit returns. ``False`` keeps it intact at the
-    cost of a second copy of the weights and optimizer state).
+    The loops live in :mod:`fnloop.loops` and read every counter from ``state.loop``. Flags not
+    in Lightning: ``on_nonfinite``, ``seed``, ``stop_signals`` and ``donate`` (below).
 
-    Lightning's ``enable_model_summary`` (print :class:`fnloop.ModelSummary` when fit starts),
-    ``inference_mode`` (evaluation and prediction under ``torch.inference_mode`` rather than
-    ``torch.no_grad``) and ``reload_dataloaders_every_n_epochs`` (ask the datamodule for new train
-    and val data every n epochs; 0: never) keep their meanings.
+    Args:
+        max_epochs: stop after this many epochs (-1: no limit; default 1000 when no other limit).
+        min_epochs: do not stop early (EarlyStopping, requested stops) before this many epochs.
+        max_steps: stop after this many optimizer steps (-1: no limit).
+        min_steps: do not stop early before this many optimizer steps.
+        max_time: stop after this wall time ("DD:HH:MM:SS", a dict of days/hours/... or seconds).
+        limit_train_batches: train batches per epoch (an int, or a float fraction of the epoch).
+        limit_val_batches: validation batches per run and per loader (int or fraction).
+        limit_test_batches: test batches per loader (int or fraction).
+        limit_predict_batches: prediction batches per loader (int or fraction).
+        val_check_interval: validate every this many train batches (int) or fraction of an epoch (float).
+        check_val_every_n_epoch: validate in every n-th epoch only (None: count batches across epochs).
+        num_sanity_val_steps: validation batches run before training (-1: all, 0: none).
+        log_every_n_steps: log train metrics every this many optimizer steps.
+        accumulate_grad_batches: batches whose gradients are summed into one optimizer step.
+        gradient_clip_val: clip gradients at this norm or value (None: no clipping).
+        gradient_clip_algorithm: "norm" (global norm, the default) or "value".
+        fast_dev_run: run 1 (True) or n batches of each loop, once, to check the code path.
+        overfit_batches: train and validate on this many (or this fraction of) train batches.
+        callbacks: a fnloop.Callback or a list of them.
+        logger: None or True: TensorBoard and CSV in default_root_dir; False: none; a sink or a list.
+        default_root_dir: where default loggers write (default: ./runs).
+        enable_progress_bar: show a progress bar during fit and the metrics table after validate/test.
+        deterministic: use torch's deterministic algorithms during fit.
+        seed: the seed of the data order (default: the state's RNG key).
+        on_nonfinite: a non-finite loss "raise"s, "skip"s the update (no host sync) or "stop"s fit.
+        stop_signals: OS signals that stop fit cleanly after the current step.
+        donate: fit updates the given state in place and refuses it afterwards (False: keep a copy).
+        enable_model_summary: print the model summary (ModelSummary) when fit starts.
+        inference_mode: evaluate and predict under torch.inference_mode (False: torch.no_grad).
+        reload_dataloaders_every_n_epochs: ask the datamodule for new train and val data every n epochs (0: never).
+
+    ``on_nonfinite`` is checked at each logging boundary. With ``donate`` (default True) fit
+    updates the state it is given in place, as a hand-written loop does, and that state is
+    refused afterwards; use the state fit returns. ``False`` keeps it intact at the cost of a
+    second copy of the weights and optimizer state.
 
     Example:
         >>> import fnloop as fl
