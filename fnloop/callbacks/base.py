@@ -14,6 +14,7 @@ pins it against a real Lightning run)::
         on_train_epoch_start
         for each batch:
             on_train_batch_start
+            on_before_optimizer_step      # at optimizer steps; gradient norms are opt-in
             on_train_batch_end            # after the step; metrics are tensors (do not sync)
             log / on_log                  # every log_every_n_steps optimizer steps
             on_validation_start ... on_validation_end(state, metrics)   # a validation run
@@ -111,6 +112,14 @@ class Callback:
 
     def on_train_batch_start(self, state: Any, batch: Any, batch_idx: int) -> Any:
         """Before each train step."""
+
+    def on_before_optimizer_step(self, state: Any, grad_norms: Mapping[str, torch.Tensor]) -> Any:
+        """At each optimizer step, with the norms of the gradients the optimizer was given
+        (tensors, no host read). The step is pure, so this runs once it returns, before
+        ``on_train_batch_end``. Opt-in: the norms come from ``flo.track_grad_norms()`` chained
+        first in the optimizer (``flo.tracked_grads(state.opt_state)`` gives the gradients with
+        ``keep_grads=True``); without it ``grad_norms`` is empty and the default step computes
+        nothing extra."""
 
     def on_train_batch_end(self, state: Any, metrics: Mapping[str, torch.Tensor]) -> Any:
         """After each train step; ``metrics`` are the step's tensors."""

@@ -20,6 +20,7 @@ from fnloop.connectors.datamodule import resolve_datamodule
 from fnloop.loops.data import batches_on, data_seed, limited, make_source, require
 from fnloop.loops.evaluate import eval_loaders
 from fnloop.loops.run import FitRun, with_loop
+from fnloop.optim.grad_norms import grad_norms
 from fnloop.state import Status
 
 __all__ = ["run_fit"]
@@ -171,7 +172,7 @@ def _fit(run: FitRun, state: Any, signals: Any, ckpt_path: str | None) -> Any:
         state = hooks("on_train_start", state)
         if state.loop.val_pending and run.val_loaders:  # interrupted right before a validation
             state = run.validate(state)
-        batch_start = hooks.wants("on_train_batch_start")
+        batch_start, before_opt = hooks.wants("on_train_batch_start"), hooks.wants("on_before_optimizer_step")
         stopped = False
         while not stopped and not rules.fit_done(
             epoch=state.loop.epoch, global_step=state.loop.global_step, max_epochs=run.max_epochs, max_steps=run.max_steps
@@ -210,6 +211,8 @@ def _fit(run: FitRun, state: Any, signals: Any, ckpt_path: str | None) -> Any:
                 stepped = rules.is_optimizer_step(batch_idx, n_batches=n, accumulate=run.accumulate)
                 if stepped and flush is not None and n is not None and batch_idx + 1 == n:
                     state = flush(state)  # Lightning steps on a partial accumulation window
+                if stepped and before_opt:
+                    state = hooks("on_before_optimizer_step", state, grad_norms(state.opt_state))
                 loop = state.loop
                 validate = check_batch is not None and rules.should_validate(
                     batch_idx, total_batch_idx=loop.total_batch_idx, epoch=epoch, n_batches=n,

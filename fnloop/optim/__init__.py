@@ -24,6 +24,10 @@ from fnloop.optim.base import chain as chain
 from fnloop.optim.base import identity as identity
 from fnloop.optim.base import learning_rate as learning_rate
 from fnloop.optim.base import scale_by_learning_rate as scale_by_learning_rate
+from fnloop.optim.grad_norms import GradNormState as GradNormState
+from fnloop.optim.grad_norms import grad_norms as grad_norms
+from fnloop.optim.grad_norms import track_grad_norms as track_grad_norms
+from fnloop.optim.grad_norms import tracked_grads as tracked_grads
 from fnloop.optim.plateau import PlateauState as PlateauState
 from fnloop.optim.plateau import plateau_lr as plateau_lr
 from fnloop.optim.plateau import plateau_step as plateau_step

@@ -9,7 +9,8 @@ the hooks both define are compared. Documented differences, filtered out of Ligh
   epoch-end checkpoint there, which resumes at the next epoch); Lightning also calls it when
   ``max_steps`` stops a run mid-epoch, so the runs here stop at epoch boundaries;
 * hooks fnloop has no counterpart for are absent from fnloop's list and so never compared
-  (``on_before_backward`` and friends: gradients stay inside the pure step).
+  (``on_before_backward``, ``on_after_backward``, ``on_before_zero_grad``: gradients stay inside
+  the pure step; ``on_before_optimizer_step`` is compared).
 """
 
 from __future__ import annotations
