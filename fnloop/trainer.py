@@ -17,12 +17,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from fnloop.callbacks.base import Callback
 from fnloop.callbacks.misc import parse_duration
 from fnloop.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fnloop.state import TrainState
+    from fnloop.types import EvalStepFn, PredictStepFn, StepFn
 
 __all__ = ["Trainer"]
 
@@ -251,11 +255,11 @@ class Trainer:
 
     def fit(
         self,
-        state: Any,
-        train_step: Any,
+        state: TrainState,
+        train_step: StepFn,
         train_data: Any = None,
         *,
-        val_step: Any = None,
+        val_step: EvalStepFn | Sequence[EvalStepFn] | Mapping[str, EvalStepFn] | None = None,
         val_data: Any = None,
         datamodule: Any = None,
         ckpt_path: str | None = None,
@@ -281,7 +285,13 @@ class Trainer:
         )
 
     def validate(
-        self, state: Any, eval_step: Any, data: Any = None, *, datamodule: Any = None, verbose: bool = True
+        self,
+        state: TrainState,
+        eval_step: EvalStepFn | Sequence[EvalStepFn] | Mapping[str, EvalStepFn],
+        data: Any = None,
+        *,
+        datamodule: Any = None,
+        verbose: bool = True,
     ) -> dict[str, float]:
         """Run ``eval_step`` over ``data``; metrics reduced over the loader (``val/...``).
 
@@ -294,7 +304,13 @@ class Trainer:
         return run_stage(self, state, eval_step, data, stage="val", datamodule=datamodule, verbose=verbose)
 
     def test(
-        self, state: Any, eval_step: Any, data: Any = None, *, datamodule: Any = None, verbose: bool = True
+        self,
+        state: TrainState,
+        eval_step: EvalStepFn | Sequence[EvalStepFn] | Mapping[str, EvalStepFn],
+        data: Any = None,
+        *,
+        datamodule: Any = None,
+        verbose: bool = True,
     ) -> dict[str, float]:
         """Run ``eval_step`` over ``data``; metrics reduced over the loader (``test/...``); see :meth:`validate`."""
         from fnloop.loops.evaluate import run_stage
@@ -302,7 +318,13 @@ class Trainer:
         return run_stage(self, state, eval_step, data, stage="test", datamodule=datamodule, verbose=verbose)
 
     def predict(
-        self, state: Any, predict_step: Any, data: Any = None, *, datamodule: Any = None, return_predictions: bool = True
+        self,
+        state: TrainState,
+        predict_step: PredictStepFn | Sequence[PredictStepFn] | Mapping[str, PredictStepFn],
+        data: Any = None,
+        *,
+        datamodule: Any = None,
+        return_predictions: bool = True,
     ) -> Any:
         """Run ``predict_step`` over ``data``; returns the outputs of every batch, in order.
 

@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -22,6 +22,13 @@ from fnloop.loops.data import batches_on, data_seed, limited, make_source, requi
 from fnloop.loops.hooks import Hooks
 from fnloop.loops.loaders import split_loaders, step_for, suffixed
 from fnloop.metrics import Accumulator
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from fnloop.state import TrainState
+    from fnloop.trainer import Trainer
+    from fnloop.types import EvalStepFn
 
 __all__ = ["Loader", "eval_loaders", "evaluate", "grad_mode", "run_stage", "prefixed"]
 
@@ -114,7 +121,7 @@ def evaluate(
 
 
 def run_stage(
-    trainer: Any, state: Any, eval_step: Any, data: Any, *, stage: str, datamodule: Any = None, verbose: bool = True
+    trainer: Trainer, state: TrainState, eval_step: EvalStepFn | Sequence[EvalStepFn] | Mapping[str, EvalStepFn], data: Any, *, stage: str, datamodule: Any = None, verbose: bool = True
 ) -> dict[str, float]:
     """``Trainer.validate`` / ``Trainer.test``: metrics as ``{"val/loss": ...}``; the progress bar
     (``enable_progress_bar``) prints them as a table unless ``verbose`` is False."""
@@ -126,7 +133,7 @@ def run_stage(
     data = require(
         stage_data(data, datamodule, stage), f"{stage} data", f"pass data= or a datamodule with a {stage}_data() method"
     )
-    loaders = eval_loaders(data, eval_step, seed=data_seed(trainer, state), stage=stage)
+    loaders = eval_loaders(data, eval_step, seed=data_seed(trainer.seed, state), stage=stage)
     limit = trainer.limit(stage)
     callbacks = trainer.callback_list
     if trainer.enable_progress_bar and verbose and not any(isinstance(c, ProgressBar) for c in callbacks):

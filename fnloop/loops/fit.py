@@ -9,30 +9,37 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fnloop.connectors.datamodule import resolve_datamodule
 from fnloop.connectors.device import device_of
 from fnloop.errors import ConfigError
 from fnloop.loops import rules
-from fnloop.connectors.datamodule import resolve_datamodule
 from fnloop.loops.data import batches_on, data_seed, limited, make_source, require
 from fnloop.loops.evaluate import eval_loaders
 from fnloop.loops.run import FitRun, with_loop
 from fnloop.optim.grad_norms import grad_norms
 from fnloop.state import Status
 
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from fnloop.state import TrainState
+    from fnloop.trainer import Trainer
+    from fnloop.types import EvalStepFn, StepFn
+
 __all__ = ["run_fit"]
 
 
 def run_fit(
-    trainer: Any,
-    state: Any,
-    train_step: Any,
+    trainer: Trainer,
+    state: TrainState,
+    train_step: StepFn,
     train_data: Any,
     *,
-    val_step: Any = None,
+    val_step: EvalStepFn | Sequence[EvalStepFn] | Mapping[str, EvalStepFn] | None = None,
     val_data: Any = None,
     datamodule: Any = None,
     ckpt_path: str | None = None,
@@ -47,7 +54,7 @@ def run_fit(
     check_not_donated(state, "Trainer.fit")
     train_step = _with_flags(trainer, train_step)
     reloadable = datamodule is not None and train_data is None and trainer.reload_dataloaders_every_n_epochs > 0
-    seed = data_seed(trainer, state)
+    seed = data_seed(trainer.seed, state)
 
     def sources() -> tuple[Any, list[Any]]:
         """The train source and val loaders, from the datamodule again when asked."""
@@ -70,7 +77,7 @@ def run_fit(
         return _fit(run, state, signals, ckpt_path)
 
 
-def _with_flags(trainer: Any, train_step: Any) -> Any:
+def _with_flags(trainer: Trainer, train_step: StepFn) -> StepFn:
     """The train step with the Trainer's optimizer flags as its options (see fnloop.options)."""
     from fnloop.options import StepOptions
 
@@ -115,7 +122,7 @@ def _deterministic(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(previous)
 
 
-def _checkpoint_of(trainer: Any, checkpoint: Any) -> Any:
+def _checkpoint_of(trainer: Trainer, checkpoint: Any) -> Any:
     """The ModelCheckpoint of this fit: from ``checkpoint=`` or among the callbacks."""
     from fnloop.checkpoint.callback import ModelCheckpoint
 

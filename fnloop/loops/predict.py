@@ -3,18 +3,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fnloop.connectors.device import device_of
 from fnloop.loops.data import batches_on, data_seed, limited, require, stage_data
 from fnloop.loops.evaluate import eval_loaders, grad_mode
 from fnloop.loops.hooks import Hooks
 
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from fnloop.state import TrainState
+    from fnloop.trainer import Trainer
+    from fnloop.types import PredictStepFn
+
 __all__ = ["run_predict"]
 
 
 def run_predict(
-    trainer: Any, state: Any, predict_step: Any, data: Any, *, datamodule: Any = None, return_predictions: bool = True
+    trainer: Trainer, state: TrainState, predict_step: PredictStepFn | Sequence[PredictStepFn] | Mapping[str, PredictStepFn], data: Any, *, datamodule: Any = None, return_predictions: bool = True
 ) -> Any:
     """``Trainer.predict``: the outputs of every batch in data order; with several loaders, a
     list (or dict) of such lists, one per loader; None when ``return_predictions`` is False."""
@@ -24,7 +31,7 @@ def run_predict(
     data = require(
         stage_data(data, datamodule, "predict"), "predict data", "pass data= or a datamodule with a predict_data() method"
     )
-    loaders = eval_loaders(data, predict_step, seed=data_seed(trainer, state), stage="predict")
+    loaders = eval_loaders(data, predict_step, seed=data_seed(trainer.seed, state), stage="predict")
     limit = trainer.limit("predict")
     hooks = Hooks(trainer.callback_list)
     device = device_of(state.params)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from fnloop.errors import ConfigError
+from fnloop.types import LossFn
 
 __all__ = ["LRFinderResult", "lr_find"]
 
@@ -76,7 +77,7 @@ def _suggest(lrs: list[float], losses: list[float], skip_begin: int, skip_end: i
 
 def lr_find(
     state: Any,
-    loss_fn: Callable[..., Any],
+    loss_fn: LossFn,
     data: Any,
     *,
     optimizer: Callable[[Any], Any],
