@@ -139,14 +139,15 @@ def run_stage(
     if trainer.enable_progress_bar and verbose and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks = [*callbacks, ProgressBar()]
     hooks, kind = Hooks(callbacks), _KIND[stage]
-    state = hooks("setup", state, entry)
-    state = hooks(f"on_{kind}_start", state)
-    state, metrics = evaluate(
-        state, loaders, lambda s: limited(s, 0, limit, stage), hooks, kind=kind, prefix=stage, inference=trainer.inference_mode
-    )
-    if metrics:
-        trainer.loggers.log_metrics(metrics, step=state.loop.global_step)
-    state = hooks(f"on_{kind}_end", state, metrics)
-    hooks("teardown", state, entry)
+    with hooks.on_failure(state):
+        state = hooks("setup", state, entry)
+        state = hooks(f"on_{kind}_start", state)
+        state, metrics = evaluate(
+            state, loaders, lambda s: limited(s, 0, limit, stage), hooks, kind=kind, prefix=stage, inference=trainer.inference_mode
+        )
+        if metrics:
+            trainer.loggers.log_metrics(metrics, step=state.loop.global_step)
+        state = hooks(f"on_{kind}_end", state, metrics)
+        hooks("teardown", state, entry)
     trainer.loggers.finalize("finished")
     return metrics

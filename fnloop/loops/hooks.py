@@ -15,7 +15,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from fnloop.callbacks.base import Callback
@@ -89,3 +90,17 @@ class Hooks:
             if out is not None:
                 metadata = dict(out)
         return metadata
+
+    @contextlib.contextmanager
+    def on_failure(self, state: Any) -> Iterator[None]:
+        """Inside the block, an exception calls ``on_exception(state, exc)`` and propagates.
+
+        Example:
+            >>> with Hooks([]).on_failure(None):
+            ...     pass
+        """
+        try:
+            yield
+        except BaseException as exc:
+            self.notify("on_exception", state, exc)
+            raise

@@ -35,24 +35,25 @@ def run_predict(
     limit = trainer.limit("predict")
     hooks = Hooks(trainer.callback_list)
     device = device_of(state.params)
-    state = hooks("setup", state, "predict")
-    state = hooks("on_predict_start", state)
-    state = hooks("on_predict_epoch_start", state)
-    outputs: list[list[Any]] = []
-    for idx, loader in enumerate(loaders):
-        kept: list[Any] = []
-        n = limited(loader.source, 0, limit, "predict")
-        for batch_idx, batch in enumerate(batches_on(loader.source, 0, 0, n, device)):
-            state = hooks("on_predict_batch_start", state, batch, batch_idx, idx)
-            with grad_mode(trainer.inference_mode):
-                out = loader.step(state, batch)
-            if return_predictions:
-                kept.append(out)
-            state = hooks("on_predict_batch_end", state, out, batch, batch_idx, idx)
-        outputs.append(kept)
-    state = hooks("on_predict_epoch_end", state)
-    state = hooks("on_predict_end", state)
-    hooks("teardown", state, "predict")
+    with hooks.on_failure(state):
+        state = hooks("setup", state, "predict")
+        state = hooks("on_predict_start", state)
+        state = hooks("on_predict_epoch_start", state)
+        outputs: list[list[Any]] = []
+        for idx, loader in enumerate(loaders):
+            kept: list[Any] = []
+            n = limited(loader.source, 0, limit, "predict")
+            for batch_idx, batch in enumerate(batches_on(loader.source, 0, 0, n, device)):
+                state = hooks("on_predict_batch_start", state, batch, batch_idx, idx)
+                with grad_mode(trainer.inference_mode):
+                    out = loader.step(state, batch)
+                if return_predictions:
+                    kept.append(out)
+                state = hooks("on_predict_batch_end", state, out, batch, batch_idx, idx)
+            outputs.append(kept)
+        state = hooks("on_predict_epoch_end", state)
+        state = hooks("on_predict_end", state)
+        hooks("teardown", state, "predict")
     if not return_predictions:
         return None
     if loaders[0].name is None:

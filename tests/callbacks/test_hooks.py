@@ -98,3 +98,20 @@ def test_predict_hooks_see_outputs_and_return_predictions_false_keeps_none():
     got = sc.quiet_trainer(callbacks=[Keep()]).predict(sc.linear_state(), step, sc.batches(3), return_predictions=False)
     assert got is None and outs == [4, 4, 4]
     assert torch.is_tensor(sc.quiet_trainer().predict(sc.linear_state(), step, sc.batches(1))[0])
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_on_exception_is_called_when_an_evaluation_stage_raises(stage):
+    seen = []
+
+    class Rec(fl.Callback):
+        def on_exception(self, state, exception):
+            seen.append(str(exception))
+
+    def boom(model, batch):
+        raise ValueError("bad batch")
+
+    step = fl.predict_step(boom) if stage == "predict" else fl.eval_step(boom)
+    with pytest.raises(ValueError, match="bad batch"):
+        getattr(sc.quiet_trainer(callbacks=[Rec()]), stage)(sc.linear_state(), step, sc.batches(1))
+    assert seen == ["bad batch"]
