@@ -249,7 +249,7 @@ def _fit(run: FitRun, state: Any, signals: Any, ckpt_path: str | None) -> Any:
                     break
                 t0 = time.perf_counter()
             if n is None and not stopped or n is not None and batch_idx >= n:  # the epoch is complete
-                state = run.flush_epoch(state)
+                state = run.flush_window(state, epoch_end=True)
                 state = hooks("on_train_epoch_end", state)
                 state = with_loop(state, epoch=epoch + 1, batch_idx=0)
         state = hooks("on_train_end", with_loop(state, status=Status.FINISHED))

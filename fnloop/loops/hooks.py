@@ -40,7 +40,8 @@ class Hooks:
         self.callbacks = list(callbacks)
         self._by_name: dict[str, list[Any]] = {}
 
-    def _for(self, name: str) -> list[Any]:
+    def overriding(self, name: str) -> list[Any]:
+        """The callbacks that override hook ``name``, in order (resolved once)."""
         found = self._by_name.get(name)
         if found is None:
             found = self._by_name[name] = [cb for cb in self.callbacks if _overrides(cb, name)]
@@ -53,7 +54,7 @@ class Hooks:
             >>> Hooks([]).wants("on_train_batch_start")
             False
         """
-        return bool(self._for(name))
+        return bool(self.overriding(name))
 
     def __call__(self, name: str, state: Any, *args: Any) -> Any:
         """Call hook ``name`` of every callback that has it; a returned state replaces the current one.
@@ -62,7 +63,7 @@ class Hooks:
             >>> Hooks([])("on_fit_start", "s")
             's'
         """
-        for cb in self._for(name):
+        for cb in self.overriding(name):
             out = getattr(cb, name)(state, *args)
             if out is not None:
                 state = out
@@ -74,7 +75,7 @@ class Hooks:
         Example:
             >>> Hooks([]).notify("on_log", {"loss": 1.0}, 3)
         """
-        for cb in self._for(name):
+        for cb in self.overriding(name):
             getattr(cb, name)(*args)
 
     def save_metadata(self, state: Any, metadata: dict[str, Any]) -> dict[str, Any]:
@@ -85,7 +86,7 @@ class Hooks:
             >>> Hooks([]).save_metadata(None, {"val/loss": 0.5})
             {'val/loss': 0.5}
         """
-        for cb in self._for("on_save_checkpoint"):
+        for cb in self.overriding("on_save_checkpoint"):
             out = cb.on_save_checkpoint(state, dict(metadata))
             if out is not None:
                 metadata = dict(out)

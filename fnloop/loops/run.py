@@ -109,42 +109,42 @@ class FitRun:
 
     # --- logging -------------------------------------------------------------------------------
 
-    def flush_window(self, state: Any) -> Any:
-        """Log the window's reduced train metrics (``train/<name>``) and the callbacks' values."""
-        if not len(self.window):
-            return state
-        states, bad, seconds, samples = self.window.reduce()
-        where_of = self.window.where
-        self.window = Window(self.acc)
-        if bad is not None and self.trainer.on_nonfinite != "skip":
-            bad_step, bad_epoch = where_of[bad]
-            where = f"the loss became non-finite at global step {bad_step} (epoch {bad_epoch})"
-            if self.trainer.on_nonfinite == "raise":
-                raise StepError(
-                    f"{where}; lower the learning rate, clip gradients (gradient_clip_val), or set "
-                    "Trainer(on_nonfinite='skip') to skip such updates"
-                )
-            state = with_loop(state, stop=True)
-        self.epoch_states = self.acc.merge(self.epoch_states, states)
-        logged = prefixed({k: float(v) for k, v in self.acc.compute(states).items()}, "train")
-        if seconds > 0:
-            logged["throughput/samples_per_sec"] = samples / seconds
-            logged["throughput/batches_per_sec"] = len(where_of) / seconds
-        for cb in self.callbacks:
-            logged.update(cb.log(state))
-        step = state.loop.global_step
-        self.logger.log_metrics(logged, step=step)
-        self.hooks.notify("on_log", logged, step)
-        return with_loop(state, logger_step=step)
-
-    def flush_epoch(self, state: Any) -> Any:
-        """The epoch's last window, then the epoch's train metrics as ``train/<name>_epoch``."""
-        state = self.flush_window(state)
-        if self.epoch_states:
+    def flush_window(self, state: Any, *, epoch_end: bool = False) -> Any:
+        """Log the window's reduced train metrics (``train/<name>``) and the callbacks' values;
+        at the end of an epoch also the epoch's values (``train/<name>_epoch``), in one call."""
+        logged: dict[str, float] = {}
+        window = len(self.window) > 0
+        if window:
+            states, bad, seconds, samples = self.window.reduce()
+            where_of = self.window.where
+            self.window = Window(self.acc)
+            if bad is not None and self.trainer.on_nonfinite != "skip":
+                bad_step, bad_epoch = where_of[bad]
+                where = f"the loss became non-finite at global step {bad_step} (epoch {bad_epoch})"
+                if self.trainer.on_nonfinite == "raise":
+                    raise StepError(
+                        f"{where}; lower the learning rate, clip gradients (gradient_clip_val), or set "
+                        "Trainer(on_nonfinite='skip') to skip such updates"
+                    )
+                state = with_loop(state, stop=True)
+            self.epoch_states = self.acc.merge(self.epoch_states, states)
+            logged = prefixed({k: float(v) for k, v in self.acc.compute(states).items()}, "train")
+            if seconds > 0:
+                logged["throughput/samples_per_sec"] = samples / seconds
+                logged["throughput/batches_per_sec"] = len(where_of) / seconds
+            for cb in self.hooks.overriding("log"):
+                logged.update(cb.log(state))
+        if epoch_end and self.epoch_states:
             values = prefixed({k: float(v) for k, v in self.acc.compute(self.epoch_states).items()}, "train")
             self.epoch_states = {}
-            self.logger.log_metrics({f"{k}_epoch": v for k, v in values.items()}, step=state.loop.global_step)
-        return state
+            logged.update({f"{k}_epoch": v for k, v in values.items()})
+        if not logged:
+            return state
+        step = state.loop.global_step
+        self.logger.log_metrics(logged, step=step)
+        if window:  # a logging boundary (an epoch's values alone are not one)
+            self.hooks.notify("on_log", logged, step)
+        return with_loop(state, logger_step=step)
 
     # --- stopping ------------------------------------------------------------------------------
 

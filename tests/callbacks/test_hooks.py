@@ -84,7 +84,7 @@ def test_only_overridden_hooks_are_called():
     hooks = Hooks([fl.Callback(), One(), fl.Callback()])
     assert hooks.wants("on_train_batch_start") and not hooks.wants("on_train_batch_end")
     assert hooks("on_train_batch_start", 0, None, 0) == 1
-    assert hooks._for("on_train_batch_start") == [hooks.callbacks[1]]
+    assert hooks.overriding("on_train_batch_start") == [hooks.callbacks[1]]
 
 
 def test_predict_hooks_see_outputs_and_return_predictions_false_keeps_none():
