@@ -40,9 +40,17 @@ from fnloop.optim.base import from_apply as from_apply
 from fnloop.optim.base import fused_apply as fused_apply
 from fnloop.optim.base import identity as identity
 from fnloop.optim.base import learning_rate as learning_rate
+from fnloop.optim.grad_norms import GradNormState as GradNormState
+from fnloop.optim.grad_norms import grad_norms as grad_norms
+from fnloop.optim.grad_norms import track_grad_norms as track_grad_norms
+from fnloop.optim.grad_norms import tracked_grads as tracked_grads
 from fnloop.optim.partition import MultiTransformState as MultiTransformState
 from fnloop.optim.partition import multi_transform as multi_transform
 from fnloop.optim.partition import set_to_zero as set_to_zero
+from fnloop.optim.plateau import PlateauState as PlateauState
+from fnloop.optim.plateau import plateau_lr as plateau_lr
+from fnloop.optim.plateau import plateau_step as plateau_step
+from fnloop.optim.plateau import reduce_on_plateau as reduce_on_plateau
 from fnloop.optim.schedules import constant as constant
 from fnloop.optim.schedules import exponential as exponential
 from fnloop.optim.schedules import join as join
