@@ -108,6 +108,7 @@ class Trainer:
         enable_model_summary: print the model summary (ModelSummary) when fit starts.
         inference_mode: evaluate and predict under torch.inference_mode (False: torch.no_grad).
         reload_dataloaders_every_n_epochs: ask the datamodule for new train and val data every n epochs (0: never).
+        log_window_spans_epochs: let a logging window run on into the next epoch (default: each epoch's end closes it).
         enable_checkpointing: True adds the default ModelCheckpoint, False forbids one; None checkpoints only when asked.
         accelerator: "auto", "cpu", "cuda", "gpu" or "mps".
         devices: devices per node: an int, a list of device indices or "auto".
@@ -173,6 +174,7 @@ class Trainer:
     precision: str | int = "32-true"
     sync_batchnorm: bool = False
     use_distributed_sampler: bool = True
+    log_window_spans_epochs: bool = False
 
     def __post_init__(self) -> None:
         _int_flag("max_epochs", self.max_epochs, low=-1, allow_none=True)
@@ -218,7 +220,7 @@ class Trainer:
                 )
         if self.seed is not None:
             _int_flag("seed", self.seed, low=0, allow_none=True)
-        for name in ("enable_model_summary", "inference_mode"):
+        for name in ("enable_model_summary", "inference_mode", "log_window_spans_epochs"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"Trainer({name}={getattr(self, name)!r}): accepted values are True or False")
         _int_flag("reload_dataloaders_every_n_epochs", self.reload_dataloaders_every_n_epochs, low=0, extra=" (0: never)")

@@ -71,31 +71,33 @@ class Window:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def reduce(self) -> tuple[dict[str, Any], int | None, float, int]:
+    def reduce(self, start: int = 0) -> tuple[dict[str, Any], int | None, float, int]:
         """``(metric states by name, index of the first entry with a non-finite loss or None,
-        seconds, samples)``; the states merge into an epoch's with ``Accumulator.merge``."""
+        seconds, samples)`` of the entries from ``start`` on; the states merge into an epoch's
+        with ``Accumulator.merge``."""
         seconds = time.perf_counter() - self.start
-        samples = sum(bs for _, bs in self.entries)
+        entries = self.entries[start:]
+        samples = sum(bs for _, bs in entries)
         keys: list[str] = []
-        for metrics, _ in self.entries:
+        for metrics, _ in entries:
             keys.extend(k for k in metrics if k not in keys)
-        if not self.entries or not keys:
+        if not entries or not keys:
             return {}, None, seconds, samples
         rows = []
-        for m, _ in self.entries:  # stacked where the values live, then one transfer
+        for m, _ in entries:  # stacked where the values live, then one transfer
             device = next(iter(m.values())).device
             dtype = torch.float32 if device.type == "mps" else torch.float64
             zero = torch.zeros((), dtype=dtype, device=device)
             rows.append(torch.stack([m[k].detach().reshape(()).to(dtype) if k in m else zero for k in keys]))
         table = torch.stack(rows).to("cpu", torch.float64)  # [entries, keys]
-        present = torch.tensor([[k in m for k in keys] for m, _ in self.entries])
-        sizes = torch.tensor([bs for _, bs in self.entries], dtype=torch.float64)
+        present = torch.tensor([[k in m for k in keys] for m, _ in entries])
+        sizes = torch.tensor([bs for _, bs in entries], dtype=torch.float64)
         states = {k: _reduce_column(self.acc.metric_for(k), table[:, j], present[:, j], sizes) for j, k in enumerate(keys)}
         bad = None
         if "loss" in keys:
             finite = torch.isfinite(table[:, keys.index("loss")])
             if not bool(finite.all()):
-                bad = int((~finite).nonzero()[0, 0])
+                bad = start + int((~finite).nonzero()[0, 0])
         return states, bad, seconds, samples
 
 

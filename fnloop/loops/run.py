@@ -79,6 +79,7 @@ class FitRun:
         self.window = Window(self.acc)
         self.epoch_states: dict[str, Any] = {}  # the train metrics of the epoch so far
         self.epoch_samples = 0
+        self.counted = 0  # entries of an open window that spans epochs already in an epoch's values
         self.started = time.monotonic()
         self.times = {"data": 0.0, "step": 0.0, "eval": 0.0}
 
@@ -128,13 +129,25 @@ class FitRun:
         """Log the window's reduced train metrics (``train/<name>``) and the callbacks' values;
         at the end of an epoch also the epoch's values (``train/<name>_epoch``), in one call."""
         logged: dict[str, float] = {}
-        window = len(self.window) > 0
-        if window:
-            states, bad, seconds, samples = self.window.reduce()
-            where_of = self.window.where
-            self.window = Window(self.acc)
-            values = {k: float(v) for k, v in self.acc.compute(states).items()}
+        spans = epoch_end and self.trainer.log_window_spans_epochs  # the window stays open into the next epoch
+        window = len(self.window) > 0 and not spans
+        counted = self.counted  # entries of the open window already in the epoch's values
+        if spans and len(self.window) > counted:
+            states, _, _, samples = self.window.reduce(counted)
+            self.epoch_states = self.acc.merge(self.epoch_states, states)
             self.epoch_samples += samples
+            self.counted = len(self.window)
+        if window:
+            flushed = self.window
+            states, bad, seconds, samples = flushed.reduce()
+            where_of = flushed.where
+            self.window, self.counted = Window(self.acc), 0
+            values = {k: float(v) for k, v in self.acc.compute(states).items()}
+            if counted:  # the entries before `counted` went into the previous epoch's values
+                epoch_part, _, _, epoch_samples = flushed.reduce(counted)
+            else:
+                epoch_part, epoch_samples = states, samples
+            self.epoch_samples += epoch_samples
             if self.parallel.distributed:  # every rank's window, weighted by samples (a non-finite loss anywhere shows)
                 values = self.parallel.reduce_metrics(values, samples)
                 bad = 0 if bad is None and not math.isfinite(values.get("loss", 0.0)) else bad
@@ -148,7 +161,7 @@ class FitRun:
                         "Trainer(on_nonfinite='skip') to skip such updates"
                     )
                 state = with_loop(state, stop=True)
-            self.epoch_states = self.acc.merge(self.epoch_states, states)
+            self.epoch_states = self.acc.merge(self.epoch_states, epoch_part)
             logged = prefixed(values, "train")
             if seconds > 0:
                 logged["throughput/samples_per_sec"] = samples / seconds

@@ -71,6 +71,39 @@ def test_windows_and_epochs_reduce_each_metric_by_its_rule(n_batches, every, epo
             assert got[f"train/{k}_epoch"] == pytest.approx(v, rel=1e-6, abs=1e-9), k
 
 
+@settings(max_examples=8, deadline=None)
+@given(n_batches=st.integers(1, 7), every=st.integers(2, 5), epochs=st.integers(2, 3))
+def test_windows_may_span_epochs_when_configured(n_batches, every, epochs):
+    """``log_window_spans_epochs=True``: windows close every ``every`` optimizer steps whatever the
+    epoch; each epoch's values still cover exactly that epoch's batches."""
+    sizes = [4, 3, 5, 2, 4, 6, 1][:n_batches]
+    data = [b for i, s in enumerate(sizes) for b in sc.batches(1, batch_size=s, seed=i)]
+    rec, sink = StepValues(), sc.RecordingLogger()
+    trainer = sc.quiet_trainer(
+        max_epochs=epochs, log_every_n_steps=every, logger=sink, callbacks=[rec], log_window_spans_epochs=True
+    )
+    trainer.fit(sc.linear_state(), fl.train_step(_loss), data)
+    rows = [r for _, r in rec.rows]
+    all_sizes = sizes * epochs
+    total = n_batches * epochs
+    ends = [s for s in range(1, total + 1) if s % every == 0] + ([total] if total % every else [])
+    expected_windows, start = [], 0
+    for end in ends:
+        expected_windows.append((end, _reduce(rows[start:end], all_sizes[start:end])))
+        start = end
+    windows = [(s, m) for s, m in sink.metrics if "train/loss" in m]
+    assert [s for s, _ in windows] == [s for s, _ in expected_windows]
+    for (_, got), (_, want) in zip(windows, expected_windows):
+        for k, v in want.items():
+            assert got[f"train/{k}"] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    epochs_logged = [m for _, m in sink.metrics if "train/loss_epoch" in m]
+    assert len(epochs_logged) == epochs
+    for e, got in enumerate(epochs_logged):
+        want = _reduce([r for ep, r in rec.rows if ep == e], sizes)
+        for k, v in want.items():
+            assert got[f"train/{k}_epoch"] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+
+
 def test_the_max_is_the_true_max_and_the_sum_counts_every_step():
     rec, sink = StepValues(), sc.RecordingLogger()
     trainer = sc.quiet_trainer(max_epochs=1, log_every_n_steps=8, logger=sink, callbacks=[rec])
