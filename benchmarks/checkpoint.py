@@ -1,13 +1,21 @@
-"""Checkpoint throughput: fnloop save/restore vs raw torch.save/torch.load, and async blocking time.
+"""Checkpoint throughput: fnloop save/restore vs raw torch.save/torch.load, async blocking time, save memory.
 
 Every figure is measured side by side in one run, on the same tensors and the same local
 temporary folder, as the median of ``--repeat`` rounds. Ratios are throughput ratios
-(fnloop / raw: above 1 means fnloop is faster). fnloop saves fsync every file and folder
-and hash the tensor file; ``torch.save`` does neither, so ``torch.save + fsync`` is printed
-as well for reference.
+(fnloop / raw: above 1 means fnloop is faster).
 
-    python benchmarks/checkpoint.py            # readable table
-    python benchmarks/checkpoint.py --json     # one JSON line
+* save: fnloop writes, checksums and fsyncs every file and folder; it is compared with
+  ``torch.save`` followed by ``os.fsync`` (the same durability) and with plain ``torch.save``.
+* restore: ``torch.load(weights_only=True)`` and fnloop read the same tensors in the same
+  cache state: ``warm`` (both files in the page cache, read once before timing) and ``cold``
+  (both files dropped from the page cache with ``posix_fadvise(DONTNEED)`` before each read).
+* async: how long ``CheckpointManager(async_save=True).save`` blocks, vs a synchronous save.
+* memory: the peak resident memory a synchronous save adds, measured in a fresh process
+  (``VmHWM`` after the save minus ``VmRSS`` before it), vs the state's size.
+
+    python benchmarks/checkpoint.py                  # 100 MiB, readable table
+    python benchmarks/checkpoint.py --mb 100 1024    # 100 MiB and 1 GiB side by side
+    python benchmarks/checkpoint.py --json           # one JSON line
 """
 
 from __future__ import annotations
@@ -17,18 +25,30 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from fnloop.checkpoint import CheckpointManager, restore, save  # noqa: E402
 
-
-KINDS = ("torch_save", "torch_save_fsync", "fnloop_save", "torch_load", "fnloop_restore", "fnloop_restore_noverify")
+SAVES = ("torch_save", "torch_save_fsync", "fnloop_save")
+LOADS = ("torch_load", "fnloop_restore", "fnloop_restore_noverify")
+TARGETS = {  # ratio: (minimum or maximum, target)
+    "save_ratio_vs_fsync": (">=", 1.0),
+    "save_ratio": (">=", 0.8),
+    "restore_ratio_warm": (">=", 0.9),
+    "restore_ratio_noverify_warm": (">=", 1.0),
+    "restore_ratio_cold": (">=", 0.9),
+    "restore_ratio_noverify_cold": (">=", 1.0),
+    "async_blocking_fraction": ("<=", 0.1),
+    "save_memory_fraction": ("<=", 0.1),
+}
 
 
 def _timed(fn) -> float:
@@ -44,33 +64,123 @@ def _torch_save_fsync(state: dict, path: str) -> None:
         os.fsync(f.fileno())
 
 
-def run(megabytes: float, tensors: int, repeat: int, directory: str) -> dict:
+def _files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        return [os.path.join(path, n) for n in sorted(os.listdir(path))]
+    return [path]
+
+
+_SCRATCH = memoryview(bytearray(1 << 20))
+
+
+def _warm(path: str) -> None:
+    """Read the file(s) once into the page cache, through one small reused buffer (no allocation)."""
+    for name in _files(path):
+        with open(name, "rb", buffering=0) as f:
+            while f.readinto(_SCRATCH):
+                pass
+
+
+def _drop(path: str) -> None:
+    for name in _files(path):
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def make_state(megabytes: float, tensors: int) -> dict[str, torch.Tensor]:
+    """``tensors`` float32 tensors of ``megabytes`` MiB in all, filled in place (no temporary copy)."""
     numel = int(megabytes * 2**20 / 4 / tensors)
     gen = torch.Generator().manual_seed(0)
-    state = {f"layer{i}.weight": torch.randn(numel, generator=gen) for i in range(tensors)}
+    return {f"layer{i}.weight": torch.empty(numel).normal_(generator=gen) for i in range(tensors)}
+
+
+def _loads(raw: str, url: str, like: dict, cache: str, turn: int) -> dict[str, float]:
+    """One timing of each load; the order rotates with ``turn`` (what the allocator holds depends on
+    what ran before)."""
+    prepare = _warm if cache == "warm" else _drop
+    kinds = [
+        ("torch_load", raw, lambda: torch.load(raw, weights_only=True)),
+        ("fnloop_restore", url, lambda: restore(url, like=like)),
+        ("fnloop_restore_noverify", url, lambda: restore(url, like=like, verify=False)),
+    ]
+    out = {}
+    for kind, path, fn in kinds[turn % 3 :] + kinds[: turn % 3]:
+        prepare(path)
+        out[kind] = _timed(fn)
+    return out
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _memory_child(megabytes: float, tensors: int, directory: str) -> dict[str, int]:
+    """In a fresh process: the peak resident memory a save adds (fnloop, then torch.save + fsync).
+
+    The peak is ``VmHWM``, reset to the current resident size before each save through
+    ``/proc/self/clear_refs`` (``ru_maxrss`` is no use here: it keeps the parent's peak across exec).
+    """
+    state = make_state(megabytes, tensors)
+    save({"warmup": torch.zeros(1)}, os.path.join(directory, "warmup"))  # imports, first thread start
+    out = {}
+    for kind, fn in [
+        ("fnloop_save", lambda: save(state, os.path.join(directory, "mem-ckpt"))),
+        ("torch_save_fsync", lambda: _torch_save_fsync(state, os.path.join(directory, "mem.pt"))),
+    ]:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_bytes("VmRSS")
+        fn()
+        out[f"{kind}_extra_bytes"] = max(0, _status_bytes("VmHWM") - before)
+    return out
+
+
+def save_memory(megabytes: float, tensors: int, directory: str) -> dict[str, int]:
+    work = tempfile.mkdtemp(prefix="fnloop-bench-mem-", dir=directory)
+    try:
+        code = (
+            "import json, sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + '/benchmarks');"
+            "import checkpoint as b; print(json.dumps(b._memory_child(float(sys.argv[2]), int(sys.argv[3]), sys.argv[4])))"
+        )
+        args = [sys.executable, "-c", code, ROOT, str(megabytes), str(tensors), work]
+        done = subprocess.run(args, capture_output=True, text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(megabytes: float, tensors: int, repeat: int, directory: str) -> dict:
+    state = make_state(megabytes, tensors)
     like = {k: torch.empty_like(v) for k, v in state.items()}
     nbytes = sum(v.numel() * v.element_size() for v in state.values())
     work = tempfile.mkdtemp(prefix="fnloop-bench-", dir=directory)
-    times: dict[str, list[float]] = {k: [] for k in KINDS}
+    times: dict[str, list[float]] = {k: [] for k in (*SAVES, *(f"{k}_{c}" for k in LOADS for c in ("warm", "cold")))}
     try:
         for i in range(repeat + 1):
             raw, url = os.path.join(work, f"raw-{i}.pt"), os.path.join(work, f"ckpt-{i}")
             round_ = {
-                "torch_save": _timed(lambda: torch.save(state, raw)),
-                "torch_save_fsync": _timed(lambda: _torch_save_fsync(state, raw + ".sync")),
+                "torch_save": _timed(lambda: torch.save(state, raw + ".plain")),
+                "torch_save_fsync": _timed(lambda: _torch_save_fsync(state, raw)),
                 "fnloop_save": _timed(lambda: save(state, url)),
-                "torch_load": _timed(lambda: torch.load(raw, weights_only=True)),
-                "fnloop_restore": _timed(lambda: restore(url, like=like)),
-                "fnloop_restore_noverify": _timed(lambda: restore(url, like=like, verify=False)),
             }
-            if i > 0:  # the first round warms up allocators and the page cache
+            for cache in ("warm", "cold"):
+                round_.update({f"{k}_{cache}": v for k, v in _loads(raw, url, like, cache, i).items()})
+            if i > 0:  # the first round warms up allocators and threads
                 for k, v in round_.items():
                     times[k].append(v)
-            os.remove(raw)
-            os.remove(raw + ".sync")
+            for path in (raw, raw + ".plain"):
+                os.remove(path)
             shutil.rmtree(url)
 
-        blocking, sync_times, first_blocking = [], [], None
+        blocking, sync_times = [], []
         background = CheckpointManager(os.path.join(work, "async"), async_save=True, keep_last=1)
         foreground = CheckpointManager(os.path.join(work, "sync"), keep_last=1)
         with background, foreground:
@@ -78,57 +188,62 @@ def run(megabytes: float, tensors: int, repeat: int, directory: str) -> dict:
                 took = _timed(lambda: background.save(state, step=step))
                 background.wait()
                 sync_took = _timed(lambda: foreground.save(state, step=step))
-                if step == 1:
-                    first_blocking = took
-                else:
+                if step > 1:  # the first async save allocates its copy buffers
                     blocking.append(took)
                     sync_times.append(sync_took)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    memory = save_memory(megabytes, tensors, directory)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    async_blocking = statistics.median(blocking)
-    sync_save = statistics.median(sync_times)
-    return {
+    out = {
         "bytes": nbytes,
         "repeat": repeat,
         **{f"{k}_s": round(v, 5) for k, v in med.items()},
         "save_ratio": round(med["torch_save"] / med["fnloop_save"], 3),
         "save_ratio_vs_fsync": round(med["torch_save_fsync"] / med["fnloop_save"], 3),
-        "restore_ratio": round(med["torch_load"] / med["fnloop_restore"], 3),
-        "restore_ratio_noverify": round(med["torch_load"] / med["fnloop_restore_noverify"], 3),
-        "async_blocking_s": round(async_blocking, 5),
-        "async_first_blocking_s": round(first_blocking or 0.0, 5),
-        "sync_save_s": round(sync_save, 5),
-        "async_blocking_fraction": round(async_blocking / sync_save, 3),
     }
+    for cache in ("warm", "cold"):
+        load = med[f"torch_load_{cache}"]
+        out[f"restore_ratio_{cache}"] = round(load / med[f"fnloop_restore_{cache}"], 3)
+        out[f"restore_ratio_noverify_{cache}"] = round(load / med[f"fnloop_restore_noverify_{cache}"], 3)
+    out["async_blocking_s"] = round(statistics.median(blocking), 5)
+    out["sync_save_s"] = round(statistics.median(sync_times), 5)
+    out["async_blocking_fraction"] = round(out["async_blocking_s"] / out["sync_save_s"], 3)
+    out.update(memory)
+    out["save_memory_fraction"] = round(memory["fnloop_save_extra_bytes"] / nbytes, 3)
+    return out
+
+
+def _report(r: dict, tensors: int) -> None:
+    mb = r["bytes"] / 2**20
+    print(f"state: {mb:.0f} MiB in {tensors} float32 tensors, median of {r['repeat']} rounds")
+    kinds = [*SAVES, *(f"{k}_{c}" for c in ("warm", "cold") for k in LOADS)]
+    for k in kinds:
+        print(f"  {k:<30} {r[k + '_s'] * 1e3:8.1f} ms  {mb / r[k + '_s']:8.0f} MiB/s")
+    print(f"  async save blocks {r['async_blocking_s'] * 1e3:.1f} ms, a sync save takes {r['sync_save_s'] * 1e3:.1f} ms")
+    extra, theirs = r["fnloop_save_extra_bytes"] / 2**20, r["torch_save_fsync_extra_bytes"] / 2**20
+    print(f"  save peak extra memory {extra:.1f} MiB (torch.save+fsync: {theirs:.1f} MiB)")
+    for name, (op, target) in TARGETS.items():
+        value = r[name]
+        ok = value >= target if op == ">=" else value <= target
+        print(f"  {name:<30} {value:6.3f}  (target {op} {target})  {'ok' if ok else 'MISSED'}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mb", type=float, default=100.0, help="state size in MiB")
+    parser.add_argument("--mb", type=float, nargs="+", default=[100.0], help="state sizes in MiB (e.g. 100 1024)")
     parser.add_argument("--tensors", type=int, default=4, help="number of float32 tensors")
     parser.add_argument("--repeat", type=int, default=5, help="measured rounds (median)")
     parser.add_argument("--dir", default=None, help="local folder for the files (default: the temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args()
-    r = run(args.mb, args.tensors, args.repeat, args.dir or tempfile.gettempdir())
+    results = {f"{mb:g}MiB": run(mb, args.tensors, args.repeat, args.dir or tempfile.gettempdir()) for mb in args.mb}
     if args.json:
-        print(json.dumps(r))
+        print(json.dumps(results))
         return
-    mb = r["bytes"] / 2**20
-    print(f"state: {mb:.0f} MiB in {args.tensors} float32 tensors, median of {r['repeat']} rounds")
-    for k in KINDS:
-        print(f"  {k:<24} {r[k + '_s'] * 1e3:8.1f} ms  {mb / r[k + '_s']:8.0f} MiB/s")
-    print(f"save    fnloop/torch.save throughput:        {r['save_ratio']:.2f}  (target >= 0.8)")
-    print(f"save    fnloop/(torch.save+fsync) throughput: {r['save_ratio_vs_fsync']:.2f}")
-    print(f"restore fnloop/torch.load throughput:         {r['restore_ratio']:.2f}  (target >= 0.8; sha256 verified)")
-    print(f"restore fnloop(verify=False)/torch.load:      {r['restore_ratio_noverify']:.2f}")
-    blocks, first, sync = (r[k] * 1e3 for k in ("async_blocking_s", "async_first_blocking_s", "sync_save_s"))
-    print(
-        f"async save blocks {blocks:.1f} ms (first save {first:.1f} ms) vs sync {sync:.1f} ms: "
-        f"{r['async_blocking_fraction']:.0%} (target <= 20%)"
-    )
+    for r in results.values():
+        _report(r, args.tensors)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,10 @@ class Trainer:
     to the state's RNG key), ``stop_signals`` (OS signals that stop fit cleanly), ``donate``
     (default True: fit updates the state it is given in place, as a hand-written loop does, and
     that state is refused afterwards; use the state fit returns. ``False`` keeps it intact at the
-    cost of a second copy of the weights and optimizer state).
+    cost of a second copy of the weights and optimizer state). ``enable_checkpointing``: ``True``
+    adds Lightning's default checkpoint callback when none is given, ``False`` turns checkpointing
+    off (no ``ModelCheckpoint`` allowed); the default ``None`` checkpoints only when asked (a
+    ``ModelCheckpoint`` callback or ``fit(checkpoint=...)``), so fit writes no file unasked.
 
     Devices, precision and distribution take Lightning's flags: ``accelerator`` (``"auto"``,
     ``"cpu"``, ``"cuda"``, ``"gpu"``, ``"mps"``), ``devices`` (int, list of indices, ``"auto"``),
@@ -123,6 +126,7 @@ class Trainer:
     precision: str | int = "32-true"
     sync_batchnorm: bool = False
     use_distributed_sampler: bool = True
+    enable_checkpointing: bool | None = None
 
     def __post_init__(self) -> None:
         _int_flag("max_epochs", self.max_epochs, low=-1, allow_none=True)
@@ -169,6 +173,9 @@ class Trainer:
         if self.seed is not None:
             _int_flag("seed", self.seed, low=0, allow_none=True)
         _distribution_flags(self)
+        from fnloop.checkpoint.callback import check_enable_checkpointing
+
+        check_enable_checkpointing(self.enable_checkpointing, self.callback_list)
         if self.min_epochs is not None and self.max_epochs not in (None, -1) and self.min_epochs > self.max_epochs:
             raise ConfigError(
                 f"Trainer(min_epochs={self.min_epochs}, max_epochs={self.max_epochs}): min_epochs must be <= max_epochs"

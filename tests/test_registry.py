@@ -121,7 +121,7 @@ def test_train_state_init_from_a_published_version(root):
         got = state.params.get(name, state.buffers.get(name))
         assert torch.equal(got, value), name
     assert int(state.step) == 0
-    assert torch.count_nonzero(state.opt_state.mu["0.weight"]) == 0
+    assert torch.count_nonzero(state.opt_state[0].mu["0.weight"]) == 0
     fresh = TrainState.create(_model(), flo.adamw(lr=1e-3))
     again = restore_weights(f"{root}/base-model/{version}", like=fresh)
     assert all(torch.equal(again.params[k], published.params[k]) for k in published.params)

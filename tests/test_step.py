@@ -205,7 +205,7 @@ def test_matches_hand_written_torch_loop(model, config):
     assert_trees_equal(state.buffers, dict(ref.named_buffers()))
     if "momentum" in kwargs:
         buffers = {n: opt.state[p]["momentum_buffer"] for n, p in ref.named_parameters()}
-        assert_trees_equal(state.opt_state.momentum_buffer, buffers)
+        assert_trees_equal(state.opt_state[-2].trace, buffers)  # sgd: chain(..., trace, scale_by_learning_rate)
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ BAD_INPUTS = {
             _state().replace(opt_state=flo.adam(lr=1e-3).init(_state().params)), sc.make_batch()
         ),
         TreeMismatchError,
-        ("opt_state", "momentum_buffer/0.weight", "mu/0.weight"),
+        ("opt_state", "trace/0.weight", "mu/0.weight"),
     ),
     "schedule-negative-count": Bad(
         lambda: flo.warmup_cosine(1e-3, warmup_steps=10, decay_steps=100)(-1), ConfigError, ("count", "-1")

@@ -111,10 +111,10 @@ def _state(tx: Any) -> fl.TrainState:
 @pytest.mark.parametrize(
     "tx, expected",
     [
-        (flo.sgd(lr=0.1), ["params/0.weight", "params/2.bias", "opt_state/count", "opt_state/lr"]),
-        (flo.sgd(lr=0.1, momentum=0.9), ["opt_state/momentum_buffer/0.weight"]),
-        (flo.adam(lr=1e-3), ["opt_state/mu/0.weight", "opt_state/nu/2.bias"]),
-        (flo.chain(flo.clip_by_global_norm(1.0), flo.adam(lr=1e-3)), ["opt_state/1/mu/0.weight"]),
+        (flo.sgd(lr=0.1), ["params/0.weight", "params/2.bias", "opt_state/0/count", "opt_state/0/lr"]),
+        (flo.sgd(lr=0.1, momentum=0.9), ["opt_state/0/trace/0.weight"]),
+        (flo.adam(lr=1e-3), ["opt_state/0/mu/0.weight", "opt_state/0/nu/2.bias"]),
+        (flo.chain(flo.clip_by_global_norm(1.0), flo.adam(lr=1e-3)), ["opt_state/1/0/mu/0.weight"]),
     ],
 )
 def test_key_path_strings(tx, expected):
@@ -132,7 +132,7 @@ def test_tree_flatten_with_path_matches_leaves():
     assert len(paths) == len(leaves) == spec.num_leaves
     by_path = dict(zip(paths, leaves))
     assert by_path["params/0.weight"] is state.params["0.weight"]
-    assert by_path["opt_state/mu/0.weight"] is state.opt_state.mu["0.weight"]
+    assert by_path["opt_state/0/mu/0.weight"] is state.opt_state[0].mu["0.weight"]
 
 
 def test_check_same_structure_lists_missing_and_extra_paths():

@@ -40,6 +40,7 @@ __all__ = [
     "remove_stale_tmp",
     "list_names",
     "remove_tree",
+    "write_durable",
     "write_file_atomic",
 ]
 
@@ -219,6 +220,20 @@ def remove_tree(fs: Any, path: str, *, marker: str | None = None) -> None:
         pass
 
 
+def write_durable(path: str, data: bytes) -> None:
+    """Create the local file ``path`` holding ``data``, fsynced (the folder is not).
+
+    Example:
+        >>> import os, tempfile
+        >>> p = os.path.join(tempfile.mkdtemp(), "x"); write_durable(p, b"ab"); os.path.getsize(p)
+        2
+    """
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_file_atomic(fs: Any, path: str, data: bytes) -> None:
     """Replace the file ``path`` by ``data`` so a reader sees the old or the new content, never a mix.
 
@@ -235,10 +250,7 @@ def write_file_atomic(fs: Any, path: str, data: bytes) -> None:
     if is_local(fs):
         os.makedirs(parent, exist_ok=True)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            write_durable(tmp, data)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

@@ -1,4 +1,5 @@
-"""Reading a checkpoint folder: the checked ``meta.json`` and the verified tensor file.
+"""Reading a checkpoint folder: the checked ``meta.json`` (format 2, or 1 with its sha256) and the
+verified tensor file.
 
 Example:
     >>> import torch
@@ -18,13 +19,19 @@ from typing import Any
 
 import torch
 
-from fnloop.checkpoint import _fs, _leaves, _safetensors
+from fnloop.checkpoint import _fs, _leaves
+from fnloop.checkpoint._checksum import Checksum, for_stream, split_digest
+from fnloop.checkpoint._safetensors import Malformed
+from fnloop.checkpoint._stream import read_tensors
 from fnloop.errors import CheckpointError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "STATE_FILE", "META_FILE", "read_meta", "load_tensors", "own"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "READS", "STATE_FILE", "META_FILE", "read_meta", "load_tensors", "own"]
 
 FORMAT = "fnloop-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Written by this fnloop: ``"checksum": "xxh3_128:<hex>"`` in ``meta.json``."""
+READS = (1, 2)
+"""Format versions this fnloop restores; version 1 recorded ``"sha256": "<hex>"``."""
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
 
@@ -55,14 +62,18 @@ def _check_meta(meta: Any, where: str) -> dict[str, Any]:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"{where}: not an fnloop checkpoint (format {found!r}, expected {FORMAT!r})")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READS or isinstance(version, bool):
         raise CheckpointError(
-            f"{where}: format_version {version!r} is not supported by this fnloop (it reads {FORMAT_VERSION}); "
+            f"{where}: format_version {version!r} is not supported by this fnloop (it reads {', '.join(map(str, READS))}); "
             "use the fnloop version that wrote it (see fnloop_version in the file)"
         )
-    sha, leaves = meta.get("sha256"), meta.get("leaves")
-    if not isinstance(sha, str) or len(sha) != 64 or not isinstance(leaves, list):
-        raise CheckpointError(f"{where}: malformed, 'sha256' must be a hex digest and 'leaves' a list")
+    if version == 1:  # the sha256 of format 1, in the form of the current checksum record
+        sha = meta.get("sha256")
+        meta["checksum"] = f"sha256:{sha}" if isinstance(sha, str) else None
+    leaves = meta.get("leaves")
+    if split_digest(meta.get("checksum")) is None or not isinstance(leaves, list):
+        key = "sha256" if version == 1 else "checksum"
+        raise CheckpointError(f"{where}: malformed, {key!r} must be a hex digest and 'leaves' a list")
     if not isinstance(meta.get("metrics", {}), dict) or not isinstance(meta.get("state_bytes", 0), int):
         raise CheckpointError(f"{where}: malformed, 'metrics' must be an object and 'state_bytes' an integer")
     for i, e in enumerate(leaves):
@@ -109,11 +120,32 @@ def read_meta(url: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def load_tensors(url: str, meta: dict[str, Any], verify: bool) -> dict[str, torch.Tensor]:
-    """Every tensor of ``state.safetensors`` by key path, on CPU, after checking size and sha256.
+def _mismatch(where: str, found: str, recorded: str) -> CheckpointError:
+    return CheckpointError(
+        f"{where}: checksum mismatch ({found[:24]}..., meta.json records {recorded[:24]}...); "
+        "the file is corrupt or was replaced, restore another checkpoint"
+    )
 
-    The tensors are views of one buffer holding the file. Nothing is unpickled: the header
-    is JSON, the data raw bytes, and the hash is checked before the header is parsed.
+
+def _read_file(fs: Any, state_path: str, size: int, where: str, checksum: Checksum | None) -> dict[str, torch.Tensor]:
+    if _fs.is_local(fs):
+        with open(state_path, "rb", buffering=0) as f:
+            return read_tensors(f.readinto, size, where, checksum)
+    with fs.open(state_path, "rb") as f:
+        return read_tensors(f.readinto, size, where, checksum)
+
+
+def _size(fs: Any, state_path: str) -> int:
+    return os.path.getsize(state_path) if _fs.is_local(fs) else int(fs.size(state_path))
+
+
+def load_tensors(url: str, meta: dict[str, Any], verify: bool) -> dict[str, torch.Tensor]:
+    """Every tensor of ``state.safetensors`` by key path, on CPU, after checking size and checksum.
+
+    Each tensor is read straight into its own memory (small ones share a buffer), and each
+    chunk is checksummed as soon as it lands. Nothing is unpickled: the header is JSON, the
+    data raw bytes. ``verify=False`` skips the checksum (the size, the header and its
+    agreement with ``meta.json`` are still checked).
 
     Example:
         >>> import torch
@@ -125,28 +157,32 @@ def load_tensors(url: str, meta: dict[str, Any], verify: bool) -> dict[str, torc
     fs, path = _fs.resolve(url)
     where = _fs.join_url(url, STATE_FILE)
     state_path = f"{path}/{STATE_FILE}"
+    recorded = meta["checksum"]
     try:
-        if _fs.is_local(fs):
-            size = os.path.getsize(state_path)
-            with open(state_path, "rb", buffering=0) as f:
-                buf, digest = _safetensors.read_into(f.readinto, size, hash=verify)
-        else:
-            size = fs.size(state_path)
-            with fs.open(state_path, "rb") as f:
-                buf, digest = _safetensors.read_into(f.readinto, size, hash=verify)
+        size = _size(fs, state_path)
+        expected = meta.get("state_bytes")
+        if expected and size != expected:
+            raise CheckpointError(f"{where}: truncated or replaced, {size} bytes where meta.json records {expected}")
+        algorithm = recorded.partition(":")[0]
+        checksum = for_stream(algorithm, size) if verify else None
+        try:
+            tensors = _read_file(fs, state_path, size, where, checksum)
+        except Malformed:
+            if checksum is not None and checksum.digest() != recorded:
+                raise _mismatch(where, checksum.digest(), recorded) from None
+            raise  # the bytes are the ones saved: another writer made this file
+        finally:
+            if checksum is not None:
+                checksum.close()
+    except CheckpointError:
+        raise
     except FileNotFoundError:
         raise CheckpointError(f"{where}: missing; the checkpoint is incomplete") from None
     except OSError as e:
         raise CheckpointError(f"{where}: cannot read ({e})") from e
-    expected = meta.get("state_bytes")
-    if expected and buf.numel() != expected:
-        raise CheckpointError(f"{where}: truncated or replaced, {buf.numel()} bytes where meta.json records {expected}")
-    if verify and digest != meta["sha256"]:
-        raise CheckpointError(
-            f"{where}: checksum mismatch (sha256 {digest[:16]}..., meta.json records {meta['sha256'][:16]}...); "
-            "the file is corrupt or was replaced, restore another checkpoint"
-        )
-    tensors = _safetensors.parse(buf, where)
+    found = checksum.digest() if checksum is not None else recorded
+    if found != recorded:
+        raise _mismatch(where, found, recorded)
     want = _leaves.stored_tensors(meta["leaves"])
     bad = sorted(set(want) ^ set(tensors))
     bad += [

@@ -1,4 +1,4 @@
-"""A streaming codec for the safetensors file format, with the sha256 of the file computed on the way.
+"""A streaming codec for the safetensors file format, with the file's checksum computed on the way.
 
 The layout is the public safetensors one: an 8-byte little-endian header length, a JSON
 header ``{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {...}}`` padded with
@@ -6,35 +6,34 @@ spaces to 8 bytes, then the tensor bytes back to back. Files written here load w
 ``safetensors.torch.load_file`` and files written by safetensors parse here.
 
 Writing streams every tensor's bytes straight from its memory (no serialized copy of the
-whole state) while a worker thread hashes the same bytes. Reading fills one buffer while
-hashing it, checks the hash, then builds tensors as views of that buffer. Nothing is ever
-unpickled: the header is JSON and the data is raw bytes.
+whole state) while a worker thread hashes the same bytes. The header is checked here
+(:func:`header_length`, :func:`layout`); :mod:`fnloop.checkpoint._stream` reads a file
+straight into its tensors. Nothing is ever unpickled: the header is JSON and the data raw bytes.
 
 Example:
     >>> import io, torch
     >>> from fnloop.checkpoint import _safetensors as sf
     >>> buf = io.BytesIO()
-    >>> digest, size = sf.write(buf, {"w": torch.ones(2)})
+    >>> size = sf.write(buf, {"w": torch.ones(2)})
     >>> sf.parse(buf.getvalue(), "mem")["w"]
     tensor([1., 1.])
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
 import sys
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
 
+from fnloop.checkpoint._checksum import Checksum
 from fnloop.errors import CheckpointError
 
-__all__ = ["DTYPE_CODES", "CODE_DTYPES", "Hasher", "header", "write", "read_into", "parse"]
+__all__ = ["DTYPE_CODES", "CODE_DTYPES", "Malformed", "header", "write", "header_length", "layout", "views", "parse"]
 
 DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -60,9 +59,10 @@ for _name, _code in [
         DTYPE_CODES[getattr(torch, _name)] = _code
 CODE_DTYPES: dict[str, torch.dtype] = {c: d for d, c in DTYPE_CODES.items()}
 
-CHUNK = 16 << 20
-PARALLEL_HASH_MIN = 32 << 20
-"""Below this many bytes the hash runs inline; above, on a worker thread beside the I/O."""
+CHUNK = 256 << 10
+"""Bytes per write and checksum update: small enough to be checksummed while still in the CPU cache."""
+DEVICE_CHUNK = 16 << 20
+"""Bytes copied to the host at a time from a tensor on another device."""
 MAX_HEADER = 100 << 20
 
 
@@ -70,45 +70,6 @@ class Writable(Protocol):
     """Anything with ``write(bytes-like)``: an open binary file, an fsspec file, a durable writer."""
 
     def write(self, data: Any, /) -> Any: ...
-
-
-class Hasher:
-    """sha256 of a byte stream; with ``parallel=True`` each chunk is hashed on a worker thread.
-
-    The caller must keep a chunk unchanged until the next ``update`` or ``hexdigest`` call.
-
-    Example:
-        >>> h = Hasher(); h.update(b"abc"); h.hexdigest()[:8]
-        'ba7816bf'
-    """
-
-    def __init__(self, parallel: bool = False) -> None:
-        self._sha = hashlib.sha256()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fnloop-sha256") if parallel else None
-        self._pending: Future[None] | None = None
-
-    def update(self, chunk: Any) -> None:
-        """Add ``chunk`` (bytes-like) to the hash."""
-        if self._pool is None:
-            self._sha.update(chunk)
-            return
-        if self._pending is not None:
-            self._pending.result()
-        self._pending = self._pool.submit(self._sha.update, chunk)
-
-    def hexdigest(self) -> str:
-        """The hex digest of everything added; ends the worker thread."""
-        self.close()
-        return self._sha.hexdigest()
-
-    def close(self) -> None:
-        """Wait for the last chunk and stop the worker thread."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
 
 
 def _check_byteorder() -> None:
@@ -120,16 +81,17 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _as_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of ``t`` without a copy when it is a dense contiguous CPU tensor."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.to("cpu")
-    t = t.resolve_conj().resolve_neg()
-    flat = t.reshape(-1)
+def _pieces(t: torch.Tensor) -> Iterator[memoryview]:
+    """The bytes of ``t`` in order, ``CHUNK`` at a time: views of a dense contiguous CPU tensor,
+    copies of ``DEVICE_CHUNK`` bytes at a time from another device (never the whole tensor)."""
+    flat = t.detach().resolve_conj().resolve_neg().reshape(-1)
     if flat.stride(0) != 1:  # non-contiguous, or a 1-element slice that still carries a stride
-        flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
-    return memoryview(flat.view(torch.uint8).numpy())
+        flat = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device).copy_(flat)
+    step = DEVICE_CHUNK // flat.element_size() if flat.device.type != "cpu" else flat.numel()
+    for start in range(0, flat.numel(), max(1, step)):
+        data = memoryview(flat[start : start + step].to("cpu").view(torch.uint8).numpy())
+        for offset in range(0, len(data), CHUNK):
+            yield data[offset : offset + CHUNK]
 
 
 def header(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[str]]:
@@ -157,67 +119,35 @@ def header(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[str]]:
     return struct.pack("<Q", len(raw)) + raw, order
 
 
-def write(out: Writable, tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
-    """Write ``tensors`` to the open binary file ``out``; return ``(sha256 hex, bytes written)``.
+def write(out: Writable, tensors: dict[str, torch.Tensor], checksum: Checksum | None = None) -> int:
+    """Write ``tensors`` to the open binary file ``out``; return the bytes written.
 
+    Every byte also goes to ``checksum`` (hashed on its worker thread while ``out`` writes).
     Tensors may be on any device, non-contiguous or share storage: each is written on its own.
     Their dtypes must be in :data:`DTYPE_CODES`.
 
     Example:
         >>> import io, torch
-        >>> write(io.BytesIO(), {"x": torch.arange(3)})[1]
+        >>> write(io.BytesIO(), {"x": torch.arange(3)})
         120
     """
     _check_byteorder()
     head, order = header(tensors)
     total = len(head) + sum(_nbytes(t) for t in tensors.values())
-    hasher = Hasher(parallel=total >= PARALLEL_HASH_MIN)
-    try:
-        hasher.update(head)
-        out.write(head)
-        for name in order:
-            if tensors[name].numel() == 0:
-                continue
-            data = _as_bytes(tensors[name])
-            for start in range(0, len(data), CHUNK):
-                chunk = data[start : start + CHUNK]
-                hasher.update(chunk)
-                out.write(chunk)
-        return hasher.hexdigest(), total
-    finally:
-        hasher.close()
+    add = checksum.update if checksum is not None else _ignore
+    add(head)
+    out.write(head)
+    for name in order:
+        if tensors[name].numel() == 0:
+            continue
+        for chunk in _pieces(tensors[name]):
+            add(chunk)
+            out.write(chunk)
+    return total
 
 
-def read_into(read: Callable[[memoryview], int | None], size: int, *, hash: bool = True) -> tuple[torch.Tensor, str]:
-    """Fill a new uint8 tensor of ``size`` bytes with ``read`` (a ``readinto``) while hashing it.
-
-    The buffer is not zero-filled first. Returns ``(buffer, sha256 hex)`` (an empty digest
-    with ``hash=False``); the buffer is shorter than ``size`` if the source ended early.
-
-    Example:
-        >>> import io
-        >>> buf, digest = read_into(io.BytesIO(b"abc").readinto, 3)
-        >>> bytes(buf.numpy()), digest[:8]
-        (b'abc', 'ba7816bf')
-    """
-    buf = torch.empty(size, dtype=torch.uint8)
-    view = memoryview(buf.numpy())
-    hasher = Hasher(parallel=size >= PARALLEL_HASH_MIN) if hash else None
-    filled = 0
-    try:
-        while filled < size:
-            end = min(filled + CHUNK, size)
-            got = read(view[filled:end]) or 0
-            if got <= 0:
-                break
-            if hasher is not None:
-                hasher.update(view[filled : filled + got])
-            filled += got
-        digest = hasher.hexdigest() if hasher is not None else ""
-    finally:
-        if hasher is not None:
-            hasher.close()
-    return (buf if filled == size else buf[:filled].clone()), digest
+def _ignore(chunk: Any) -> None:
+    pass
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -229,43 +159,50 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _bad(where: str, reason: str) -> CheckpointError:
-    return CheckpointError(
-        f"{where}: not a valid safetensors file ({reason}); the file is corrupt or of another format"
-    )
+class Malformed(CheckpointError):
+    """The bytes are not a valid safetensors file."""
 
 
-def parse(buf: torch.Tensor | bytes | bytearray, where: str) -> dict[str, torch.Tensor]:
-    """Tensors stored in ``buf`` (a whole safetensors file), as views of ``buf`` where aligned.
+def _bad(where: str, reason: str) -> Malformed:
+    return Malformed(f"{where}: not a valid safetensors file ({reason}); the file is corrupt or of another format")
 
-    ``buf`` is a 1-D uint8 tensor (as :func:`read_into` returns) or bytes. Every offset, dtype
-    and shape is checked; ``where`` names the file in error messages.
+
+Span = tuple[int, int, str, torch.dtype, list[int]]
+"""``(begin, end, name, dtype, shape)`` of one tensor, offsets relative to the data section."""
+
+
+def header_length(prefix: bytes, size: int, where: str) -> int:
+    """The JSON header length read from the first 8 bytes of a file of ``size`` bytes.
 
     Example:
-        >>> import io, torch
-        >>> f = io.BytesIO(); _ = write(f, {"x": torch.arange(3)})
-        >>> parse(f.getvalue(), "x.safetensors")["x"]
-        tensor([0, 1, 2])
+        >>> header_length(struct.pack("<Q", 16), 24 + 12, "f")
+        16
     """
     _check_byteorder()
-    if not isinstance(buf, torch.Tensor):
-        buf = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
-    raw = memoryview(buf.numpy())
-    if len(raw) < 8:
-        raise _bad(where, f"{len(raw)} bytes, shorter than the 8-byte header length")
-    (n,) = struct.unpack_from("<Q", raw, 0)
-    if n > MAX_HEADER or 8 + n > len(raw):
-        raise _bad(where, f"header length {n} does not fit in a file of {len(raw)} bytes")
+    if len(prefix) < 8:
+        raise _bad(where, f"{size} bytes, shorter than the 8-byte header length")
+    (n,) = struct.unpack_from("<Q", prefix, 0)
+    if n > MAX_HEADER or 8 + n > size:
+        raise _bad(where, f"header length {n} does not fit in a file of {size} bytes")
+    return n
+
+
+def layout(raw: bytes, data_len: int, where: str) -> list[Span]:
+    """The spans a JSON header describes, sorted by offset; every dtype, shape and offset is
+    checked, and the spans must tile the ``data_len`` bytes of tensor data exactly.
+
+    Example:
+        >>> layout(b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', 8, "f")
+        [(0, 8, 'w', torch.float32, [2])]
+    """
     try:
-        entries = json.loads(bytes(raw[8 : 8 + n]).decode("utf-8"), object_pairs_hook=_no_duplicates)
+        entries = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:
         raise _bad(where, f"unreadable header: {e}") from e
     if not isinstance(entries, dict):
         raise _bad(where, "the header is not a JSON object")
     entries.pop("__metadata__", None)
-    base = 8 + n
-    data_len = len(raw) - base
-    spans = []
+    spans: list[Span] = []
     for name, e in entries.items():
         try:
             dtype = CODE_DTYPES[e["dtype"]]
@@ -284,11 +221,42 @@ def parse(buf: torch.Tensor | bytes | bytearray, where: str) -> dict[str, torch.
         cursor = end
     if cursor != data_len:
         raise _bad(where, f"tensor data is {data_len} bytes, the header describes {cursor}")
-    del raw
+    return spans
+
+
+def views(buf: torch.Tensor, spans: list[Span], base: int = 0) -> dict[str, torch.Tensor]:
+    """The tensors of ``spans`` as views of the uint8 tensor ``buf`` (data starting at ``base``);
+    a tensor misaligned for its dtype (files of other writers) is copied.
+
+    Example:
+        >>> views(torch.zeros(8, dtype=torch.uint8), [(0, 8, "w", torch.float32, [2])])["w"]
+        tensor([0., 0.])
+    """
     out: dict[str, torch.Tensor] = {}
     for begin, end, name, dtype, shape in spans:
         piece = buf[base + begin : base + end]
         if piece.data_ptr() % dtype.itemsize or piece.storage_offset() % dtype.itemsize:
-            piece = piece.clone()  # misaligned for this dtype (files from other writers)
+            piece = piece.clone()
         out[name] = piece.view(dtype).reshape(shape)
     return out
+
+
+def parse(buf: torch.Tensor | bytes | bytearray, where: str) -> dict[str, torch.Tensor]:
+    """Tensors stored in ``buf`` (a whole safetensors file), as views of ``buf`` where aligned.
+
+    ``buf`` is a 1-D uint8 tensor or bytes. Every offset, dtype and shape is checked; ``where``
+    names the file in error messages.
+
+    Example:
+        >>> import io, torch
+        >>> f = io.BytesIO(); _ = write(f, {"x": torch.arange(3)})
+        >>> parse(f.getvalue(), "x.safetensors")["x"]
+        tensor([0, 1, 2])
+    """
+    if not isinstance(buf, torch.Tensor):
+        buf = torch.frombuffer(bytearray(buf), dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
+    raw = memoryview(buf.numpy())
+    n = header_length(bytes(raw[:8]), len(raw), where)
+    spans = layout(bytes(raw[8 : 8 + n]), len(raw) - 8 - n, where)
+    del raw
+    return views(buf, spans, 8 + n)

@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 import warnings
 from collections.abc import Mapping
@@ -19,17 +21,30 @@ import torch
 from fnloop.callbacks.base import Callback, callback_state, with_callback_state
 from fnloop.checkpoint.format import restore
 from fnloop.checkpoint.manager import CheckpointManager
-from fnloop.errors import CheckpointError
+from fnloop.errors import CheckpointError, ConfigError
 
-__all__ = ["ModelCheckpoint", "resume_from"]
+__all__ = ["ModelCheckpoint", "resume_from", "default_checkpoint", "check_enable_checkpointing", "checkpoint_of_fit"]
+
+_log = logging.getLogger("fnloop.checkpoint")
+
+
+def _position(loop: Any) -> tuple[Any, ...]:
+    """Where training stands: two states at the same position hold the same progress."""
+    return (loop.epoch, loop.batch_idx, loop.total_batch_idx, loop.global_step, loop.val_count, loop.val_pending)
+
+
+def _add_note(exception: BaseException, note: str) -> None:
+    if hasattr(exception, "add_note"):  # Python 3.11+
+        exception.add_note(note)
 
 
 class ModelCheckpoint(Callback):
     """Save the whole state through ``manager`` when its triggers ask (steps are optimizer
     steps, ``state.loop.global_step``), after each validation when it has no trigger, at the end
-    of fit (``save_last``), and always when fit is interrupted (signal, Ctrl-C), so a run can
-    resume exactly. The latest validation metrics go into each checkpoint's ``meta.json``
-    (``keep_best``/``best()`` rank by them).
+    of fit (``save_last``), and always when fit is interrupted (signal, Ctrl-C) or fails with an
+    exception (the last consistent state, status ``"failed"``, before the exception propagates;
+    Lightning's ``OnExceptionCheckpoint``), so a run can resume exactly. The latest validation
+    metrics go into each checkpoint's ``meta.json`` (``keep_best``/``best()`` rank by them).
 
     Args:
         manager: a :class:`CheckpointManager`, or the same arguments to build one.
@@ -44,6 +59,7 @@ class ModelCheckpoint(Callback):
             manager = CheckpointManager(manager, **kwargs)
         self.manager = manager
         self.seconds = 0.0  # time spent in saves (the caller's side: snapshot only for async saves)
+        self._saved_at: tuple[Any, ...] | None = None  # position of the last save, or of the state fit started from
         p = manager._save_policy
         self._triggered = any(getattr(p, a, None) for a in ("every_n_steps", "every_n_epochs", "every_n_seconds"))
 
@@ -58,7 +74,12 @@ class ModelCheckpoint(Callback):
     def _timed_save(self, state: Any, step: int, epoch: int, metrics: dict[str, float]) -> None:
         t0 = time.perf_counter()
         self.manager.save(state, metrics=metrics, step=step, epoch=epoch)
+        self._saved_at = _position(state.loop)
         self.seconds += time.perf_counter() - t0
+
+    def on_fit_start(self, state: Any) -> Any:
+        self._saved_at = _position(state.loop)  # a failure before the first step has nothing new to save
+        return state
 
     def _maybe(self, state: Any) -> Any:
         if self._triggered and self.manager.should_save(state.loop.global_step, state.loop.epoch):
@@ -94,10 +115,76 @@ class ModelCheckpoint(Callback):
         return state
 
     def on_exception(self, state: Any, exception: BaseException) -> None:
+        """Save ``state`` (the last consistent one) unless it was just saved; an error of the
+        save is logged and noted on ``exception``, which fit then raises unchanged."""
         try:
             self.manager.wait()
-        except Exception:  # the original exception is the one to report
-            pass
+        except Exception as err:  # the original exception is the one to report
+            self._report(exception, "finishing the save in flight", err)
+        if _position(state.loop) == self._saved_at:
+            return
+        try:
+            self.save(state)
+            self.manager.wait()
+        except Exception as err:
+            self._report(exception, "saving the state at failure", err)
+
+    def _report(self, exception: BaseException, doing: str, err: Exception) -> None:
+        note = f"fnloop: ModelCheckpoint failed {doing} in {self.manager.directory}: {err!r}"
+        _log.error(note)
+        _add_note(exception, note)
+
+
+def default_checkpoint(trainer: Any) -> ModelCheckpoint:
+    """The checkpoint callback ``Trainer(enable_checkpointing=True)`` adds when none is given:
+    the latest epoch in ``<logger folder or default_root_dir or the current folder>/checkpoints``.
+
+    Example:
+        >>> import fnloop as fl
+        >>> default_checkpoint(fl.Trainer(default_root_dir="/tmp/run")).manager.directory
+        '/tmp/run/checkpoints'
+    """
+    folder = getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir or os.getcwd()
+    return ModelCheckpoint(os.path.join(folder, "checkpoints"), keep_last=1, every_n_epochs=1)
+
+
+def check_enable_checkpointing(flag: Any, callbacks: list[Callback]) -> None:
+    """Validate ``Trainer(enable_checkpointing=...)`` against the callbacks (as Lightning does).
+
+    Example:
+        >>> check_enable_checkpointing(False, [ModelCheckpoint("memory://doc/x")])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        fnloop.errors.ConfigError: Trainer(enable_checkpointing=False): callbacks hold a ModelCheckpoint; ...
+    """
+    if flag is not None and not isinstance(flag, bool):
+        raise ConfigError(f"Trainer(enable_checkpointing={flag!r}): accepted values are True, False or None")
+    if flag is False and any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        raise ConfigError(
+            "Trainer(enable_checkpointing=False): callbacks hold a ModelCheckpoint; remove it or set "
+            "enable_checkpointing=True (or None)"
+        )
+
+
+def checkpoint_of_fit(trainer: Any, chosen: ModelCheckpoint | None) -> ModelCheckpoint | None:
+    """The checkpoint callback a fit uses: ``chosen`` (from ``fit(checkpoint=...)`` or the callbacks),
+    Lightning's default one under ``enable_checkpointing=True``, none under ``False``.
+
+    Example:
+        >>> import fnloop as fl
+        >>> checkpoint_of_fit(fl.Trainer(), None) is None
+        True
+    """
+    if trainer.enable_checkpointing is False:
+        if chosen is not None:
+            raise ConfigError(
+                "Trainer.fit(checkpoint=...): the Trainer has enable_checkpointing=False; drop checkpoint= or "
+                "set enable_checkpointing=True (or None)"
+            )
+        return None
+    if chosen is None and trainer.enable_checkpointing:
+        return default_checkpoint(trainer)
+    return chosen
 
 
 def resume_from(ckpt_path: str, state: Any, manager: CheckpointManager | None) -> Any:

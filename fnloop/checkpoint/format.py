@@ -2,10 +2,15 @@
 
 ``state.safetensors`` holds every tensor leaf under its key path (``params/0.weight``,
 ``opt_state/0/mu/0.weight``); ``meta.json`` holds the format version, fnloop and torch
-versions, the step, metrics, the sha256 of the tensor file, every leaf (tensors: dtype and
-shape; other leaves: their value) and a readable tree structure. ``meta.json`` is written
-last and is the commit marker: a folder without it is not a checkpoint. Local saves are
-written to a temporary sibling, fsynced and renamed into place. Loading never unpickles.
+versions, the step, metrics, the checksum of the tensor file (``"xxh3_128:<hex>"``; format 1
+recorded a sha256 and still restores), every leaf (tensors: dtype and shape; other leaves:
+their value) and a readable tree structure. ``meta.json`` is written last and is the commit
+marker: a folder without it is not a checkpoint. Local saves are written to a temporary
+sibling with direct I/O, fsynced and renamed into place. Loading never unpickles.
+
+The checksum catches corruption (a torn or partial write, truncation, bit rot, a file
+swapped by mistake); it is not a signature: whoever can write the folder can rewrite
+``meta.json`` too.
 
 Example:
     >>> import torch
@@ -24,8 +29,17 @@ from typing import Any
 
 import torch
 
-from fnloop.checkpoint import _durable, _fs, _leaves, _safetensors
-from fnloop.checkpoint._read import FORMAT, FORMAT_VERSION, META_FILE, STATE_FILE, load_tensors, own, read_meta
+from fnloop.checkpoint import _direct, _fs, _leaves, _safetensors
+from fnloop.checkpoint._checksum import ALGORITHM, for_stream
+from fnloop.checkpoint._read import (
+    FORMAT,
+    FORMAT_VERSION,
+    META_FILE,
+    STATE_FILE,
+    load_tensors,
+    own,
+    read_meta,
+)
 from fnloop.errors import CheckpointError
 
 __all__ = [
@@ -90,10 +104,9 @@ def _save_local(
     os.mkdir(tmp)
     old = None
     try:
-        with _durable.durable_file(os.path.join(tmp, STATE_FILE)) as f:
-            meta["sha256"], meta["state_bytes"] = _safetensors.write(f, tensors)
-        with _durable.durable_file(os.path.join(tmp, META_FILE)) as f:
-            f.write(_encode_meta(meta))
+        with _direct.direct_file(os.path.join(tmp, STATE_FILE)) as f:
+            _write_state(f, tensors, meta)
+        _fs.write_durable(os.path.join(tmp, META_FILE), _encode_meta(meta))
         _fs.fsync_path(tmp)
         if os.path.exists(final):  # overwrite: move the old folder aside, then swap the new one in
             old = os.path.join(parent, _fs.tmp_name(name))
@@ -121,8 +134,18 @@ def _save_remote(
         fs.rm_file(meta_path)
     fs.makedirs(path, exist_ok=True)
     with fs.open(f"{path}/{STATE_FILE}", "wb") as f:
-        meta["sha256"], meta["state_bytes"] = _safetensors.write(f, tensors)
+        _write_state(f, tensors, meta)
     fs.pipe_file(meta_path, _encode_meta(meta))
+
+
+def _write_state(out: _safetensors.Writable, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write the tensor file to ``out``, recording its checksum and length in ``meta``."""
+    checksum = for_stream(ALGORITHM, sum(t.numel() * t.element_size() for t in tensors.values()))
+    try:
+        meta["state_bytes"] = _safetensors.write(out, tensors, checksum)
+        meta["checksum"] = checksum.digest()
+    finally:
+        checksum.close()
 
 
 def _encode_meta(meta: dict[str, Any]) -> bytes:
@@ -164,7 +187,7 @@ def save(
         "torch_version": torch.__version__,
         "step": _step_of(tree),
         "metrics": _leaves.encode_metrics(metrics),
-        "sha256": "",
+        "checksum": "",
         "state_bytes": 0,
         "leaves": entries,
         "treespec": _leaves.describe(spec),
@@ -193,7 +216,8 @@ def restore(
             fields (``module``, ``tx``) come from it. ``None`` returns a flat
             ``{key path: tensor}`` dict of the tensor leaves.
         map_location: device for every tensor; default: the device of the matching leaf of ``like``.
-        verify: check the sha256 of ``state.safetensors`` before parsing it.
+        verify: check the checksum of ``state.safetensors`` (on by default; ``False`` skips it,
+            the sizes, header and tree are still checked).
 
     Raises:
         CheckpointError: naming the file and the reason (missing or malformed meta.json,

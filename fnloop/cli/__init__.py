@@ -16,7 +16,8 @@ Config keys (each one can be overridden with a dotted flag, e.g. ``--trainer.max
 becomes the optimizer's ``lr``; its peak defaults to ``optimizer.lr``), ``trainer`` (every
 ``fnloop.Trainer`` flag, ``callbacks`` as class_path/init_args entries, ``loggers``: ``tensorboard``,
 ``csv``, ``jsonl``, ``console`` or class_path entries), ``checkpoint`` (``fnloop.CheckpointManager``
-arguments), ``ckpt_path`` (``last``, ``best`` or a URL), ``test_after_fit``.
+arguments; ``checkpoint: null`` or ``trainer.enable_checkpointing: false`` turns checkpointing off),
+``ckpt_path`` (``last``, ``best`` or a URL), ``test_after_fit``.
 
 Run folders are ``<trainer.default_root_dir or runs>/<name>/version_<n>/`` and hold
 ``config.yaml``, the loggers' files and ``checkpoints/``. ``fit --ckpt_path last`` without
@@ -25,9 +26,9 @@ Run folders are ``<trainer.default_root_dir or runs>/<name>/version_<n>/`` and h
 Import paths are resolved with the current folder on ``sys.path``.
 
 Exit codes: 0 done; 2 configuration error (the message names the key and the accepted values,
-or the ``--ckpt_path`` that names no checkpoint); 143 ``fit`` stopped by SIGTERM/SIGINT/SIGUSR1
-after saving a checkpoint; 1 any other failure (an fnloop error, such as an unreadable
-checkpoint, prints its message; anything else its traceback).
+or the ``--ckpt_path`` that names no checkpoint; nothing is created); 130 ``fit`` stopped by
+SIGINT (Ctrl-C) and 143 by SIGTERM or SIGUSR1, after saving a checkpoint; 1 any other failure
+(an fnloop error, such as a damaged checkpoint, prints its message; anything else its traceback).
 
 Example:
     >>> main(["fit", "--trainer.max_epochs", "x"])  # doctest: +SKIP

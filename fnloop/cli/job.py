@@ -48,7 +48,8 @@ class Job:
         seed: the state's seed.
         model, data, loss_fn, metric_fn, predict_fn, tx: the run's objects.
         trainer: the Trainer (callbacks included, no logger yet).
-        checkpoint_args: keyword arguments of the run's :class:`CheckpointManager`.
+        checkpoint_args: keyword arguments of the run's :class:`CheckpointManager`; None when
+            checkpointing is off (``checkpoint: null`` or ``trainer.enable_checkpointing: false``).
         loggers: the ``trainer.loggers`` entries (names or sink instances).
         ckpt_path, run_dir, overwrite_config, test_after_fit: the command's options.
     """
@@ -65,7 +66,7 @@ class Job:
     predict_fn: Callable[..., Any] | None
     tx: Any
     trainer: Trainer
-    checkpoint_args: dict[str, Any]
+    checkpoint_args: dict[str, Any] | None
     loggers: Sequence[Any]
     ckpt_path: str | None
     run_dir: str | None
@@ -73,8 +74,8 @@ class Job:
     test_after_fit: bool
 
     def manager(self, run_dir: str) -> CheckpointManager:
-        """The checkpoint manager of ``run_dir/checkpoints``."""
-        return CheckpointManager(os.path.join(run_dir, CHECKPOINTS), **self.checkpoint_args)
+        """The checkpoint manager of ``run_dir/checkpoints`` (default arguments when checkpointing is off)."""
+        return CheckpointManager(os.path.join(run_dir, CHECKPOINTS), **(self.checkpoint_args or {}))
 
 
 def make_sinks(loggers: Sequence[Any], run_dir: str) -> LoggerCollection:
@@ -150,13 +151,15 @@ def build_job(stage: str, cfg: Any, parser: Any) -> Job:
         raise ConfigError(f"building the objects of the config: {found}") from None
     tx = build_optimizer(cfg.optimizer, cfg.schedule.name, cfg.schedule.init_args)
     flags = {k: v for k, v in _plain(objs.trainer).items() if k != "loggers"}
+    if cfg.checkpoint is None:  # `checkpoint: null` turns checkpointing off
+        flags["enable_checkpointing"] = False
     try:
         trainer = Trainer(**flags)
     except ConfigError as err:
         raise _named("trainer", err) from None
-    ckpt = _plain(cfg.checkpoint)
+    ckpt = None if trainer.enable_checkpointing is False else _plain(cfg.checkpoint)
     try:
-        CheckpointManager("memory://fnloop-cli/checked", **ckpt).close()
+        CheckpointManager("memory://fnloop-cli/checked", **(ckpt or {})).close()
     except ConfigError as err:
         raise _named("checkpoint", err) from None
     return Job(

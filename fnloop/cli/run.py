@@ -1,18 +1,21 @@
 """The subcommands: ``fit`` (then ``test`` with ``test_after_fit``), ``validate``, ``test`` and
 ``predict`` over a :class:`~fnloop.cli.job.Job`, printing where the run's files are.
 
-Exit codes: 0 done, 143 ``fit`` stopped by a signal after saving a checkpoint (resume with
-``--ckpt_path last --run_dir <run folder>``).
+Exit codes: 0 done; 130 ``fit`` stopped by SIGINT (Ctrl-C), 143 by SIGTERM (or another stop
+signal), after saving a checkpoint (resume with ``--ckpt_path last --run_dir <run folder>``).
 
 Example:
-    >>> EXIT_INTERRUPTED
-    143
+    >>> import signal
+    >>> interrupted_exit_code(signal.SIGINT), interrupted_exit_code(signal.SIGTERM)
+    (130, 143)
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -21,21 +24,37 @@ import torch
 import yaml
 
 from fnloop.callbacks.base import Callback
+from fnloop.checkpoint import _fs
 from fnloop.checkpoint.callback import ModelCheckpoint
-from fnloop.checkpoint.format import read_meta, restore_weights
+from fnloop.checkpoint.format import META_FILE, read_meta, restore_weights
 from fnloop.cli.job import CHECKPOINTS, Job, make_sinks
-from fnloop.cli.run_folder import CONFIG_FILE, choose_run_dir, save_config
+from fnloop.cli.run_folder import CONFIG_FILE, choose_run_dir, latest_run_dir, save_config
 from fnloop.connectors.launch import connect
+from fnloop.connectors.signals import last_received
 from fnloop.errors import CheckpointError, ConfigError
 from fnloop.loggers import format_metrics_table, to_plain
 from fnloop.state import Status, TrainState
 from fnloop.eval_steps import eval_step, predict_step
 from fnloop.step import train_step
 
-__all__ = ["EXIT_OK", "EXIT_INTERRUPTED", "run_job", "fit", "evaluate", "predict"]
+__all__ = [
+    "EXIT_OK",
+    "EXIT_SIGINT",
+    "EXIT_INTERRUPTED",
+    "interrupted_exit_code",
+    "check_ckpt_path",
+    "run_job",
+    "fit",
+    "evaluate",
+    "predict",
+]
 
 EXIT_OK = 0
+EXIT_SIGINT = 130
+"""``fit`` stopped by SIGINT (Ctrl-C) or a KeyboardInterrupt: 128 + SIGINT, as shells report it."""
 EXIT_INTERRUPTED = 143
+"""``fit`` stopped by SIGTERM (128 + SIGTERM) or another stop signal (SIGUSR1)."""
+_RESOLVED = ("last", "latest", "best")
 PREDICTIONS_FILE = "predictions.pt"
 
 _DATA_METHODS = {
@@ -99,16 +118,60 @@ def _files(run_dir: str) -> str:
     return ", ".join(labels)
 
 
-def _report_fit(state: TrainState, seconds: float, run_dir: str, manager: Any, last: _LastMetrics) -> str | None:
+def interrupted_exit_code(signum: int | None) -> int:
+    """The exit code of a ``fit`` stopped by ``signum`` (None: a KeyboardInterrupt raised in the code).
+
+    Example:
+        >>> interrupted_exit_code(None)
+        130
+    """
+    return EXIT_SIGINT if signum in (None, signal.SIGINT) else EXIT_INTERRUPTED
+
+
+def check_ckpt_path(job: Job) -> None:
+    """Refuse a ``--ckpt_path`` that names no checkpoint, before any folder is created.
+
+    Raises:
+        ConfigError: a URL without a checkpoint, ``best`` with no best checkpoint to resume, or
+            ``last``/``best`` for ``fit`` with checkpointing off (exit 2).
+        CheckpointError: a damaged checkpoint at the URL (exit 1).
+    """
+    path = job.ckpt_path
+    if path is None or (path in _RESOLVED and job.stage != "fit"):
+        return  # validate/test/predict resolve last/best in the existing run folder (or refuse)
+    if path in _RESOLVED:
+        if job.checkpoint_args is None:
+            raise ConfigError(
+                f"--ckpt_path {path}: checkpointing is off (checkpoint: null or trainer.enable_checkpointing: "
+                "false); turn it on to resume, or pass a checkpoint URL"
+            )
+        run_dir = job.run_dir or latest_run_dir(job.root, job.name)
+        if path == "best" and (run_dir is None or job.manager(run_dir).best() is None):
+            where = run_dir or os.path.join(job.root, job.name)
+            raise ConfigError(f"--ckpt_path best: no best checkpoint under {where!r}; run `fnloop fit` first, or pass a checkpoint URL")
+        return
+    fs, folder = _fs.resolve(path)
+    if not fs.exists(f"{folder}/{META_FILE}"):
+        reason = "the folder has no meta.json" if fs.exists(folder) else "it does not exist"
+        raise ConfigError(f"--ckpt_path {path}: no checkpoint there ({reason}); pass a checkpoint folder, 'last' or 'best'")
+    read_meta(path)
+
+
+def _report_fit(
+    state: TrainState, seconds: float, run_dir: str, manager: Any | None, last: _LastMetrics
+) -> str | None:
     """Print how fit ended, where its files are and the final metrics; return the best checkpoint."""
     loop = state.loop
     _say("fit", f"{loop.status} after {loop.epoch} epochs ({loop.global_step} steps) in {seconds:.1f} s")
     _say("fit", f"logs in {run_dir} ({_files(run_dir)})")
-    best = manager.best() if manager.monitor is not None else None
+    best = manager.best() if manager is not None and manager.monitor is not None else None
     if not _lead():
         return best
-    found = [f"{kind} {os.path.basename(url)}" for kind, url in (("best", best), ("last", manager.latest())) if url]
-    _say("fit", f"checkpoints in {os.path.join(run_dir, CHECKPOINTS)} ({', '.join(found) or 'none'})")
+    if manager is None:
+        _say("fit", "checkpointing is off")
+    else:
+        found = [f"{kind} {os.path.basename(url)}" for kind, url in (("best", best), ("last", manager.latest())) if url]
+        _say("fit", f"checkpoints in {os.path.join(run_dir, CHECKPOINTS)} ({', '.join(found) or 'none'})")
     if last.values:
         print(format_metrics_table(last.values, "Final metrics"), flush=True)
     return best
@@ -131,13 +194,14 @@ def fit(job: Job) -> int:
     the best checkpoint if there is one, else the final state.
 
     Returns:
-        0, or 143 when a signal stopped training (a checkpoint was saved).
+        0, or 130 (SIGINT) / 143 (SIGTERM) when a signal stopped training (a checkpoint was saved).
 
     Example:
         >>> from fnloop.cli import main
         >>> main(["fit", "--config", "examples/digits.yaml", "--trainer.max_epochs", "2"])  # doctest: +SKIP
         0
     """
+    check_ckpt_path(job)
     parallel = connect(job.trainer)  # a distributed run: join it, or start its other ranks (this process is rank 0)
     lead = parallel.is_global_zero
     run_dir = parallel.broadcast(choose_run_dir("fit", root=job.root, name=job.name, run_dir=job.run_dir, ckpt_path=job.ckpt_path) if lead else None)
@@ -147,7 +211,8 @@ def fit(job: Job) -> int:
     trainer = dataclasses.replace(job.trainer, callbacks=[*job.trainer.callback_list, last], logger=sinks)
     _say("fit", f"run folder {run_dir} (config {config_path})")
     state = TrainState.create(job.model, job.tx, seed=job.seed)
-    with job.manager(run_dir) as manager:
+    manager = job.manager(run_dir) if job.checkpoint_args is not None else None
+    with manager if manager is not None else contextlib.nullcontext():
         sinks.log_hparams(to_plain(yaml.safe_load(job.config_text) or {}))
         started = time.perf_counter()
         state = trainer.fit(
@@ -155,13 +220,13 @@ def fit(job: Job) -> int:
             train_step(job.loss_fn),
             datamodule=job.data,
             val_step=eval_step(job.metric_fn) if _has_data(job.data, "val") else None,
-            checkpoint=ModelCheckpoint(manager),
+            checkpoint=ModelCheckpoint(manager) if manager is not None else None,
             ckpt_path=job.ckpt_path,
         )
         best = parallel.broadcast(_report_fit(state, time.perf_counter() - started, run_dir, manager, last))
     if state.loop.status == Status.INTERRUPTED:
         _say("fit", f"interrupted; resume with: fnloop fit --config {config_path} --ckpt_path last --run_dir {run_dir}")
-        return EXIT_INTERRUPTED
+        return interrupted_exit_code(last_received())
     if job.test_after_fit:
         _test_after_fit(job, trainer, state, best)
     return EXIT_OK
@@ -185,9 +250,10 @@ def _eval_state(job: Job, run_dir: str) -> TrainState:
 
 
 def _eval_setup(job: Job) -> tuple[str, Any, TrainState]:
+    check_ckpt_path(job)
     run_dir = choose_run_dir(job.stage, root=job.root, name=job.name, run_dir=job.run_dir, ckpt_path=job.ckpt_path)
+    state = _eval_state(job, run_dir)  # before the config is written: a missing checkpoint leaves no file
     save_config(run_dir, job.config_text, only_if_missing=True)
-    state = _eval_state(job, run_dir)
     trainer = dataclasses.replace(job.trainer, logger=make_sinks(job.loggers, run_dir))
     _say(job.stage, f"run folder {run_dir}")
     return run_dir, trainer, state

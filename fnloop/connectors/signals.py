@@ -21,11 +21,27 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-__all__ = ["StopRequest", "stop_signals", "DEFAULT_SIGNALS"]
+__all__ = ["StopRequest", "stop_signals", "last_received", "DEFAULT_SIGNALS"]
 
 DEFAULT_SIGNALS: tuple[int, ...] = tuple(
     s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None), signal.SIGINT) if s is not None
 )
+
+
+_last_received: list[int | None] = [None]
+
+
+def last_received() -> int | None:
+    """The first stop signal received inside the latest ``stop_signals`` block of this process
+    (the latest ``fit``), or None; a command line turns it into its exit code.
+
+    Example:
+        >>> with stop_signals():
+        ...     pass
+        >>> last_received() is None
+        True
+    """
+    return _last_received[0]
 
 
 class StopRequest:
@@ -47,7 +63,7 @@ class StopRequest:
                 else:
                     raise KeyboardInterrupt
         if self.signum is None:
-            self.signum = signum
+            self.signum = _last_received[0] = signum
         self.requested = True
 
 
@@ -58,6 +74,7 @@ def stop_signals(signals: Sequence[int] | None = None) -> Iterator[StopRequest]:
     Outside the main thread nothing is installed (the request never fires).
     """
     request = StopRequest()
+    _last_received[0] = None
     chosen = DEFAULT_SIGNALS if signals is None else tuple(signals)
     if threading.current_thread() is not threading.main_thread():
         yield request

@@ -120,12 +120,12 @@ def _deterministic(enabled: bool) -> Iterator[None]:
 
 def _checkpoint_of(trainer: Any, checkpoint: Any) -> Any:
     """The ModelCheckpoint of this fit: from ``checkpoint=`` or among the callbacks."""
-    from fnloop.checkpoint.callback import ModelCheckpoint
+    from fnloop.checkpoint.callback import ModelCheckpoint, checkpoint_of_fit
 
     if checkpoint is None:
         found = [c for c in trainer.callback_list if isinstance(c, ModelCheckpoint)]
-        return found[-1] if found else None
-    return checkpoint if isinstance(checkpoint, ModelCheckpoint) else ModelCheckpoint(checkpoint)
+        return checkpoint_of_fit(trainer, found[-1] if found else None)  # enable_checkpointing decides
+    return checkpoint_of_fit(trainer, checkpoint if isinstance(checkpoint, ModelCheckpoint) else ModelCheckpoint(checkpoint))
 
 
 def _finish(run: FitRun, state: Any) -> Any:

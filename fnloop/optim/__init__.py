@@ -5,10 +5,19 @@ Example:
     >>> tx = flo.chain(flo.clip_by_global_norm(1.0), flo.adamw(lr=flo.warmup_cosine(1e-3, warmup_steps=10, decay_steps=100)))
 """
 
-from fnloop.optim.aliases import AdagradState as AdagradState
-from fnloop.optim.aliases import AdamState as AdamState
-from fnloop.optim.aliases import RMSpropState as RMSpropState
-from fnloop.optim.aliases import SGDState as SGDState
+from fnloop.optim._learning_rate import ScaleByLearningRateState as ScaleByLearningRateState
+from fnloop.optim._learning_rate import ScaleByScheduleState as ScaleByScheduleState
+from fnloop.optim._learning_rate import scale_by_learning_rate as scale_by_learning_rate
+from fnloop.optim._learning_rate import scale_by_schedule as scale_by_schedule
+from fnloop.optim._scale import ScaleByAdamState as ScaleByAdamState
+from fnloop.optim._scale import ScaleByRmsState as ScaleByRmsState
+from fnloop.optim._scale import ScaleByRssState as ScaleByRssState
+from fnloop.optim._scale import TraceState as TraceState
+from fnloop.optim._scale import scale as scale
+from fnloop.optim._scale import scale_by_adam as scale_by_adam
+from fnloop.optim._scale import scale_by_rms as scale_by_rms
+from fnloop.optim._scale import scale_by_rss as scale_by_rss
+from fnloop.optim._scale import trace as trace
 from fnloop.optim.aliases import adagrad as adagrad
 from fnloop.optim.aliases import adam as adam
 from fnloop.optim.aliases import adamw as adamw
@@ -16,14 +25,16 @@ from fnloop.optim.aliases import rmsprop as rmsprop
 from fnloop.optim.aliases import sgd as sgd
 from fnloop.optim.base import EmptyState as EmptyState
 from fnloop.optim.base import GradientTransformation as GradientTransformation
-from fnloop.optim.base import ScaleByLearningRateState as ScaleByLearningRateState
 from fnloop.optim.base import apply_updates as apply_updates
 from fnloop.optim.base import as_schedule as as_schedule
-from fnloop.optim.base import fused_apply as fused_apply
 from fnloop.optim.base import chain as chain
+from fnloop.optim.base import from_apply as from_apply
+from fnloop.optim.base import fused_apply as fused_apply
 from fnloop.optim.base import identity as identity
 from fnloop.optim.base import learning_rate as learning_rate
-from fnloop.optim.base import scale_by_learning_rate as scale_by_learning_rate
+from fnloop.optim.partition import MultiTransformState as MultiTransformState
+from fnloop.optim.partition import multi_transform as multi_transform
+from fnloop.optim.partition import set_to_zero as set_to_zero
 from fnloop.optim.schedules import constant as constant
 from fnloop.optim.schedules import exponential as exponential
 from fnloop.optim.schedules import join as join
@@ -45,3 +56,4 @@ from fnloop.optim.wrappers import MultiStepsState as MultiStepsState
 from fnloop.optim.wrappers import apply_if_finite as apply_if_finite
 from fnloop.optim.wrappers import ema as ema
 from fnloop.optim.wrappers import multi_steps as multi_steps
+from fnloop.optim.wrappers import multi_steps_flush as multi_steps_flush

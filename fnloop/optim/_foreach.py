@@ -6,8 +6,9 @@ Every function takes and returns lists of tensors and never mutates its inputs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -17,9 +18,29 @@ _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 Tensors = Sequence[torch.Tensor]
 
 
+_recording = 0  # > 0 while an update records an autograd graph (see `recording`)
+
+
 def _fallback(xs: Tensors) -> bool:
-    """Per-leaf ops: under torch.func transforms, and for empty lists (no foreach kernel for those)."""
-    return not xs or (not torch.compiler.is_compiling() and _is_wrapped(xs[0]))
+    """Per-leaf ops: under torch.func transforms, while recording an autograd graph, and for
+    empty lists (no foreach kernel for those)."""
+    return not xs or _recording > 0 or (not torch.compiler.is_compiling() and _is_wrapped(xs[0]))
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[None]:
+    """Run the ops of this block leaf by leaf: for an update that records an autograd graph
+    (:func:`records_graph`). The backward formulas of torch's foreach kernels are not reliable
+    (``_foreach_addcdiv``'s fails on leaves of different shapes); the per-leaf ops are, and give
+    the same values. A process-wide switch: a plain update running meanwhile in another thread
+    also goes leaf by leaf, slower but with the same results.
+    """
+    global _recording
+    _recording += 1
+    try:
+        yield
+    finally:
+        _recording -= 1
 
 
 def _scalar_like(xs: Tensors, y: Any) -> Any:
@@ -213,11 +234,23 @@ def maximum_(xs: Tensors, ys: Tensors) -> list[torch.Tensor]:
 
 
 class StateOps:
-    """How an update produces the next value of a state tensor (params, moments, buffers):
-    out of place for a pure call, in place when the caller donated the old state."""
+    """How an update produces new tensors.
 
-    def __init__(self, donate: bool) -> None:
-        self.donate = donate
+    The next value of a state tensor (params, moments, buffers; the methods without a trailing
+    underscore) is written in place into the old one when the caller donated the old state
+    (``donate``), else out of place. A fresh temporary (the methods with a trailing underscore)
+    is updated in place, unless autograd records the update (``graph``): a backward pass may need
+    a temporary's old value (``sqrt`` keeps its result), so every op is then out of place.
+    """
+
+    def __init__(self, donate: bool, graph: bool = False) -> None:
+        self.donate = donate and not graph
+        self.graph = graph
+
+    @property
+    def fresh(self) -> StateOps:
+        """The ops that give a fresh temporary its next value (in place unless recording a graph)."""
+        return PURE if self.graph else DONATE
 
     def mul(self, xs: Tensors, y: Any) -> list[torch.Tensor]:
         return mul_(xs, y) if self.donate else mul(xs, y)
@@ -237,6 +270,36 @@ class StateOps:
     def addcdiv(self, xs: Tensors, ys: Tensors, zs: Tensors, value: float = 1.0) -> list[torch.Tensor]:
         return addcdiv_(xs, ys, zs, value) if self.donate else addcdiv(xs, ys, zs, value)
 
+    # fresh temporaries
+
+    def add_(self, xs: Tensors, ys: Any, **kwargs: Any) -> list[torch.Tensor]:
+        return add(xs, ys, **kwargs) if self.graph else add_(xs, ys, **kwargs)
+
+    def mul_(self, xs: Tensors, y: Any) -> list[torch.Tensor]:
+        return mul(xs, y) if self.graph else mul_(xs, y)
+
+    def div_(self, xs: Tensors, y: Any) -> list[torch.Tensor]:
+        return div(xs, y) if self.graph else div_(xs, y)
+
+    def sqrt_(self, xs: Tensors) -> list[torch.Tensor]:
+        return sqrt(xs) if self.graph else sqrt_(xs)
+
+    def addcmul_(self, xs: Tensors, ys: Tensors, zs: Tensors, value: float = 1.0) -> list[torch.Tensor]:
+        return addcmul(xs, ys, zs, value) if self.graph else addcmul_(xs, ys, zs, value)
+
+    def addcdiv_(self, xs: Tensors, ys: Tensors, zs: Tensors, value: float = 1.0) -> list[torch.Tensor]:
+        return addcdiv(xs, ys, zs, value) if self.graph else addcdiv_(xs, ys, zs, value)
+
 
 PURE = StateOps(False)
 DONATE = StateOps(True)
+GRAPH = StateOps(False, graph=True)
+
+
+def records_graph(*lists: Tensors) -> bool:
+    """Whether autograd records ops on these leaves: grad mode is on and one of them requires
+    grad (a differentiable optimizer step, as in MAML); one check per call. ``False`` at once
+    when grad mode is off."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(x.requires_grad for xs in lists for x in xs)

@@ -32,11 +32,10 @@ __all__ = [
     "identity",
     "chain",
     "apply_updates",
-    "ScaleByLearningRateState",
-    "scale_by_learning_rate",
     "learning_rate",
     "as_schedule",
     "leaves_like",
+    "take_leaves",
     "new_count",
     "host",
     "from_apply",
@@ -46,18 +45,30 @@ __all__ = [
 ]
 
 Schedule = Callable[[Any], torch.Tensor]
-LearningRate = float | Schedule
+LearningRate = float | torch.Tensor | Schedule
+Fused = Callable[..., tuple[Any, Any]]
 
 
 class GradientTransformation(NamedTuple):
-    """A pair of pure functions.
+    """A pair of pure functions, and optionally a fused path that applies the update.
 
-    ``init(params) -> opt_state`` and ``update(grads, opt_state, params) -> (updates, opt_state)``.
-    Neither mutates its inputs.
+    ``init(params) -> opt_state`` and ``update(grads, opt_state, params) -> (updates, opt_state)``;
+    neither mutates its inputs. ``fused(grads, opt_state, params, *, donate=False, consume=False)
+    -> (new_params, opt_state)``, where present, gives the new params directly, with the
+    arithmetic of torch.optim's in-place kernels: ``donate=True`` lets it overwrite ``params`` and
+    ``opt_state`` (the caller gives them up), ``consume=True`` lets it empty ``grads`` (a dict the
+    caller built) to free each gradient after its last read. Use it through :func:`fused_apply`.
+
+    Example:
+        >>> import torch, fnloop.optim as flo
+        >>> tx = flo.GradientTransformation(lambda params: (), lambda u, state, params=None: (u, state))
+        >>> tx.fused is None
+        True
     """
 
     init: Callable[[Any], Any]
     update: Callable[..., tuple[Any, Any]]
+    fused: Fused | None = None
 
 
 class EmptyState(NamedTuple):
@@ -78,6 +89,8 @@ def identity() -> GradientTransformation:
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply transforms one after the other; the state is the tuple of their states.
 
+    The fused path runs the updates of all but the last transform, then the last one's fused path.
+
     Example:
         >>> import fnloop.optim as flo
         >>> tx = flo.chain(flo.clip_by_global_norm(1.0), flo.adam(lr=1e-3))
@@ -96,21 +109,29 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_state.append(s)
         return updates, tuple(new_state)
 
-    last_apply = fused_apply(transforms[-1]) if transforms else None
+    if not transforms:
+        return GradientTransformation(init, update)
+    last_fused = fused_apply(transforms[-1])
 
-    def apply(
+    def fused(
+        grads: Any, state: tuple[Any, ...], params: Any, *, donate: bool = False, consume: bool = False
+    ) -> tuple[Any, tuple[Any, ...]]:
+        if torch.is_grad_enabled() and fe.records_graph(tree_leaves(grads), tree_leaves(params)):
+            with fe.recording():  # the leading updates too run leaf by leaf
+                return composed(grads, state, params, donate=donate, consume=consume)
+        return composed(grads, state, params, donate=donate, consume=consume)
+
+    def composed(
         grads: Any, state: tuple[Any, ...], params: Any, *, donate: bool = False, consume: bool = False
     ) -> tuple[Any, tuple[Any, ...]]:
         new_state = []
         for t, s in zip(transforms[:-1], state):
             grads, s = t.update(grads, s, params)
             new_state.append(s)
-        new_params, s = last_apply(grads, state[-1], params, donate=donate, consume=consume)  # type: ignore[misc]
+        new_params, s = last_fused(grads, state[-1], params, donate=donate, consume=consume)
         return new_params, (*new_state, s)
 
-    if transforms:
-        update.apply = apply  # type: ignore[attr-defined]
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, fused)
 
 
 def take_leaves(grads: Any, spec: Any, consume: bool) -> list[torch.Tensor]:
@@ -153,15 +174,19 @@ def host(value: torch.Tensor) -> Any:
     return value.item()
 
 
-def from_apply(init: Callable[[Any], Any], apply: Callable[[Any, Any, Any], tuple[Any, Any]]) -> GradientTransformation:
-    """A transform defined by a fused ``apply(grads, opt_state, params, *, donate=False, consume=False)
-    -> (new_params, opt_state)``. ``donate=True``: the caller gives up ``params`` and ``opt_state``,
-    which may be updated in place. ``consume=True``: the caller gives up ``grads`` (a dict it built),
-    which the transform may empty to free the gradients once it has read them (:func:`take_leaves`).
+def from_apply(init: Callable[[Any], Any], apply: Fused) -> GradientTransformation:
+    """A transform defined by its fused path ``apply(grads, opt_state, params, *, donate=False,
+    consume=False) -> (new_params, opt_state)`` (see :class:`GradientTransformation`).
 
-    ``update`` returns ``new_params - params`` (params default to zeros); ``fused_apply(tx)``
-    returns ``apply`` itself, which steps use to update the params with the same arithmetic as
-    torch.optim's in-place kernels.
+    ``update`` returns ``new_params - params`` (params default to zeros).
+
+    Example:
+        >>> import torch, fnloop.optim as flo
+        >>> def apply(grads, state, params, *, donate=False, consume=False):
+        ...     return {k: p - 0.5 * grads[k] for k, p in params.items()}, state
+        >>> tx = flo.from_apply(lambda params: flo.EmptyState(), apply)
+        >>> tx.update({"w": torch.ones(1)}, flo.EmptyState(), {"w": torch.ones(1)})[0]
+        {'w': tensor([-0.5000])}
     """
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
@@ -170,13 +195,16 @@ def from_apply(init: Callable[[Any], Any], apply: Callable[[Any, Any, Any], tupl
         new_params, state = apply(updates, state, params)
         return leaves_like(updates, fe.sub(tree_leaves(new_params), tree_leaves(params))), state
 
-    update.apply = apply  # type: ignore[attr-defined]
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, apply)
 
 
-def fused_apply(tx: GradientTransformation) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
-    """``(grads, opt_state, params) -> (new_params, opt_state)`` for any transform: the fused
-    path where it has one, else ``update`` followed by :func:`apply_updates`.
+def fused_apply(tx: GradientTransformation) -> Fused:
+    """``(grads, opt_state, params, *, donate=False, consume=False) -> (new_params, opt_state)``
+    for any transform: its ``fused`` path where it has one, else ``update`` followed by
+    :func:`apply_updates`.
+
+    Called in grad mode on gradients or params that require grad (``create_graph=True``), the
+    fused paths of fnloop's transforms record a correct autograd graph (a differentiable step).
 
     Example:
         >>> import torch, fnloop.optim as flo
@@ -185,7 +213,7 @@ def fused_apply(tx: GradientTransformation) -> Callable[[Any, Any, Any], tuple[A
         >>> flo.fused_apply(tx)({"w": torch.ones(1)}, tx.init(p), p)[0]
         {'w': tensor([0.5000])}
     """
-    fused = getattr(tx.update, "apply", None)
+    fused = getattr(tx, "fused", None)
     if fused is not None:
         return fused  # type: ignore[no-any-return]
 
@@ -218,14 +246,20 @@ def new_count() -> torch.Tensor:
 
 
 def as_schedule(lr: LearningRate, *, name: str = "lr") -> Schedule:
-    """Turn a float or a schedule into a schedule; validate a float learning rate.
+    """Turn a float, a one-element tensor or a schedule into a schedule; validate a constant.
+
+    A tensor learning rate is read once, as torch.optim reads it (its value, exactly).
 
     Example:
-        >>> import fnloop.optim as flo
-        >>> float(flo.as_schedule(0.1)(5))
-        0.1
+        >>> import torch, fnloop.optim as flo
+        >>> float(flo.as_schedule(0.1)(5)), float(flo.as_schedule(torch.tensor(0.5))(5))
+        (0.1, 0.5)
     """
-    if callable(lr):
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ConfigError(f"{name} must be a float, a one-element floating-point tensor or a schedule, got {lr!r}")
+        lr = lr.detach().item()
+    elif callable(lr):
         return lr
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
         raise ConfigError(f"{name} must be a non-negative float or a schedule (fnloop.optim.warmup_cosine, ...), got {lr!r}")
@@ -240,38 +274,6 @@ def is_constant(schedule: Schedule) -> bool:
 def next_lr(schedule: Schedule, lr: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """The learning rate in force after ``count`` updates."""
     return lr if is_constant(schedule) else schedule(count).to(lr.dtype)
-
-
-class ScaleByLearningRateState(NamedTuple):
-    """``count``: updates done; ``lr``: the learning rate the next update uses."""
-
-    count: torch.Tensor
-    lr: torch.Tensor
-
-
-def scale_by_learning_rate(lr: LearningRate, *, flip_sign: bool = True) -> GradientTransformation:
-    """Multiply the updates by ``-lr`` (``lr`` when ``flip_sign=False``); a schedule is evaluated on
-    the transform's own count and the LR in force is kept in the state.
-
-    Example:
-        >>> import torch, fnloop.optim as flo
-        >>> tx = flo.scale_by_learning_rate(0.5)
-        >>> tx.update({"w": torch.ones(1)}, tx.init({"w": torch.ones(1)}))[0]
-        {'w': tensor([-0.5000])}
-    """
-    schedule = as_schedule(lr)
-    sign = -1.0 if flip_sign else 1.0
-
-    def init(params: Any) -> ScaleByLearningRateState:
-        return ScaleByLearningRateState(new_count(), schedule(0).to(torch.float64))
-
-    def update(updates: Any, state: ScaleByLearningRateState, params: Any = None) -> tuple[Any, Any]:
-        factor = sign * host(state.lr)
-        out = leaves_like(updates, fe.mul(tree_leaves(updates), factor))
-        count = state.count + 1
-        return out, ScaleByLearningRateState(count, next_lr(schedule, state.lr, count))
-
-    return GradientTransformation(init, update)
 
 
 def _find_lr(node: Any) -> torch.Tensor | None:

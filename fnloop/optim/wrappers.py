@@ -13,10 +13,10 @@ import torch
 
 from fnloop.errors import ConfigError
 from fnloop.optim import _foreach as fe
-from fnloop.optim.base import GradientTransformation, from_apply, fused_apply, host, leaves_like, new_count
+from fnloop.optim.base import Fused, GradientTransformation, from_apply, fused_apply, host, leaves_like, new_count
 from fnloop.tree import tree_flatten, tree_leaves
 
-__all__ = ["MultiStepsState", "multi_steps", "ApplyIfFiniteState", "apply_if_finite", "EmaState", "ema"]
+__all__ = ["MultiStepsState", "multi_steps", "multi_steps_flush", "ApplyIfFiniteState", "apply_if_finite", "EmaState", "ema"]
 
 
 def _zeros(tree: Any) -> Any:
@@ -47,6 +47,7 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
     With a mean loss, ``every_k`` micro-batches of size ``b`` give the step of one batch of size
     ``every_k * b``. In eager mode the branch is taken on the host-side counter; while compiling
     both branches are traced and selected with ``torch.where`` (no graph break, no recompilation).
+    :func:`multi_steps_flush` applies a partial accumulation.
 
     Example:
         >>> import fnloop.optim as flo
@@ -58,11 +59,20 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
     def init(params: Any) -> MultiStepsState:
         return MultiStepsState(new_count(), new_count(), _zeros(params), inner.init(params))
 
-    inner_apply = fused_apply(inner)
+    return from_apply(init, _Accumulate(fused_apply(inner), every_k))
 
-    def apply(
-        grads: Any, state: MultiStepsState, params: Any, *, donate: bool = False, consume: bool = False
+
+class _Accumulate:
+    """The fused path of :func:`multi_steps` (a callable), and its :meth:`flush`."""
+
+    def __init__(self, inner_apply: Fused, every_k: int) -> None:
+        self.inner_apply = inner_apply
+        self.every_k = every_k
+
+    def __call__(
+        self, grads: Any, state: MultiStepsState, params: Any, *, donate: bool = False, consume: bool = False
     ) -> tuple[Any, MultiStepsState]:
+        every_k, inner_apply = self.every_k, self.inner_apply
         if every_k == 1:
             new_params, inner_state = inner_apply(grads, state.inner_state, params, donate=donate, consume=consume)
             return new_params, state._replace(gradient_step=state.gradient_step + 1, inner_state=inner_state)
@@ -87,20 +97,36 @@ def multi_steps(inner: GradientTransformation, every_k: int) -> GradientTransfor
         )
         return _select(emit, new_params, params), new_state
 
-    def flush(state: MultiStepsState, params: Any) -> tuple[Any, MultiStepsState]:
-        """Apply a partial accumulation now (gradient sum / every_k, as Lightning does at the end
-        of an epoch whose batch count is not a multiple of every_k); eager only."""
+    def flush(self, state: MultiStepsState, params: Any) -> tuple[Any, MultiStepsState]:
+        """See :func:`multi_steps_flush`."""
         if int(state.mini_step) == 0:
             return params, state
-        mean = leaves_like(params, fe.div(tree_leaves(state.grad_acc), float(every_k)))
-        new_params, inner_state = inner_apply(mean, state.inner_state, params, consume=True)
+        mean = leaves_like(params, fe.div(tree_leaves(state.grad_acc), float(self.every_k)))
+        new_params, inner_state = self.inner_apply(mean, state.inner_state, params, consume=True)
         zero = torch.zeros_like(state.mini_step)
         return new_params, MultiStepsState(zero, state.gradient_step + 1, _zeros(state.grad_acc), inner_state)
 
-    tx = from_apply(init, apply)
-    tx.update.flush = flush  # type: ignore[attr-defined]
-    tx.update.every_k = every_k  # type: ignore[attr-defined]
-    return tx
+
+def multi_steps_flush(tx: GradientTransformation, opt_state: MultiStepsState, params: Any) -> tuple[Any, MultiStepsState]:
+    """Apply a partial accumulation of :func:`multi_steps` now: the inner transform steps on the
+    gradient sum divided by ``every_k`` (as Lightning does at the end of an epoch whose batch count
+    is not a multiple of ``every_k``); nothing happens when no micro-batch is pending. Eager only.
+
+    Returns:
+        ``(new_params, new_opt_state)``.
+
+    Example:
+        >>> import torch, fnloop.optim as flo
+        >>> tx = flo.multi_steps(flo.sgd(lr=1.0), every_k=4)
+        >>> p = {"w": torch.zeros(1)}
+        >>> p, s = flo.fused_apply(tx)({"w": torch.ones(1)}, tx.init(p), p)
+        >>> flo.multi_steps_flush(tx, s, p)[0]
+        {'w': tensor([-0.2500])}
+    """
+    fused = getattr(tx, "fused", None)
+    if not isinstance(fused, _Accumulate):
+        raise ConfigError("multi_steps_flush: tx is not a transform built by fnloop.optim.multi_steps")
+    return fused.flush(opt_state, params)
 
 
 class ApplyIfFiniteState(NamedTuple):
@@ -175,8 +201,3 @@ def ema(decay: float, debias: bool = True) -> GradientTransformation:
         return leaves_like(updates, out), EmaState(count, leaves_like(state.ema, avg))
 
     return GradientTransformation(init, update)
-
-
-def multi_steps_flush(tx: GradientTransformation, state: MultiStepsState, params: Any) -> tuple[Any, MultiStepsState]:
-    """Apply the partial accumulation window of ``multi_steps`` state now (eager only)."""
-    return tx.update.flush(state, params)  # type: ignore[attr-defined,no-any-return]

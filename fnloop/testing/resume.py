@@ -41,7 +41,9 @@ class _InterruptAt(Callback):
 
 def _data(state: Any) -> dict[str, Any]:
     """The state's leaves by field, without its static module and optimizer (fresh objects per run)."""
-    loop = {f: getattr(state.loop, f) for f in ("epoch", "batch_idx", "total_batch_idx", "global_step", "samples_seen", "val_count", "stop")}
+    fields = ("epoch", "batch_idx", "total_batch_idx", "global_step", "samples_seen", "val_count", "stop")
+    loop = {f: getattr(state.loop, f) for f in fields}
+    loop["options"] = list(state.loop.options.tensors)  # an open accumulation window, skip counters
     return {"step": state.step, "params": state.params, "buffers": state.buffers, "opt_state": state.opt_state, "rng": state.rng, "loop": loop}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -11,6 +10,7 @@ import uuid
 import fsspec
 import pytest
 import torch
+import xxhash
 
 from fnloop.checkpoint import restore, restore_params, save
 from fnloop.errors import CheckpointError, FnloopError
@@ -37,6 +37,10 @@ def _edit_meta(fs, path, *, drop=(), **changes):
     for key in drop:
         del meta[key]
     fs.pipe_file(f"{path}/meta.json", json.dumps(meta).encode())
+
+
+def _checksum(data: bytes) -> str:
+    return "xxh3_128:" + xxhash.xxh3_128(data).hexdigest()
 
 
 def _raises(url, like, *reasons, file="state.safetensors"):
@@ -153,7 +157,7 @@ def test_pickle_renamed_to_state_file_is_rejected_without_running(ckpt, tmp_path
         local.write_bytes(pickle.dumps(payload))
     data = local.read_bytes()
     fs.pipe_file(f"{path}/state.safetensors", data)
-    _edit_meta(fs, path, sha256=hashlib.sha256(data).hexdigest(), state_bytes=len(data))
+    _edit_meta(fs, path, checksum=_checksum(data), state_bytes=len(data))
     _raises(url, tree, "not a valid safetensors file")
     with pytest.raises(CheckpointError):
         restore_params(url)
@@ -168,7 +172,7 @@ def test_header_that_disagrees_with_meta(ckpt):
     _, other_path = fsspec.core.url_to_fs(scratch)
     data = fs.cat_file(f"{other_path}/state.safetensors")
     fs.pipe_file(f"{path}/state.safetensors", data)
-    _edit_meta(fs, path, sha256=hashlib.sha256(data).hexdigest(), state_bytes=len(data))
+    _edit_meta(fs, path, checksum=_checksum(data), state_bytes=len(data))
     _raises(url, tree, "does not agree with meta.json", "'w'")
 
 
@@ -178,3 +182,30 @@ def test_unreadable_permissions(tmp_path):
     url = save({"w": torch.ones(1)}, str(tmp_path / "ck"))
     os.chmod(tmp_path / "ck" / "state.safetensors", 0)
     _raises(url, None, "cannot read")
+
+
+@pytest.mark.parametrize("where", ["header length", "header", "first data byte", "middle", "last byte"])
+def test_any_flipped_byte_is_caught_by_the_checksum(ckpt, where):
+    url, fs, path, tree = ckpt
+    data = bytearray(fs.cat_file(f"{path}/state.safetensors"))
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    at = {"header length": 0, "header": 20, "first data byte": header_end, "middle": len(data) // 2, "last byte": -1}
+    data[at[where]] ^= 0x10
+    fs.pipe_file(f"{path}/state.safetensors", bytes(data))
+    _raises(url, tree, "checksum mismatch", "xxh3_128:")
+
+
+def test_verify_false_skips_the_checksum_but_not_the_structure(ckpt):
+    url, fs, path, tree = ckpt
+    data = bytearray(fs.cat_file(f"{path}/state.safetensors"))
+    data[-1] ^= 0x10  # the last byte of the last tensor
+    fs.pipe_file(f"{path}/state.safetensors", bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        restore(url, like=tree)
+    out = restore(url, like=tree, verify=False)
+    changed = [k for k in ("w", "b") if not torch.equal(out[k], tree[k])]
+    assert len(changed) == 1  # read as stored, unchecked
+    fs.pipe_file(f"{path}/state.safetensors", bytes(data[:-100]))
+    _edit_meta(fs, path, drop=["state_bytes"])
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        restore(url, like=tree, verify=False)

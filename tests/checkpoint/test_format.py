@@ -13,6 +13,7 @@ import fsspec
 import pytest
 import safetensors.torch
 import torch
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -200,14 +201,16 @@ def test_train_state_round_trip_and_meta(base):
     assert tree_structure(out) == tree_structure(like)
     assert_same_tree(state, out, structure=False)
     meta = read_meta(url)
-    assert meta["format"] == "fnloop-checkpoint" and meta["format_version"] == 1
+    assert meta["format"] == "fnloop-checkpoint"
     assert meta["step"] == 7 and meta["metrics"] == {"val_loss": 0.25}
     assert meta["torch_version"] == torch.__version__ and meta["fnloop_version"]
     fs, path = fsspec.core.url_to_fs(url)
-    assert meta["sha256"] == hashlib.sha256(fs.cat_file(path + "/state.safetensors")).hexdigest()
+    data = fs.cat_file(path + "/state.safetensors")
+    assert meta["checksum"] == "xxh3_128:" + xxhash.xxh3_128(data).hexdigest()
+    assert meta["format_version"] == 2 and meta["state_bytes"] == len(data)
     leaves = {e["path"]: e for e in meta["leaves"]}
-    mu = {"path": "opt_state/1/mu/0.weight", "kind": "tensor", "dtype": "float32", "shape": [4, 3]}
-    assert leaves["opt_state/1/mu/0.weight"] == mu
+    mu = {"path": "opt_state/1/0/mu/0.weight", "kind": "tensor", "dtype": "float32", "shape": [4, 3]}
+    assert leaves["opt_state/1/0/mu/0.weight"] == mu
     assert leaves["loop/status"] == {"path": "loop/status", "kind": "value", "value": "running", "type": "str"}
     assert leaves["loop/callbacks/early_stopping/best"]["value"] == "inf"
     assert "TrainState(" in meta["treespec"] and "AdamState(" in meta["treespec"]
@@ -292,3 +295,32 @@ def test_unstorable_leaves_are_named(base):
     assert "obj" in str(err.value) and "complex128" in str(err.value)
     fs, path = fsspec.core.url_to_fs(f"{base}/ck")
     assert not fs.exists(path + "/meta.json")
+
+
+def _as_format_1(fs, path: str) -> None:
+    """Rewrite a checkpoint's meta.json the way format 1 wrote it (a sha256 of the tensor file)."""
+    meta = json.loads(fs.cat_file(f"{path}/meta.json"))
+    del meta["checksum"]
+    meta["format_version"] = 1
+    meta["sha256"] = hashlib.sha256(fs.cat_file(f"{path}/state.safetensors")).hexdigest()
+    fs.pipe_file(f"{path}/meta.json", json.dumps(meta, indent=1).encode())
+
+
+def test_format_1_checkpoints_with_sha256_still_restore(base):
+    state = _state()
+    url = save(state, f"{base}/old")
+    fs, path = fsspec.core.url_to_fs(url)
+    _as_format_1(fs, path)
+    meta = read_meta(url)
+    assert meta["format_version"] == 1 and meta["checksum"] == "sha256:" + meta["sha256"]
+    assert_same_tree(state, restore(url, like=_state()), structure=False)
+    data = bytearray(fs.cat_file(f"{path}/state.safetensors"))
+    data[len(data) // 2] ^= 0x01
+    fs.pipe_file(f"{path}/state.safetensors", bytes(data))
+    with pytest.raises(CheckpointError, match=r"checksum mismatch \(sha256:"):
+        restore(url, like=_state())
+    meta = json.loads(fs.cat_file(f"{path}/meta.json"))
+    meta["sha256"] = "abc"
+    fs.pipe_file(f"{path}/meta.json", json.dumps(meta).encode())
+    with pytest.raises(CheckpointError, match="'sha256' must be a hex digest"):
+        restore(url, like=_state())

@@ -219,7 +219,7 @@ def test_async_writes_the_same_bytes_as_sync(base):
         a = sync.save(state, step=3, metrics={"loss": 0.5})
         b = background.save(state, step=3, metrics={"loss": 0.5})
         background.wait()
-        assert read_meta(a)["sha256"] == read_meta(b)["sha256"]
+        assert read_meta(a)["checksum"] == read_meta(b)["checksum"]
         assert read_meta(b)["metrics"] == {"loss": 0.5}
 
 

@@ -10,8 +10,13 @@ import struct
 import pytest
 import safetensors.torch
 import torch
+import xxhash
 
 from fnloop.checkpoint import _safetensors as codec
+from fnloop.checkpoint import _stream as stream
+from fnloop.checkpoint._checksum import Checksum
+from fnloop.checkpoint._safetensors import Malformed
+from fnloop.checkpoint._stream import read_tensors
 from fnloop.errors import CheckpointError
 
 DTYPES = list(codec.DTYPE_CODES)
@@ -38,9 +43,10 @@ def test_library_files_parse_and_ours_load_in_the_library(dtype):
     theirs = codec.parse(safetensors.torch.save(tensors), "theirs")
     assert all(_equal(tensors[k], theirs[k]) for k in tensors)
     out = io.BytesIO()
-    digest, size = codec.write(out, tensors)
+    checksum = Checksum()
+    size = codec.write(out, tensors, checksum)
     data = out.getvalue()
-    assert size == len(data) and digest == hashlib.sha256(data).hexdigest()
+    assert size == len(data) and checksum.digest() == "xxh3_128:" + xxhash.xxh3_128(data).hexdigest()
     loaded = safetensors.torch.load(data)
     assert sorted(loaded) == sorted(tensors) and all(_equal(tensors[k], loaded[k]) for k in tensors)
 
@@ -52,12 +58,14 @@ def test_mixed_dtypes_are_aligned_and_views_of_one_buffer():
         "c": torch.ones(1, dtype=torch.bfloat16),
     }
     out = io.BytesIO()
-    codec.write(out, tensors)
-    buf, _ = codec.read_into(io.BytesIO(out.getvalue()).readinto, len(out.getvalue()))
+    size = codec.write(out, tensors)
+    buf = torch.frombuffer(bytearray(out.getvalue()), dtype=torch.uint8)
     parsed = codec.parse(buf, "mixed")
-    assert all(_equal(tensors[k], parsed[k]) for k in tensors)
-    assert parsed["b"].data_ptr() % 8 == 0
-    assert all(t.untyped_storage().data_ptr() == buf.data_ptr() for t in parsed.values()), "aligned tensors are views"
+    streamed = read_tensors(io.BytesIO(out.getvalue()).readinto, size, "mixed")
+    for result, storage in [(parsed, buf.data_ptr()), (streamed, streamed["b"].untyped_storage().data_ptr())]:
+        assert all(_equal(tensors[k], result[k]) for k in tensors)
+        assert result["b"].data_ptr() % 8 == 0
+        assert all(t.untyped_storage().data_ptr() == storage for t in result.values()), "aligned tensors are views"
 
 
 def _file(entries: dict, data: bytes) -> bytearray:
@@ -92,9 +100,14 @@ def test_misaligned_offsets_are_copied():
         ([1, 2], b"", "not a JSON object"),
     ],
 )
-def test_bad_headers(entries, data, reason):
+@pytest.mark.parametrize("reader", ["parse", "stream"])
+def test_bad_headers(entries, data, reason, reader):
+    raw = bytes(_file(entries, data))
     with pytest.raises(CheckpointError, match=reason) as err:
-        codec.parse(_file(entries, data), "some/file.safetensors")
+        if reader == "parse":
+            codec.parse(raw, "some/file.safetensors")
+        else:
+            read_tensors(io.BytesIO(raw).readinto, len(raw), "some/file.safetensors")
     assert "some/file.safetensors" in str(err.value)
 
 
@@ -108,15 +121,23 @@ def test_bad_lengths_and_duplicate_keys():
         codec.parse(bytearray(struct.pack("<Q", len(head)) + head + b"\0"), "f")
 
 
-def test_parallel_hashing_matches_hashlib(monkeypatch):
-    monkeypatch.setattr(codec, "PARALLEL_HASH_MIN", 0)
-    monkeypatch.setattr(codec, "CHUNK", 1000)
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_streamed_read_checksums_every_byte_in_chunks(monkeypatch, algorithm):
+    monkeypatch.setattr(stream, "CHUNK", 1000)
+    monkeypatch.setattr(stream, "GROUP", 3000)
     tensors = {f"t{i}": torch.randn(777 * (i + 1)) for i in range(4)}
+    tensors["small"] = torch.arange(5, dtype=torch.int16)
     out = io.BytesIO()
-    digest, _ = codec.write(out, tensors)
+    written = Checksum(algorithm, parallel=True)
+    size = codec.write(out, tensors, written)
     data = out.getvalue()
-    assert digest == hashlib.sha256(data).hexdigest()
-    buf, again = codec.read_into(io.BytesIO(data).readinto, len(data))
-    assert again == digest and bytes(buf.numpy()) == data
-    short, _ = codec.read_into(io.BytesIO(data[:5000]).readinto, len(data))
-    assert short.numel() == 5000
+    reference = xxhash.xxh3_128 if algorithm == "xxh3_128" else hashlib.sha256
+    assert written.digest() == f"{algorithm}:{reference(data).hexdigest()}"
+    read = Checksum(algorithm, parallel=True)
+    back = read_tensors(io.BytesIO(data).readinto, size, "f", read)
+    assert read.digest() == written.digest()
+    assert all(_equal(tensors[k], back[k]) for k in tensors)
+    short = Checksum(algorithm)
+    with pytest.raises(Malformed, match="ended after 5000 of"):
+        read_tensors(io.BytesIO(data[:5000]).readinto, size, "f", short)
+    assert short.digest() == f"{algorithm}:{reference(data[:5000]).hexdigest()}"

@@ -3,6 +3,7 @@ folders, with small epochs through overrides), plus in-process checks of its con
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pathlib
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -35,7 +37,22 @@ ACCURACY = re.compile(r"^test accuracy: (\d\.\d{4})$", re.M)
 
 def start(args: list[str], cwd: pathlib.Path) -> subprocess.Popen:
     pipe = subprocess.PIPE
-    return subprocess.Popen([*FNLOOP, *args], cwd=cwd, env=ENV, stdout=pipe, stderr=pipe, text=True)
+    return subprocess.Popen(
+        [*FNLOOP, *args], cwd=cwd, env=ENV, stdout=pipe, stderr=pipe, text=True, start_new_session=True
+    )
+
+
+@contextlib.contextmanager
+def running(args: list[str], cwd: pathlib.Path) -> Iterator[subprocess.Popen]:
+    """``start`` whose process group is killed on the way out if it is still there (a test that
+    times out leaves no process behind)."""
+    proc = start(args, cwd)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
 
 
 def fnloop(args: list[str], cwd: pathlib.Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -138,37 +155,88 @@ def test_more_configuration_errors_in_process(args, words, tmp_path, monkeypatch
     assert not (tmp_path / "runs").exists()
 
 
-def test_missing_checkpoints_exit_with_a_message_not_a_traceback(tmp_path, monkeypatch, capsys):
-    """``--ckpt_path best`` in a run folder without checkpoints is a bad flag value (exit 2); a
-    checkpoint URL that cannot be read is an fnloop error (exit 1); neither prints a traceback."""
+def test_missing_checkpoints_exit_2_before_creating_anything(tmp_path, monkeypatch, capsys):
+    """``--ckpt_path`` naming no checkpoint (``best`` in a run folder without checkpoints, a URL
+    with nothing there) is a bad flag value: exit 2 and no new file or folder; a damaged
+    checkpoint is an fnloop error (exit 1). None prints a traceback."""
     from fnloop.cli import main
 
     monkeypatch.setattr(sys, "path", [str(ROOT), *sys.path])
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs" / "digits" / "version_0").mkdir(parents=True)
-    assert main(["test", "--config", DIGITS, "--ckpt_path", "best"]) == 2
-    err = capsys.readouterr().err
-    assert "--ckpt_path best" in err and "no 'best' checkpoint" in err and "Traceback" not in err
+    run = tmp_path / "runs" / "digits" / "version_0"
+    run.mkdir(parents=True)
+    for stage in ("test", "fit"):
+        assert main([stage, "--config", DIGITS, "--ckpt_path", "best"]) == 2
+        err = capsys.readouterr().err
+        assert "--ckpt_path best" in err and ("no 'best' checkpoint" in err or "no best checkpoint" in err)
+        assert "Traceback" not in err
     missing = tmp_path / "nowhere"
-    assert main(["test", "--config", DIGITS, "--ckpt_path", str(missing)]) == 1
+    for stage in ("fit", "test", "predict"):
+        assert main([stage, "--config", DIGITS, "--ckpt_path", str(missing)]) == 2
+        err = capsys.readouterr().err
+        assert str(missing) in err and "does not exist" in err and "Traceback" not in err
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "meta.json").write_text("{not json")
+    assert main(["fit", "--config", DIGITS, "--ckpt_path", str(damaged)]) == 1
     err = capsys.readouterr().err
-    assert str(missing) in err and "does not exist" in err and "Traceback" not in err
+    assert "malformed JSON" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "runs" / "digits").iterdir()) == ["version_0"]
+    assert list(run.iterdir()) == []  # not even a config.yaml
 
 
-def test_sigterm_saves_exits_143_and_resume_continues(tmp_path):
+def test_checkpoint_null_turns_checkpointing_off(tmp_path, monkeypatch, capsys):
+    from fnloop.cli import main
+
+    monkeypatch.setattr(sys, "path", [str(ROOT), *sys.path])
+    monkeypatch.chdir(tmp_path)
+    small = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+             "--test_after_fit", "false", "--trainer.loggers", "[]"]
+    (tmp_path / "off.yaml").write_text(pathlib.Path(DIGITS).read_text() + "checkpoint: null\n")
+    assert main(["fit", "--config", "off.yaml", *small]) == 0
+    assert "checkpointing is off" in capsys.readouterr().out
+    assert not (tmp_path / "runs" / "off" / "version_0" / "checkpoints").exists()
+    assert main(["fit", "--config", DIGITS, *small, "--trainer.enable_checkpointing", "false"]) == 0
+    assert not (tmp_path / "runs" / "digits" / "version_0" / "checkpoints").exists()
+    assert main(["fit", "--config", "off.yaml", *small, "--ckpt_path", "last"]) == 2
+    assert "checkpointing is off" in capsys.readouterr().err
+    assert main(["fit", "--config", DIGITS, *small]) == 0  # the default config checkpoints
+    assert list((tmp_path / "runs" / "digits" / "version_1" / "checkpoints").iterdir())
+
+
+def _long_config(tmp_path: pathlib.Path) -> pathlib.Path:
     config = yaml.safe_load(pathlib.Path(DIGITS).read_text())
     config["trainer"].update(max_epochs=500, limit_train_batches=10, log_every_n_steps=5)
     callbacks = config["trainer"]["callbacks"]
     config["trainer"]["callbacks"] = [c for c in callbacks if "EarlyStopping" not in c["class_path"]]
     (tmp_path / "long.yaml").write_text(yaml.safe_dump(config))
-    run = tmp_path / "runs" / "long" / "version_0"
-    proc = start(["fit", "--config", "long.yaml"], tmp_path)
+    return tmp_path / "runs" / "long" / "version_0"
+
+
+def _stop_after_first_checkpoint(proc: subprocess.Popen, run: pathlib.Path, signum: int) -> tuple[str, str]:
     deadline = time.monotonic() + 60
     while not glob.glob(str(run / "checkpoints" / "*" / "meta.json")) and proc.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint within 60 s"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    proc.send_signal(signum)
+    return proc.communicate(timeout=60)
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_saves_and_exits_128_plus_its_number(tmp_path, signum, code):
+    run = _long_config(tmp_path)
+    with running(["fit", "--config", "long.yaml"], tmp_path) as proc:
+        out, err = _stop_after_first_checkpoint(proc, run, signum)
+    assert proc.returncode == code, err
+    status, _, steps = ended(out)
+    assert status == "interrupted"
+    assert (run / "checkpoints" / f"step-{steps:08d}" / "meta.json").exists()
+
+
+def test_sigterm_saves_exits_143_and_resume_continues(tmp_path):
+    run = _long_config(tmp_path)
+    with running(["fit", "--config", "long.yaml"], tmp_path) as proc:
+        out, err = _stop_after_first_checkpoint(proc, run, signal.SIGTERM)
     assert proc.returncode == 143, err
     status, epochs, steps = ended(out)
     assert status == "interrupted" and steps >= 10

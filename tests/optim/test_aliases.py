@@ -70,6 +70,20 @@ CONSTANT = {
     "adagrad-initial_accumulator-weight_decay-eps": same(
         flo.adagrad, lr=5e-2, initial_accumulator_value=0.1, weight_decay=1e-2, eps=1e-6
     ),
+    "sgd-maximize-momentum-weight_decay": same(flo.sgd, lr=2e-3, momentum=0.9, weight_decay=1e-2, maximize=True),
+    "sgd-maximize-dampening": same(flo.sgd, lr=2e-3, momentum=0.8, dampening=0.3, maximize=True),
+    "sgd-tensor_lr-nesterov": same(flo.sgd, lr=torch.tensor(0.05), momentum=0.9, nesterov=True),
+    "adam-maximize-weight_decay-amsgrad": same(flo.adam, lr=1e-2, weight_decay=0.05, amsgrad=True, maximize=True),
+    "adamw-maximize-weight_decay": same(flo.adamw, lr=1e-2, weight_decay=0.1, maximize=True),
+    # torch's foreach Adam takes a tensor lr only with capturable=True (CUDA): same value as a float
+    "adam-tensor_lr": Case(lambda: flo.adam(lr=torch.tensor(1e-2)), lambda p: O.Adam(p, lr=torch.tensor(1e-2).item(), foreach=True)),
+    "adamw-tensor_lr": Case(lambda: flo.adamw(lr=torch.tensor(1e-2)), lambda p: O.AdamW(p, lr=torch.tensor(1e-2).item(), foreach=True)),
+    "rmsprop-maximize-centered-momentum-weight_decay": same(
+        flo.rmsprop, lr=1e-3, centered=True, momentum=0.5, weight_decay=1e-2, maximize=True
+    ),
+    "rmsprop-tensor_lr-momentum": same(flo.rmsprop, lr=torch.tensor(1e-3), momentum=0.5),
+    "adagrad-maximize-lr_decay": same(flo.adagrad, lr=5e-2, lr_decay=1e-2, maximize=True),
+    "adagrad-tensor_lr-lr_decay-weight_decay": same(flo.adagrad, lr=torch.tensor(5e-2), lr_decay=1e-2, weight_decay=1e-2),
 }
 
 # Schedules against torch's schedulers stepped after every optimizer step. torch's chainable
@@ -107,12 +121,12 @@ DEFAULTS = {alias.__name__: same(alias) for alias in TORCH}
 
 ALL = {**CONSTANT, **SCHEDULED, **{f"{k}-defaults": v for k, v in DEFAULTS.items()}}
 
-# fnloop state field -> torch.optim per-parameter state key.
+# fnloop state type -> its fields -> torch.optim per-parameter state key.
 STATE_KEYS = {
-    flo.SGDState: {"momentum_buffer": "momentum_buffer"},
-    flo.AdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
-    flo.RMSpropState: {"square_avg": "square_avg", "momentum_buffer": "momentum_buffer", "grad_avg": "grad_avg"},
-    flo.AdagradState: {"sum": "sum"},
+    flo.TraceState: {"trace": "momentum_buffer"},
+    flo.ScaleByAdamState: {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"},
+    flo.ScaleByRmsState: {"square_avg": "square_avg", "grad_avg": "grad_avg"},
+    flo.ScaleByRssState: {"sum": "sum"},
 }
 
 
@@ -143,16 +157,16 @@ def test_params_bitwise_equal_torch_optim(case_id: str) -> None:
 @pytest.mark.parametrize("case_id", list(ALL))
 def test_optimizer_state_matches_torch_optim(case_id: str) -> None:
     ref, got = runs(case_id)
-    opt_state = got["opt_state"]
-    keys = STATE_KEYS[type(opt_state)]
-    assert int(opt_state.count) == STEPS
+    parts = got["opt_state"]  # the chain's states, one per transform
+    counts = [s.count for s in parts if "count" in s._fields and s.count is not None]
+    assert counts and all(int(c) == STEPS for c in counts)
+    present = [(s, field, key) for s in parts for field, key in STATE_KEYS.get(type(s), {}).items() if getattr(s, field) is not None]
     for name, torch_state in ref["state"].items():
-        present = {field for field in keys if getattr(opt_state, field) is not None}
-        assert set(torch_state) - {"step"} == {keys[f] for f in present}, f"{name}: state entries differ"
+        assert set(torch_state) - {"step"} == {key for _, _, key in present}, f"{name}: state entries differ"
         if "step" in torch_state:
             assert float(torch_state["step"]) == STEPS
-        for field in present:
-            mine, theirs = getattr(opt_state, field)[name], torch_state[keys[field]]
+        for s, field, key in present:
+            mine, theirs = getattr(s, field)[name], torch_state[key]
             where = f"{name}.{field}"
             torch.testing.assert_close(mine, theirs, rtol=sc.RTOL, atol=sc.ATOL, msg=lambda m, w=where: f"{w}: {m}")
 
@@ -176,17 +190,21 @@ def test_learning_rate_follows_torch_scheduler(case_id: str) -> None:
 def test_learning_rate_is_constant_without_schedule(case_id: str) -> None:
     _, got = runs(case_id)
     opt = ALL[case_id].torch_opt([torch.nn.Parameter(torch.zeros(1))])
-    assert set(got["lrs"]) == {opt.param_groups[0]["lr"]}
+    assert set(got["lrs"]) == {float(opt.param_groups[0]["lr"])}  # a tensor lr reads as its value
+
+
+def _direct(case_id: str) -> tuple[Any, list[Any], Any, Any, dict[str, torch.Tensor]]:
+    """``(grads_of, batches, tx, its fused apply, start params)`` to call a case's transform directly."""
+    module, batches = sc.make_mlp(0), sc.make_batches()
+    tx = ALL[case_id].tx()
+    start = {k: v.detach().clone() for k, v in module.named_parameters()}
+    return sc.grad_fn(module), batches, tx, fused_apply(tx), start
 
 
 @pytest.mark.parametrize("case_id", list(ALL))
 def test_update_then_apply_updates_matches_fused(case_id: str) -> None:
     """``tx.update`` + ``flo.apply_updates`` (optax style) against ``fused_apply`` over 50 steps."""
-    module, batches = sc.make_mlp(0), sc.make_batches()
-    grads_of = sc.grad_fn(module)
-    tx = ALL[case_id].tx()
-    apply = fused_apply(tx)
-    start = {k: v.detach().clone() for k, v in module.named_parameters()}
+    grads_of, batches, tx, apply, start = _direct(case_id)
     p_fused, s_fused = start, tx.init(start)
     p_optax, s_optax = start, tx.init(start)
     for k in range(50):
@@ -199,6 +217,21 @@ def test_update_then_apply_updates_matches_fused(case_id: str) -> None:
     # RMSprop's g / sqrt(square_avg) amplify that rounding, hence a looser bound on the state.
     for a, b in zip(sc.tensor_leaves(s_optax), sc.tensor_leaves(s_fused)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case_id", list(CONSTANT))
+def test_donated_fused_apply_is_bitwise_the_pure_one(case_id: str) -> None:
+    """In place into a donated state (gradients consumed) against out of place, over 10 steps."""
+    grads_of, batches, tx, apply, p_pure = _direct(case_id)
+    s_pure = tx.init(p_pure)
+    p_don, s_don = {k: v.clone() for k, v in p_pure.items()}, tx.init(p_pure)
+    for k in range(10):
+        grads = grads_of(p_pure, batches[k % len(batches)])
+        p_pure, s_pure = apply(grads, s_pure, p_pure)
+        p_don, s_don = apply(dict(grads), s_don, p_don, donate=True, consume=True)
+    sc.assert_dicts_equal(p_don, p_pure)
+    for a, b in zip(sc.tensor_leaves(s_don), sc.tensor_leaves(s_pure)):
+        assert torch.equal(a, b)
 
 
 def test_update_returns_the_fused_step_as_a_difference() -> None:

@@ -183,7 +183,7 @@ def test_apply_if_finite_through_train_step_skips_a_nan_batch() -> None:
     ref = sc.fnloop_run(module, flo.adamw(lr=1e-2, weight_decay=0.05), finite_only, len(finite_only))
     sc.assert_dicts_equal(state.params, ref["params"])
     assert int(state.opt_state.total_notfinite) == 3
-    assert int(state.opt_state.inner_state.count) == 9
+    assert int(state.opt_state.inner_state[0].count) == 9
 
 
 @pytest.mark.parametrize("path", ["fused", "update"])

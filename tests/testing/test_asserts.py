@@ -207,7 +207,7 @@ def _mutates_params(state: Any, batch: Any) -> Any:
 
 
 def _bumps_version(state: Any, batch: Any) -> Any:
-    state.opt_state.momentum_buffer["fc2.bias"].add_(0)  # same values, but an in-place write
+    state.opt_state[0].trace["fc2.bias"].add_(0)  # same values, but an in-place write
     return STEP(state, batch)
 
 
@@ -235,8 +235,8 @@ def _returns_views(state: Any, batch: Any) -> Any:
 def _returns_detached_alias(state: Any, batch: Any) -> Any:
     new_state, metrics = STEP(state, batch)
     opt = new_state.opt_state
-    buf = {**opt.momentum_buffer, "fc2.weight": state.opt_state.momentum_buffer["fc2.weight"].detach()}
-    return new_state.replace(opt_state=opt._replace(momentum_buffer=buf)), metrics
+    buf = {**opt[0].trace, "fc2.weight": state.opt_state[0].trace["fc2.weight"].detach()}
+    return new_state.replace(opt_state=(opt[0]._replace(trace=buf), *opt[1:])), metrics
 
 
 _calls = itertools.count()
@@ -254,12 +254,12 @@ def _predict_in_train_mode(model: Any, batch: Any) -> Any:
 
 IMPURE = {
     "mutates-params": (_mutates_params, ("run 1 modified its inputs", "state/params/fc1.weight", "values changed")),
-    "bumps-version": (_bumps_version, ("_version 0 -> 1", "state/opt_state/momentum_buffer/fc2.bias")),
+    "bumps-version": (_bumps_version, ("_version 0 -> 1", "state/opt_state/0/trace/fc2.bias")),
     "mutates-batch": (_mutates_batch, ("batch/0",)),
     "adds-a-key": (_adds_a_key, ("structure of the state changed", "extra")),
     "global-rng": (_uses_global_rng, ("RNG", "cpu")),
     "returns-views": (_returns_views, ("output/0/params/fc1.bias shares storage with state/params/fc1.bias",)),
-    "detached-alias": (_returns_detached_alias, ("state/opt_state/momentum_buffer/fc2.weight",)),
+    "detached-alias": (_returns_detached_alias, ("state/opt_state/0/trace/fc2.weight",)),
     "not-deterministic": (_not_deterministic, ("run 2 differs from run 1", "1/call")),
     "predict-in-train-mode": (fl.predict_step(_predict_in_train_mode), ("state/buffers/bn.running_mean", "_version")),
 }

@@ -1,0 +1,131 @@
+"""Reading a safetensors file straight into its tensors, with the checksum computed on the way.
+
+The header is read and checked first; then each tensor's bytes are read into that tensor's
+own memory (tensors under ``GROUP`` bytes share one buffer with their neighbours), in chunks
+of ``CHUNK`` bytes, each added to the checksum as soon as it lands, while it is still in the
+CPU cache (a sha256 checksum hashes it on a worker thread during the next read). Every byte
+of the file goes through the checksum even when the file turns out malformed or short, so a
+caller can tell corruption (the checksum differs) from a file another writer got wrong.
+
+Example:
+    >>> import io, torch
+    >>> from fnloop.checkpoint import _safetensors
+    >>> f = io.BytesIO(); n = _safetensors.write(f, {"w": torch.ones(2)})
+    >>> read_tensors(io.BytesIO(f.getvalue()).readinto, n, "mem")
+    {'w': tensor([1., 1.])}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from fnloop.checkpoint._checksum import Checksum
+from fnloop.checkpoint._safetensors import Malformed, Span, header_length, layout, views
+
+__all__ = ["GROUP", "CHUNK", "UNCHECKED_CHUNK", "read_tensors"]
+
+GROUP = 1 << 20
+"""Tensors smaller than this are read together into one buffer (one allocation, one read)."""
+CHUNK = 256 << 10
+"""Bytes per read call when checksumming: each chunk is hashed while it is still in the CPU cache."""
+UNCHECKED_CHUNK = 64 << 20
+"""Bytes per read call without a checksum (fewer calls; the kernel reads ahead either way)."""
+
+ReadInto = Callable[[memoryview], "int | None"]
+
+
+class _Source:
+    """A ``readinto`` function with every byte read also added to an optional checksum."""
+
+    def __init__(self, readinto: ReadInto, checksum: Checksum | None, where: str) -> None:
+        self._readinto = readinto
+        self._checksum = checksum
+        self._where = where
+        self.position = 0
+
+    def fill(self, view: memoryview) -> int:
+        """Fill ``view`` (stops early at the end of the file); return the bytes read."""
+        filled = 0
+        step = CHUNK if self._checksum is not None else UNCHECKED_CHUNK
+        while filled < len(view):
+            got = self._readinto(view[filled : min(filled + step, len(view))]) or 0
+            if got <= 0:
+                break
+            if self._checksum is not None:
+                self._checksum.update(view[filled : filled + got])
+            filled += got
+        self.position += filled
+        return filled
+
+    def exact(self, view: memoryview, size: int) -> None:
+        """Fill ``view`` completely or raise :class:`Malformed` (the file of ``size`` bytes ended early)."""
+        if self.fill(view) < len(view):
+            raise Malformed(
+                f"{self._where}: the file ended after {self.position} of {size} bytes; it is truncated or corrupt"
+            )
+
+    def drain(self) -> None:
+        """Read (and checksum) the rest of the file, through two buffers used in turn."""
+        if self._checksum is None:
+            return
+        scratch = [memoryview(bytearray(CHUNK)), memoryview(bytearray(CHUNK))]
+        turn = 0
+        while self.fill(scratch[turn]) == CHUNK:
+            turn ^= 1
+
+
+def _groups(spans: list[Span]) -> Iterator[list[Span]]:
+    """Runs of consecutive spans: a tensor of ``GROUP`` bytes or more alone, smaller ones together."""
+    group: list[Span] = []
+    size = 0
+    for span in spans:
+        n = span[1] - span[0]
+        if group and (n >= GROUP or size >= GROUP):
+            yield group
+            group, size = [], 0
+        group.append(span)
+        size += n
+    if group:
+        yield group
+
+
+def _buffer(n: int) -> tuple[torch.Tensor, memoryview]:
+    buf = torch.empty(n, dtype=torch.uint8)
+    return buf, memoryview(buf.numpy()) if n else memoryview(b"")
+
+
+def read_tensors(readinto: ReadInto, size: int, where: str, checksum: Checksum | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file of ``size`` bytes that ``readinto`` reads, in new CPU memory.
+
+    Raises:
+        Malformed: a header that does not describe the file, or a file shorter than ``size``;
+            the rest of the file was added to ``checksum`` first.
+
+    Example:
+        >>> import io, torch
+        >>> from fnloop.checkpoint import _safetensors
+        >>> f = io.BytesIO(); n = _safetensors.write(f, {"a": torch.arange(2), "b": torch.ones(1)})
+        >>> sorted(read_tensors(io.BytesIO(f.getvalue()).readinto, n, "mem"))
+        ['a', 'b']
+    """
+    source = _Source(readinto, checksum, where)
+    try:
+        prefix = bytearray(min(8, size))
+        source.exact(memoryview(prefix), size)
+        n = header_length(bytes(prefix), size, where)
+        raw = bytearray(n)
+        source.exact(memoryview(raw), size)
+        spans = layout(bytes(raw), size - 8 - n, where)
+        out: dict[str, Any] = {}
+        for group in _groups(spans):
+            begin = group[0][0]
+            buf, view = _buffer(group[-1][1] - begin)
+            source.exact(view, size)
+            out.update(views(buf, group, -begin))
+        return out
+    except Malformed:
+        source.drain()
+        raise
