@@ -377,6 +377,7 @@ class TrainExecutor:
         names = [n for n, p in template.named_parameters() if p.requires_grad]
         frozen = len(names) != sum(1 for _ in template.parameters())
         apply = fused_apply(options.wrap(tx))
+        shapes = {n: p.shape for n, p in template.named_parameters()}
 
         def core(params: Any, buffers: Any, opt_state: Any, carried: Any, batch: Any, donate: bool) -> Any:
             # BatchNorm & co update buffers in place: always on copies (small), so an exception in
@@ -386,15 +387,16 @@ class TrainExecutor:
             trainable = {n: params[n] for n in names} if frozen else params
             wrapped = options.join(carried, opt_state, trainable) if options.key else opt_state
             scale = options.scale(wrapped)
+            full = options.gather(params, shapes)  # a sharded state's params, all-gathered
             with torch.enable_grad():
-                leaves = {k: v.detach().requires_grad_(True) for k, v in trainable.items()}
+                leaves = {k: full[k].detach().requires_grad_(True) for k in trainable}
                 # a distributed step all-reduces each bucket as soon as backward has produced it
                 overlap = options.grad_reduce.overlapped(leaves) if options.grad_reduce is not None else None
-                with bind(working_copy(template, True), {**params, **leaves} if frozen else leaves, buffers) as model:
+                with bind(working_copy(template, True), {**full, **leaves} if frozen else leaves, buffers) as model:
                     with options.forward(_device(params)):
                         loss, aux = split_loss(loss_fn(model, batch), "train_step")
                 grads_list = torch.autograd.grad(loss if scale is None else loss * scale, list(leaves.values()), allow_unused=True)
-            grads = {k: (g if g is not None else torch.zeros_like(trainable[k])) for k, g in zip(leaves, grads_list)}
+            grads = {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, grads_list)}
             grads = overlap.finish(grads) if overlap is not None else options.reduce(grads)
             # the grads dict is the step's own: the optimizer may free each gradient after its last read
             new, wrapped = apply(grads, wrapped, trainable, donate=donate, consume=True)
@@ -411,7 +413,7 @@ class TrainExecutor:
         _check_batch_device(leaves, _device(state.params), "train_step")
         template, tx, options = state.module, state.tx, self.options
         carried = options.carried(state.loop.options) if options.key else ()
-        args = (state.params, state.buffers, state.opt_state, carried, batch)
+        args = (options.local(state.params), state.buffers, options.local(state.opt_state), carried, batch)
         produced = state.params is self._produced[0] and state.opt_state is self._produced[1]
         graph = _wants_graph((), leaves) if produced else _wants_graph((state.params, state.buffers, state.opt_state, state.rng), leaves)
         devices = cuda_devices(state.params)
@@ -433,6 +435,7 @@ class TrainExecutor:
             if donate:
                 mark_donated(state)
         params, buffers, opt_state, carried, metrics = out
+        params, opt_state = options.resharded(params, state.params), options.resharded(opt_state, state.opt_state)
         if not graph:
             self._produced = (params, opt_state)
         new_step = state.step + 1

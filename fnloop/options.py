@@ -117,6 +117,11 @@ class StepOptions:
             raise ConfigError(f"skip_nonfinite={self.skip_nonfinite!r}: accepted values are True or False")
         object.__setattr__(self, "precision", resolve_precision(self.precision, flag="StepOptions(precision"))
         object.__setattr__(self, "_specs", {})
+        if self.sharded and self.key is not None:
+            raise ConfigError(
+                "Trainer(strategy='fsdp'): accumulate_grad_batches > 1, gradient_clip_val, on_nonfinite='skip' and "
+                "precision='16-mixed' are not supported with a sharded state yet; use strategy='ddp' for them"
+            )
 
     @property
     def key(self) -> tuple[Any, ...] | None:
@@ -208,8 +213,31 @@ class StepOptions:
         return scale_of(wrapped_state) if self.precision == "16-mixed" else None
 
     def reduce(self, grads: Any) -> Any:
-        """The gradients averaged across ranks (the identity without a reducer)."""
+        """The gradients averaged across ranks (the identity without a reducer); under a sharded
+        strategy, this rank's shard of them."""
         return grads if self.grad_reduce is None else self.grad_reduce(grads)
+
+    @property
+    def sharded(self) -> bool:
+        """The state's params and optimizer state are sharded across ranks (FSDP)."""
+        return getattr(self.grad_reduce, "sharded", False)
+
+    def gather(self, params: Any, shapes: Any) -> Any:
+        """The full params (of global ``shapes``) for the forward pass: all-gathered from this
+        rank's shards under a sharded strategy, ``params`` themselves otherwise."""
+        return self.grad_reduce.gather(params, shapes) if self.sharded else params
+
+    def local(self, tree: Any) -> Any:
+        """This rank's shards of a state's DTensor leaves (``tree`` itself when not sharded)."""
+        from fnloop.connectors.fsdp import local_tree
+
+        return local_tree(tree) if self.sharded else tree
+
+    def resharded(self, tree: Any, like: Any) -> Any:
+        """Inverse of :meth:`local`: local shards placed like ``like``'s DTensor leaves."""
+        from fnloop.connectors.fsdp import sharded_like
+
+        return sharded_like(tree, like) if self.sharded else tree
 
     def seed(self, seed: int | None) -> int | None:
         """The step's seed for this rank: ``seed`` folded with the reducer's rank."""

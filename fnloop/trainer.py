@@ -81,8 +81,8 @@ class Trainer:
 
     Devices, precision and distribution take Lightning's flags: ``accelerator`` (``"auto"``,
     ``"cpu"``, ``"cuda"``, ``"gpu"``, ``"mps"``), ``devices`` (int, list of indices, ``"auto"``),
-    ``num_nodes``, ``strategy`` (``"auto"``, ``"ddp"``, a :class:`fnloop.DDPStrategy`; ``"fsdp"``
-    is not available yet), ``precision`` (``"32-true"``, ``"64-true"``, ``"bf16-true"``,
+    ``num_nodes``, ``strategy`` (``"auto"``, ``"ddp"``, ``"fsdp"``, a :class:`fnloop.DDPStrategy`
+    or :class:`fnloop.FSDPStrategy`), ``precision`` (``"32-true"``, ``"64-true"``, ``"bf16-true"``,
     ``"16-true"``, ``"bf16-mixed"``, ``"16-mixed"`` and the short aliases), ``sync_batchnorm`` and
     ``use_distributed_sampler`` (see :mod:`fnloop.connectors.launch`).
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from fnloop.checkpoint import _direct, _fs, _leaves, _safetensors
+from fnloop.checkpoint import _direct, _fs, _leaves, _safetensors, _sharded
 from fnloop.checkpoint._checksum import ALGORITHM, for_stream
 from fnloop.checkpoint._read import (
     FORMAT,
@@ -192,6 +192,9 @@ def save(
         "leaves": entries,
         "treespec": _leaves.describe(spec),
     }
+    if _sharded.is_sharded(tree):  # every rank writes its shard, rank 0 the commit marker
+        _sharded.save_sharded(tensors, meta, url, overwrite)
+        return url
     fs, path = _fs.resolve(url)
     try:
         if _fs.is_local(fs):
@@ -232,12 +235,18 @@ def restore(
     """
     url = os.fspath(url)
     meta = read_meta(url)
-    tensors = load_tensors(url, meta, verify)
+    tensors = _load(url, meta, verify)
     if like is None:
         order = [e["path"] for e in meta["leaves"] if e["kind"] == "tensor"]
         return {p: tensors[p].to(map_location) if map_location is not None else tensors[p] for p in order}
     stored_tree = meta.get("treespec", "")
-    return _leaves.rebuild(like, meta["leaves"], tensors, url, map_location=map_location, stored_tree=stored_tree)
+    tree = _leaves.rebuild(like, meta["leaves"], tensors, url, map_location=map_location, stored_tree=stored_tree)
+    return _sharded.distribute_like(tree, like) if _sharded.is_sharded(like) else tree
+
+
+def _load(url: str, meta: dict[str, Any], verify: bool) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors by key path, whole (a sharded one assembled from its files)."""
+    return _sharded.load_sharded(url, meta, verify) if "shards" in meta else load_tensors(url, meta, verify)
 
 
 def restore_params(url: str | os.PathLike[str], *, map_location: Any = None) -> dict[str, torch.Tensor]:
@@ -254,7 +263,7 @@ def restore_params(url: str | os.PathLike[str], *, map_location: Any = None) -> 
     """
     url = os.fspath(url)
     meta = read_meta(url)
-    tensors = load_tensors(url, meta, verify=True)
+    tensors = _load(url, meta, verify=True)
     paths = [e["path"] for e in meta["leaves"] if e["kind"] == "tensor"]
     weights = [p for p in paths if p.startswith(("params/", "buffers/"))]
     if not any(p.startswith("params/") for p in paths):
@@ -279,7 +288,7 @@ def restore_weights(url: str | os.PathLike[str], like: Any, *, map_location: Any
     """
     url = os.fspath(url)
     meta = read_meta(url)
-    tensors = load_tensors(url, meta, verify=True)
+    tensors = _load(url, meta, verify=True)
     entries = [e for e in meta["leaves"] if e["path"].startswith(("params/", "buffers/"))]
     kept = own(tensors, {e["path"] for e in entries})
     weights = {"params": like.params, "buffers": like.buffers}

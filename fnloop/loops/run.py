@@ -50,7 +50,8 @@ class FitRun:
         self.val_src = val_src
         self.checkpoint = checkpoint
         self.callbacks = [c for c in trainer.callback_list if c is not checkpoint]
-        if checkpoint is not None and parallel.is_global_zero:  # last, so it saves what the other callbacks returned
+        # last, so it saves what the other callbacks returned; every rank saves its shard of a sharded state
+        if checkpoint is not None and (parallel.is_global_zero or parallel.sharded):
             self.callbacks.append(checkpoint)
         self.bar = None
         if trainer.enable_progress_bar and parallel.is_global_zero and not any(isinstance(c, ProgressBar) for c in self.callbacks):

@@ -1,0 +1,77 @@
+"""One rank of a 2-rank run: the subject of tests/distributed/test_fsdp.py.
+
+Usage: ``python fsdp_worker.py OUT_DIR`` with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT`` set (as torchrun sets them).
+
+In one process group, on ``ddp_worker``'s model (dropout 0.1), data and AdamW, 4 samples per
+rank and batch, ``STEPS`` steps each:
+
+1. ``strategy="ddp"``: the final params;
+2. ``strategy="fsdp"``, saving a sharded checkpoint at the end into ``OUT_DIR/ckpt-fsdp``: the
+   final params and optimizer state (gathered whole), the bytes of params and optimizer state
+   this rank holds, and those of the whole state;
+3. ``strategy="fsdp"`` without dropout, resumed from ``OUT_DIR/one-rank`` (a 1-process
+   checkpoint the test wrote) for ``STEPS`` more steps: the final params.
+
+Writes ``OUT_DIR/fsdp-<rank>.pt``. Exit codes: 0 finished, 1 an fnloop error (printed).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch.utils.data import DataLoader
+
+import fnloop as fl
+from fnloop.connectors.fsdp import shard_bytes
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ddp_worker as w  # noqa: E402
+
+STEPS = 6
+
+
+def full(tree):
+    """``tree`` with DTensor leaves gathered whole (torch's ``full_tensor``)."""
+    return fl.tree_map(lambda x: x.full_tensor() if hasattr(x, "full_tensor") else x, tree)
+
+
+def fit(strategy: str, max_steps: int, *, dropout: float = 0.1, ckpt: str | None = None, ckpt_path: str | None = None) -> fl.TrainState:
+    trainer = fl.Trainer(max_steps=max_steps, strategy=strategy, devices=2, accelerator="cpu", enable_progress_bar=False, logger=None)
+    state = fl.TrainState.create(w.model(dropout), w.tx(), seed=w.SEED)
+    data = DataLoader(w.dataset(), batch_size=w.PER_RANK_BATCH, shuffle=True)
+    checkpoint = fl.ModelCheckpoint(fl.CheckpointManager(ckpt, keep_last=1)) if ckpt else None
+    return trainer.fit(state, fl.train_step(w.loss_fn), data, checkpoint=checkpoint, ckpt_path=ckpt_path)
+
+
+def main(out: str) -> int:
+    rank = int(os.environ["RANK"])
+    ddp = fit("ddp", STEPS)
+    fsdp = fit("fsdp", STEPS, ckpt=os.path.join(out, "ckpt-fsdp"))
+    whole = fl.TrainState.create(w.model(0.1), w.tx(), seed=w.SEED)
+    resumed = fit("fsdp", 2 * STEPS, dropout=0.0, ckpt_path=os.path.join(out, "one-rank"))
+    torch.save(
+        {
+            "ddp": w.flat(ddp.params),
+            "fsdp": w.flat(full(fsdp.params)),
+            "fsdp_opt": fl.tree_leaves(full(fsdp.opt_state)),
+            "rank_bytes": shard_bytes(fsdp),
+            "whole_bytes": shard_bytes(whole),
+            "local_shapes": {k: tuple(v.to_local().shape) for k, v in fsdp.params.items()},
+            "resumed": w.flat(full(resumed.params)),
+            "resumed_step": resumed.loop.global_step,
+        },
+        os.path.join(out, f"fsdp-{rank}.pt"),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        code = main(sys.argv[1])
+    except fl.FnloopError as err:
+        print(f"fsdp_worker: error: {err}", file=sys.stderr, flush=True)
+        code = 1
+    sys.exit(code)

@@ -1,0 +1,141 @@
+"""2-rank FSDP on CPU (gloo), each rank a process started as torchrun starts it; see
+``_procs/fsdp_worker.py``. One launch (free port, hard timeout, everything killed and joined)
+runs DDP, FSDP and an FSDP resume in the same process group.
+
+What is compared:
+
+* FSDP's params after training equal DDP's (same data, same per-rank dropout masks) to 1e-5;
+* each rank holds about half of the params and optimizer state (<= 0.6 of the whole);
+* the sharded checkpoint (one file per rank, one ``meta.json``) restores onto 1 process
+  bitwise equal to the gathered state, and the 1-process continuation from it equals the
+  continuation of that gathered state bitwise;
+* a 1-process checkpoint restores onto 2 FSDP ranks, whose continuation equals the 1-process
+  continuation to 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import fnloop as fl
+from fnloop.connectors.data_sources import MapSource
+from fnloop.connectors.launch import free_port
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE / "_procs"))
+import fsdp_worker as fw  # noqa: E402
+import ddp_worker as w  # noqa: E402
+
+TIMEOUT = 120
+
+
+def launch(out: pathlib.Path) -> list[subprocess.CompletedProcess]:
+    """Run both ranks; their (returncode, stdout, stderr), whatever happens."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    procs = []
+    try:
+        for rank in range(2):
+            rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            procs.append(subprocess.Popen([sys.executable, str(HERE / "_procs" / "fsdp_worker.py"), str(out)],
+                                          env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        deadline = time.monotonic() + TIMEOUT
+        results = []
+        for p in procs:
+            out_text, err_text = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out_text, err_text))
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def shard_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank ``rank``'s micro-batches, as fnloop's data order gives them."""
+    ds = w.dataset()
+    src = MapSource(ds, batch_size=w.PER_RANK_BATCH, shuffle=True, seed=w.SEED, rank=rank, world_size=2)
+    return [(ds.tensors[0][i], ds.tensors[1][i]) for i in src.batch_indices(0)]
+
+
+def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each step's two per-rank micro-batches together: what one process trains on."""
+    return [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(shard_batches(0), shard_batches(1))]
+
+
+def one_rank(max_steps: int, ckpt: str | None = None, ckpt_path: str | None = None) -> fl.TrainState:
+    trainer = fl.Trainer(max_steps=max_steps, enable_progress_bar=False, logger=None)
+    checkpoint = fl.ModelCheckpoint(fl.CheckpointManager(ckpt, keep_last=1)) if ckpt else None
+    state = fl.TrainState.create(w.model(0.0), w.tx(), seed=w.SEED)
+    return trainer.fit(state, fl.train_step(w.loss_fn), global_batches(), checkpoint=checkpoint, ckpt_path=ckpt_path)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    one_rank(fw.STEPS, ckpt=str(out / "one-rank-dir"))
+    (out / "one-rank-dir" / f"step-{fw.STEPS:08d}").rename(out / "one-rank")
+    results = launch(out)
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-3000:] for r in results]
+    return out, [torch.load(out / f"fsdp-{rank}.pt") for rank in range(2)]
+
+
+def test_fsdp_equals_ddp(run):
+    _, ranks = run
+    for r in ranks:
+        torch.testing.assert_close(r["fsdp"], r["ddp"], rtol=0, atol=1e-5)
+    assert torch.equal(ranks[0]["fsdp"], ranks[1]["fsdp"])
+
+
+def test_each_rank_holds_about_half_of_params_and_optimizer_state(run):
+    _, ranks = run
+    for r in ranks:
+        assert r["rank_bytes"] <= 0.6 * r["whole_bytes"]
+    assert ranks[0]["local_shapes"]["0.weight"] == (8, 6) and ranks[1]["local_shapes"]["3.weight"] == (0, 16)
+
+
+def test_checkpoint_has_one_shard_per_rank_and_one_commit_marker(run):
+    out, _ = run
+    (folder,) = [p for p in (out / "ckpt-fsdp").iterdir()]
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors"]
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["format_version"] == 3 and [s["file"] for s in meta["shards"]] == ["shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors"]
+
+
+def test_sharded_checkpoint_restores_on_one_process_and_continues_bitwise(run):
+    out, ranks = run
+    (folder,) = [p for p in (out / "ckpt-fsdp").iterdir()]
+    like = fl.TrainState.create(w.model(0.1), w.tx(), seed=w.SEED)
+    restored = fl.restore(str(folder), like=like)
+    assert torch.equal(w.flat(restored.params), ranks[0]["fsdp"])
+    for a, b in zip(fl.tree_leaves(restored.opt_state), ranks[0]["fsdp_opt"]):
+        assert torch.equal(a, b)
+    gathered = restored.replace(
+        params={k: v.clone() for k, v in restored.params.items()},
+        opt_state=fl.tree_unflatten(fl.tree_structure(restored.opt_state), [t.clone() for t in ranks[0]["fsdp_opt"]]),
+    )
+    step, batches = fl.train_step(w.loss_fn), global_batches()[fw.STEPS : fw.STEPS + 3]
+    a, b = restored, gathered
+    for batch in batches:
+        a, _ = step(a, batch)
+        b, _ = step(b, batch)
+    fl.testing.assert_trees_equal(a.params, b.params)
+    fl.testing.assert_trees_equal(a.opt_state, b.opt_state)
+
+
+def test_one_process_checkpoint_restores_onto_two_fsdp_ranks(run):
+    out, ranks = run
+    reference = one_rank(2 * fw.STEPS, ckpt=str(out / "one-rank-dir"), ckpt_path=str(out / "one-rank"))
+    for r in ranks:
+        assert r["resumed_step"] == 2 * fw.STEPS
+        torch.testing.assert_close(r["resumed"], w.flat(reference.params), rtol=0, atol=1e-5)
