@@ -479,16 +479,19 @@ class EvalExecutor:
         return FlatCompiled(no_grad_core, self.compile_kwargs)  # type: ignore[arg-type]
 
     def __call__(self, state: TrainState, batch: Any) -> Any:
+        from fnloop.connectors.fsdp import full_tree
+
         check_state(state, self.kind)
+        params = full_tree(state.params)  # a sharded state's params, all-gathered
         leaves = _batch_leaves(batch)
-        _check_batch_device(leaves, _device(state.params), self.kind)
-        template, devices = state.module, cuda_devices(state.params)
-        graph = _wants_graph((state.params, state.buffers), leaves)
+        _check_batch_device(leaves, _device(params), self.kind)
+        template, devices = state.module, cuda_devices(params)
+        graph = _wants_graph((params, state.buffers), leaves)
         if self.compile_kwargs is not None and not graph:
             core = self._cores.get((template, "compiled"), lambda: self._compiled_core(template))
-            return core.run(lambda: (self._seeds(state.rng, state.step), devices), state.params, state.buffers, batch)  # type: ignore[attr-defined]
-        if graph or is_traced(state.params):
+            return core.run(lambda: (self._seeds(state.rng, state.step), devices), params, state.buffers, batch)  # type: ignore[attr-defined]
+        if graph or is_traced(params):
             core = self._cores.get((template, "pure"), lambda: self.build_core(self.fn, template, self.finish))
         else:
             core = self._cores.get((template, "fast"), lambda: self._fast_core(template))
-        return _seeded_call(self._seeds, state, devices, core, state.params, state.buffers, batch)
+        return _seeded_call(self._seeds, state, devices, core, params, state.buffers, batch)

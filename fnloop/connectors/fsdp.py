@@ -35,7 +35,18 @@ import torch
 from fnloop.errors import ConfigError
 from fnloop.tree import tree_leaves, tree_map
 
-__all__ = ["FSDPStrategy", "ShardedReducer", "chunks", "is_sharded", "local_tree", "sharded_like", "shard_state", "shard_bytes"]
+__all__ = [
+    "FSDPStrategy",
+    "ShardedReducer",
+    "chunks",
+    "is_sharded",
+    "local_tree",
+    "full_tree",
+    "sharded_like",
+    "distribute_like",
+    "shard_state",
+    "shard_bytes",
+]
 
 
 def chunks(n: int, world: int) -> list[tuple[int, int]]:
@@ -60,6 +71,14 @@ def is_sharded(tree: Any) -> bool:
 def local_tree(tree: Any) -> Any:
     """``tree`` with every DTensor leaf replaced by this rank's shard (the same memory)."""
     return tree_map(lambda x: x.to_local() if _is_dtensor(x) else x, tree)
+
+
+def full_tree(tree: Any) -> Any:
+    """``tree`` with every DTensor leaf gathered whole on every rank (torch's ``full_tensor``);
+    ``tree`` itself when it holds none."""
+    if not is_sharded(tree):
+        return tree
+    return tree_map(lambda x: x.full_tensor() if _is_dtensor(x) else x, tree)
 
 
 def sharded_like(local: Any, like: Any) -> Any:

@@ -4,7 +4,8 @@ runs DDP, FSDP and an FSDP resume in the same process group.
 
 What is compared:
 
-* FSDP's params after training equal DDP's (same data, same per-rank dropout masks) to 1e-5;
+* FSDP's params after training equal DDP's (same data, same per-rank dropout masks) to 1e-5, and
+  so does the validation loss; the fast step equals ``apply_train_step`` bitwise on the shards;
 * each rank holds about half of the params and optimizer state (<= 0.6 of the whole);
 * the sharded checkpoint (one file per rank, one ``meta.json``) restores onto 1 process
   bitwise equal to the gathered state, and the 1-process continuation from it equals the
@@ -97,6 +98,14 @@ def test_fsdp_equals_ddp(run):
     assert torch.equal(ranks[0]["fsdp"], ranks[1]["fsdp"])
 
 
+def test_fsdp_validates_like_ddp_and_its_fast_step_equals_the_meaning(run):
+    _, ranks = run
+    for r in ranks:
+        ddp, fsdp = r["val"]
+        assert ddp.keys() == fsdp.keys() and abs(ddp["val/loss"] - fsdp["val/loss"]) < 1e-5
+        assert r["fast_equals_pure"]
+
+
 def test_each_rank_holds_about_half_of_params_and_optimizer_state(run):
     _, ranks = run
     for r in ranks:
@@ -139,3 +148,67 @@ def test_one_process_checkpoint_restores_onto_two_fsdp_ranks(run):
     for r in ranks:
         assert r["resumed_step"] == 2 * fw.STEPS
         torch.testing.assert_close(r["resumed"], w.flat(reference.params), rtol=0, atol=1e-5)
+
+
+def _flip_last_byte(folder: pathlib.Path) -> None:
+    path = folder / "shard-00001-of-00002.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _shards_of_one_file(folder: pathlib.Path) -> None:
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["shards"] = meta["shards"][:1]
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+DAMAGE = [
+    (_flip_last_byte, r"shard-00001-of-00002\.safetensors: checksum mismatch"),
+    (lambda folder: (folder / "shard-00001-of-00002.safetensors").unlink(), r"shard-00001-of-00002\.safetensors: missing"),
+    (_shards_of_one_file, r"malformed, 'shards'"),
+]
+
+
+@pytest.mark.parametrize("damage, message", DAMAGE, ids=["corrupt shard", "missing shard", "shards of meta.json"])
+def test_a_damaged_sharded_checkpoint_is_refused_naming_the_file(run, tmp_path, damage, message):
+    import shutil
+
+    out, _ = run
+    (folder,) = [p for p in (out / "ckpt-fsdp").iterdir()]
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy)
+    damage(copy)
+    with pytest.raises(fl.CheckpointError, match=message):
+        fl.restore(str(copy), like=fl.TrainState.create(w.model(0.1), w.tx(), seed=w.SEED))
+
+
+def test_a_sharded_checkpoint_checks_like_by_key_path(run):
+    out, _ = run
+    (folder,) = [p for p in (out / "ckpt-fsdp").iterdir()]
+    wider = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Dropout(0.1), torch.nn.Linear(8, 1))
+    with pytest.raises(fl.CheckpointError, match=r"params/0\.weight: expected tensor float32\[8, 6\], found tensor float32\[16, 6\]"):
+        fl.restore(str(folder), like=fl.TrainState.create(wider, w.tx(), seed=w.SEED))
+    assert fl.restore(str(folder))["params/0.weight"].shape == (16, 6)
+
+
+@pytest.mark.parametrize("n, world, expected", [(5, 2, [(0, 3), (3, 5)]), (1, 2, [(0, 1), (1, 1)]), (0, 2, [(0, 0), (0, 0)]), (4, 1, [(0, 4)])])
+def test_chunks_are_torchs_shard0_rows(n, world, expected):
+    from fnloop.connectors.fsdp import chunks
+
+    assert chunks(n, world) == expected
+
+
+@pytest.mark.parametrize("flags", [dict(accumulate_grad_batches=2), dict(gradient_clip_val=1.0), dict(skip_nonfinite=True), dict(precision="16-mixed")])
+def test_options_a_sharded_step_does_not_support_name_the_strategy(flags):
+    from fnloop.connectors.fsdp import ShardedReducer
+    from fnloop.options import StepOptions
+
+    with pytest.raises(fl.ConfigError, match=r"strategy='fsdp'"):
+        StepOptions(**flags, grad_reduce=ShardedReducer(0, 2))
+
+
+@pytest.mark.parametrize("kwargs", [dict(process_group_backend="mpi"), dict(timeout_s=0)])
+def test_fsdp_strategy_rejects_bad_options(kwargs):
+    with pytest.raises(fl.ConfigError, match="FSDPStrategy"):
+        fl.FSDPStrategy(**kwargs)

@@ -10,7 +10,9 @@ rank and batch, ``STEPS`` steps each:
 2. ``strategy="fsdp"``, saving a sharded checkpoint at the end into ``OUT_DIR/ckpt-fsdp``: the
    final params and optimizer state (gathered whole), the bytes of params and optimizer state
    this rank holds, and those of the whole state;
-3. ``strategy="fsdp"`` without dropout, resumed from ``OUT_DIR/one-rank`` (a 1-process
+3. ``trainer.validate`` of both final states (the FSDP step gathers the params), and one more
+   step of the FSDP state through the fast path and through ``apply_train_step`` (the meaning);
+4. ``strategy="fsdp"`` without dropout, resumed from ``OUT_DIR/one-rank`` (a 1-process
    checkpoint the test wrote) for ``STEPS`` more steps: the final params.
 
 Writes ``OUT_DIR/fsdp-<rank>.pt``. Exit codes: 0 finished, 1 an fnloop error (printed).
@@ -25,7 +27,9 @@ import torch
 from torch.utils.data import DataLoader
 
 import fnloop as fl
-from fnloop.connectors.fsdp import shard_bytes
+from fnloop.connectors.fsdp import ShardedReducer, shard_bytes
+from fnloop.options import StepOptions
+from fnloop.step import apply_train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ddp_worker as w  # noqa: E402
@@ -46,6 +50,20 @@ def fit(strategy: str, max_steps: int, *, dropout: float = 0.1, ckpt: str | None
     return trainer.fit(state, fl.train_step(w.loss_fn), data, checkpoint=checkpoint, ckpt_path=ckpt_path)
 
 
+def validate(strategy: str, state: fl.TrainState) -> dict[str, float]:
+    trainer = fl.Trainer(strategy=strategy, devices=2, accelerator="cpu", enable_progress_bar=False, logger=None)
+    return trainer.validate(state, fl.eval_step(lambda m, b: {"loss": w.loss_fn(m, b)}), DataLoader(w.dataset(), batch_size=8))
+
+
+def fast_equals_pure(state: fl.TrainState, rank: int) -> bool:
+    step = fl.train_step(w.loss_fn).with_options(StepOptions(grad_reduce=ShardedReducer(rank, 2)))
+    batch = (w.dataset().tensors[0][rank * 4 : rank * 4 + 4], w.dataset().tensors[1][rank * 4 : rank * 4 + 4])
+    fast, _ = step(state, batch)
+    pure, _ = apply_train_step(w.loss_fn, state, batch, step.options)
+    pairs = zip(fl.tree_leaves((fast.params, fast.opt_state)), fl.tree_leaves((pure.params, pure.opt_state)))
+    return all(type(a) is type(b) and torch.equal(a.to_local() if hasattr(a, "to_local") else a, b.to_local() if hasattr(b, "to_local") else b) for a, b in pairs)
+
+
 def main(out: str) -> int:
     rank = int(os.environ["RANK"])
     ddp = fit("ddp", STEPS)
@@ -61,6 +79,8 @@ def main(out: str) -> int:
             "whole_bytes": shard_bytes(whole),
             "local_shapes": {k: tuple(v.to_local().shape) for k, v in fsdp.params.items()},
             "resumed": w.flat(full(resumed.params)),
+            "val": (validate("ddp", ddp), validate("fsdp", fsdp)),
+            "fast_equals_pure": fast_equals_pure(fsdp, rank),
             "resumed_step": resumed.loop.global_step,
         },
         os.path.join(out, f"fsdp-{rank}.pt"),
