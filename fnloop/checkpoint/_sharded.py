@@ -107,7 +107,7 @@ def save_sharded(tensors: dict[str, torch.Tensor], meta: dict[str, Any], url: st
                 fs.makedirs(path, exist_ok=True)
                 target = path
         except Exception as e:  # every rank raises the same error
-            target = CheckpointError(str(e)) if isinstance(e, CheckpointError) else CheckpointError(f"{url}: cannot write the checkpoint ({e})")
+            target = e if isinstance(e, CheckpointError) else CheckpointError(f"{url}: cannot write the checkpoint ({e})")
     target = _from_zero(target)
     if isinstance(target, CheckpointError):
         raise target
@@ -131,7 +131,9 @@ def save_sharded(tensors: dict[str, torch.Tensor], meta: dict[str, Any], url: st
         raise CheckpointError(outcome)
 
 
-def _commit(fs: Any, local: bool, target: str, final: str, meta: dict[str, Any], files: list[Any], url: str, encode: Any) -> str | None:
+def _commit(
+    fs: Any, local: bool, target: str, final: str, meta: dict[str, Any], files: list[Any], url: str, encode: Any
+) -> str | None:
     """Rank 0: the commit marker once every shard is written (None), or why not (the folder removed)."""
     failed = [f"rank {r}: {w}" for r, w in enumerate(files) if isinstance(w, str)]
     if failed:
@@ -169,7 +171,10 @@ def _check_shards(meta: dict[str, Any], where: str) -> list[dict[str, Any]]:
     files = meta.get("shards")
     world = len(files) if isinstance(files, list) else 0
     ok = world > 0 and all(
-        isinstance(f, dict) and f.get("file") == _file(r, world) and isinstance(f.get("checksum"), str) and isinstance(f.get("state_bytes"), int)
+        isinstance(f, dict)
+        and f.get("file") == _file(r, world)
+        and isinstance(f.get("checksum"), str)
+        and isinstance(f.get("state_bytes"), int)
         for r, f in enumerate(files)  # type: ignore[arg-type]
     )
     for e in meta["leaves"]:
@@ -177,7 +182,9 @@ def _check_shards(meta: dict[str, Any], where: str) -> list[dict[str, Any]]:
             rows = e["shape"][0] if e.get("kind") == "tensor" and e["shape"] else None
             ok = rows is not None and e["shards"] == [list(c) for c in chunks(rows, world)]
     if not ok:
-        raise CheckpointError(f"{where}: malformed, 'shards' must list one shard file per rank and each leaf its rows; the checkpoint is damaged")
+        raise CheckpointError(
+            f"{where}: malformed, 'shards' must list one shard file per rank and each leaf its rows; the checkpoint is damaged"
+        )
     return files  # type: ignore[return-value]
 
 

@@ -89,7 +89,8 @@ def sharded_like(local: Any, like: Any) -> Any:
     def wrap(x: Any, ref: Any) -> Any:
         if not _is_dtensor(ref):
             return x
-        return DTensor.from_local(x, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape, stride=ref.stride())
+        mesh, placements = ref.device_mesh, ref.placements
+        return DTensor.from_local(x, mesh, placements, run_check=False, shape=ref.shape, stride=ref.stride())
 
     return tree_map(wrap, local, like)
 
@@ -130,6 +131,13 @@ def shard_bytes(state: Any) -> int:
     return sum(x.numel() * x.element_size() for x in leaves if isinstance(x, torch.Tensor))
 
 
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with zero rows appended up to ``rows`` on dim 0, contiguous (equal-sized collective inputs)."""
+    if x.shape[0] < rows:
+        x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, rows - x.shape[0]))
+    return x.contiguous()
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardedReducer:
     """What a train step does with sharded params and their gradients (``StepOptions.grad_reduce``).
@@ -163,9 +171,8 @@ class ShardedReducer:
             if len(shape) == 0:
                 out[name] = x
                 continue
-            size = chunks(shape[0], self.world_size)[0][1]
-            padded = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, size - x.shape[0])) if x.shape[0] < size else x
-            out[name] = fc.wait_tensor(fc.all_gather_single(padded.contiguous(), 0, self._group()))[: shape[0]]
+            padded = _pad_rows(x, chunks(shape[0], self.world_size)[0][1])
+            out[name] = fc.wait_tensor(fc.all_gather_single(padded, 0, self._group()))[: shape[0]]
         return out
 
     def __call__(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -178,10 +185,9 @@ class ShardedReducer:
             if g.dim() == 0:
                 pending[name] = fc.all_reduce(g, "sum", group)
                 continue
-            start, stop = chunks(g.shape[0], world)[self.rank]
-            size = chunks(g.shape[0], world)[0][1]
-            padded = torch.nn.functional.pad(g, (0, 0) * (g.dim() - 1) + (0, size * world - g.shape[0]))
-            pending[name] = (fc.reduce_scatter_single(padded.contiguous(), "sum", 0, group), stop - start)
+            rows = chunks(g.shape[0], world)
+            padded = _pad_rows(g, rows[0][1] * world)
+            pending[name] = (fc.reduce_scatter_single(padded, "sum", 0, group), rows[self.rank][1] - rows[self.rank][0])
         out = {}
         for name, value in pending.items():
             if isinstance(value, tuple):
@@ -218,7 +224,9 @@ class FSDPStrategy:
 
     def __post_init__(self) -> None:
         if self.process_group_backend not in (None, "gloo", "nccl"):
-            raise ConfigError(f"FSDPStrategy(process_group_backend={self.process_group_backend!r}): accepted values are 'gloo', 'nccl' or None")
+            raise ConfigError(
+                f"FSDPStrategy(process_group_backend={self.process_group_backend!r}): accepted values are 'gloo', 'nccl' or None"
+            )
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
             raise ConfigError(f"FSDPStrategy(timeout_s={self.timeout_s!r}): accepted values are a number of seconds > 0")
 
