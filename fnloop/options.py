@@ -117,6 +117,7 @@ class StepOptions:
             raise ConfigError(f"skip_nonfinite={self.skip_nonfinite!r}: accepted values are True or False")
         object.__setattr__(self, "precision", resolve_precision(self.precision, flag="StepOptions(precision"))
         object.__setattr__(self, "_specs", {})
+        object.__setattr__(self, "_sharded", getattr(self.grad_reduce, "sharded", False))
         if self.sharded and self.key is not None:
             raise ConfigError(
                 "Trainer(strategy='fsdp'): accumulate_grad_batches > 1, gradient_clip_val, on_nonfinite='skip' and "
@@ -220,7 +221,7 @@ class StepOptions:
     @property
     def sharded(self) -> bool:
         """The state's params and optimizer state are sharded across ranks (FSDP)."""
-        return getattr(self.grad_reduce, "sharded", False)
+        return self._sharded  # type: ignore[attr-defined,no-any-return]
 
     def gather(self, params: Any, shapes: Any) -> Any:
         """The full params (of global ``shapes``) for the forward pass: all-gathered from this
@@ -229,15 +230,19 @@ class StepOptions:
 
     def local(self, tree: Any) -> Any:
         """This rank's shards of a state's DTensor leaves (``tree`` itself when not sharded)."""
+        if not self._sharded:  # type: ignore[attr-defined]
+            return tree
         from fnloop.connectors.fsdp import local_tree
 
-        return local_tree(tree) if self.sharded else tree
+        return local_tree(tree)
 
     def resharded(self, tree: Any, like: Any) -> Any:
         """Inverse of :meth:`local`: local shards placed like ``like``'s DTensor leaves."""
+        if not self._sharded:  # type: ignore[attr-defined]
+            return tree
         from fnloop.connectors.fsdp import sharded_like
 
-        return sharded_like(tree, like) if self.sharded else tree
+        return sharded_like(tree, like)
 
     def seed(self, seed: int | None) -> int | None:
         """The step's seed for this rank: ``seed`` folded with the reducer's rank."""

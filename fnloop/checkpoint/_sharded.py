@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from fnloop.checkpoint import _direct, _fs
+from fnloop.checkpoint._files import encode_meta, refuse_existing, write_state
 from fnloop.checkpoint._read import META_FILE, SHARDED_FORMAT_VERSION, load_tensors
 from fnloop.connectors.fsdp import chunks, distribute_like, is_sharded
 from fnloop.errors import CheckpointError
@@ -72,8 +73,6 @@ def _error(e: BaseException) -> str:
 def save_sharded(tensors: dict[str, torch.Tensor], meta: dict[str, Any], url: str, overwrite: bool) -> None:
     """Every rank's shard of ``tensors`` (key path -> DTensor or whole tensor) into the folder
     ``url``, then rank 0's ``meta.json`` (``meta``: the leaf entries with global shapes)."""
-    from fnloop.checkpoint.format import _encode_meta, _refuse_existing, _write_state
-
     from torch.distributed.tensor import DTensor
 
     rank, world = _rank_world()
@@ -94,14 +93,14 @@ def save_sharded(tensors: dict[str, torch.Tensor], meta: dict[str, Any], url: st
         try:
             if local:
                 names = list(_fs.list_names(fs, final)) if os.path.isdir(final) else []
-                _refuse_existing(os.path.exists(os.path.join(final, META_FILE)), names, url, overwrite)
+                refuse_existing(os.path.exists(os.path.join(final, META_FILE)), names, url, overwrite)
                 os.makedirs(os.path.dirname(final), exist_ok=True)
                 target = os.path.join(os.path.dirname(final), _fs.tmp_name(os.path.basename(final)))
                 os.mkdir(target)
             else:
                 fs.invalidate_cache(path)
                 has_meta = fs.exists(f"{path}/{META_FILE}")
-                _refuse_existing(has_meta, list(_fs.list_names(fs, path)), url, overwrite)
+                refuse_existing(has_meta, list(_fs.list_names(fs, path)), url, overwrite)
                 if has_meta:
                     fs.rm_file(f"{path}/{META_FILE}")
                 fs.makedirs(path, exist_ok=True)
@@ -115,25 +114,23 @@ def save_sharded(tensors: dict[str, torch.Tensor], meta: dict[str, Any], url: st
     try:
         if local:
             with _direct.direct_file(os.path.join(target, name)) as f:
-                _write_state(f, mine, record)
+                write_state(f, mine, record)
         else:
             with fs.open(f"{target}/{name}", "wb") as f:
-                _write_state(f, mine, record)
+                write_state(f, mine, record)
         written: Any = {"file": name, "checksum": record["checksum"], "state_bytes": record["state_bytes"]}
     except Exception as e:
         written = _error(e)
     files = _all(written)
     outcome = None
     if rank == 0:
-        outcome = _commit(fs, local, target, final, meta, files, url, _encode_meta)
+        outcome = _commit(fs, local, target, final, meta, files, url)
     outcome = _from_zero(outcome)
     if outcome is not None:
         raise CheckpointError(outcome)
 
 
-def _commit(
-    fs: Any, local: bool, target: str, final: str, meta: dict[str, Any], files: list[Any], url: str, encode: Any
-) -> str | None:
+def _commit(fs: Any, local: bool, target: str, final: str, meta: dict[str, Any], files: list[Any], url: str) -> str | None:
     """Rank 0: the commit marker once every shard is written (None), or why not (the folder removed)."""
     failed = [f"rank {r}: {w}" for r, w in enumerate(files) if isinstance(w, str)]
     if failed:
@@ -146,10 +143,10 @@ def _commit(
     old = None
     try:
         if not local:
-            fs.pipe_file(f"{target}/{META_FILE}", encode(meta))
+            fs.pipe_file(f"{target}/{META_FILE}", encode_meta(meta))
             return None
         parent = os.path.dirname(final)
-        _fs.write_durable(os.path.join(target, META_FILE), encode(meta))
+        _fs.write_durable(os.path.join(target, META_FILE), encode_meta(meta))
         _fs.fsync_path(target)
         if os.path.exists(final):
             old = os.path.join(parent, _fs.tmp_name(os.path.basename(final)))

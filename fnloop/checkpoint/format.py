@@ -22,19 +22,21 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Any
 
 import torch
 
-from fnloop.checkpoint import _direct, _fs, _leaves, _safetensors, _sharded
-from fnloop.checkpoint._checksum import ALGORITHM, for_stream
+from fnloop.checkpoint import _direct, _fs, _leaves, _sharded
+from fnloop.checkpoint._files import encode_meta as _encode_meta
+from fnloop.checkpoint._files import refuse_existing as _refuse_existing
+from fnloop.checkpoint._files import write_state as _write_state
 from fnloop.checkpoint._read import (
     FORMAT,
     FORMAT_VERSION,
     META_FILE,
+    SHARDED_FORMAT_VERSION,
     STATE_FILE,
     load_tensors,
     own,
@@ -73,21 +75,6 @@ def _step_of(tree: Any) -> int | None:
     if isinstance(step, int) and not isinstance(step, bool):
         return step
     return None
-
-
-def _refuse_existing(exists_meta: bool, names: list[str], url: str, overwrite: bool) -> None:
-    if overwrite:
-        return
-    if exists_meta:
-        raise CheckpointError(
-            f"{url}: a checkpoint already exists here; pass overwrite=True to replace it or pick another URL"
-        )
-    other = [n for n in names if n != STATE_FILE]
-    if other:
-        raise CheckpointError(
-            f"{url}: the folder exists and is not a checkpoint (it holds {sorted(other)[:5]}); "
-            "pass overwrite=True to replace it or pick another URL"
-        )
 
 
 def _save_local(
@@ -136,20 +123,6 @@ def _save_remote(
     with fs.open(f"{path}/{STATE_FILE}", "wb") as f:
         _write_state(f, tensors, meta)
     fs.pipe_file(meta_path, _encode_meta(meta))
-
-
-def _write_state(out: _safetensors.Writable, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write the tensor file to ``out``, recording its checksum and length in ``meta``."""
-    checksum = for_stream(ALGORITHM, sum(t.numel() * t.element_size() for t in tensors.values()))
-    try:
-        meta["state_bytes"] = _safetensors.write(out, tensors, checksum)
-        meta["checksum"] = checksum.digest()
-    finally:
-        checksum.close()
-
-
-def _encode_meta(meta: dict[str, Any]) -> bytes:
-    return json.dumps(meta, indent=1, allow_nan=False, ensure_ascii=False).encode("utf-8")
 
 
 def save(
@@ -246,7 +219,8 @@ def restore(
 
 def _load(url: str, meta: dict[str, Any], verify: bool) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors by key path, whole (a sharded one assembled from its files)."""
-    return _sharded.load_sharded(url, meta, verify) if "shards" in meta else load_tensors(url, meta, verify)
+    sharded = meta["format_version"] == SHARDED_FORMAT_VERSION
+    return _sharded.load_sharded(url, meta, verify) if sharded else load_tensors(url, meta, verify)
 
 
 def restore_params(url: str | os.PathLike[str], *, map_location: Any = None) -> dict[str, torch.Tensor]:

@@ -17,56 +17,21 @@ What is compared:
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import fnloop as fl
-from fnloop.connectors.data_sources import MapSource
-from fnloop.connectors.launch import free_port
 
 HERE = pathlib.Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE / "_procs"))
-import fsdp_worker as fw  # noqa: E402
 import ddp_worker as w  # noqa: E402
+import fsdp_worker as fw  # noqa: E402
+from ranks import launch, shard_batches  # noqa: E402
 
 TIMEOUT = 120
-
-
-def launch(out: pathlib.Path) -> list[subprocess.CompletedProcess]:
-    """Run both ranks; their (returncode, stdout, stderr), whatever happens."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
-    procs = []
-    try:
-        for rank in range(2):
-            rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            procs.append(subprocess.Popen([sys.executable, str(HERE / "_procs" / "fsdp_worker.py"), str(out)],
-                                          env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        deadline = time.monotonic() + TIMEOUT
-        results = []
-        for p in procs:
-            out_text, err_text = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            results.append(subprocess.CompletedProcess(p.args, p.returncode, out_text, err_text))
-        return results
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-
-
-def shard_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Rank ``rank``'s micro-batches, as fnloop's data order gives them."""
-    ds = w.dataset()
-    src = MapSource(ds, batch_size=w.PER_RANK_BATCH, shuffle=True, seed=w.SEED, rank=rank, world_size=2)
-    return [(ds.tensors[0][i], ds.tensors[1][i]) for i in src.batch_indices(0)]
 
 
 def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -86,7 +51,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     one_rank(fw.STEPS, ckpt=str(out / "one-rank-dir"))
     (out / "one-rank-dir" / f"step-{fw.STEPS:08d}").rename(out / "one-rank")
-    results = launch(out)
+    results = launch("fsdp_worker.py", [str(out)], TIMEOUT)
     assert [r.returncode for r in results] == [0, 0], [r.stderr[-3000:] for r in results]
     return out, [torch.load(out / f"fsdp-{rank}.pt") for rank in range(2)]
 
