@@ -118,10 +118,10 @@ class StepOptions:
         object.__setattr__(self, "precision", resolve_precision(self.precision, flag="StepOptions(precision"))
         object.__setattr__(self, "_specs", {})
         object.__setattr__(self, "_sharded", getattr(self.grad_reduce, "sharded", False))
-        if self.sharded and self.key is not None:
+        if self.sharded and (k > 1 or self.skip_nonfinite or self.precision == "16-mixed"):
             raise ConfigError(
-                "Trainer(strategy='fsdp'): accumulate_grad_batches > 1, gradient_clip_val, on_nonfinite='skip' and "
-                "precision='16-mixed' are not supported with a sharded state yet; use strategy='ddp' for them"
+                "Trainer(strategy='fsdp'): accumulate_grad_batches > 1, on_nonfinite='skip' and precision='16-mixed' "
+                "are not supported with a sharded state yet; use strategy='ddp' for them"
             )
 
     @property
@@ -139,7 +139,8 @@ class StepOptions:
         checked and clipped once per optimizer step, as with ``GradScaler``)."""
         if self.gradient_clip_val:
             alg = self.gradient_clip_algorithm or "norm"
-            tx = chain(clip_by_global_norm(self.gradient_clip_val) if alg == "norm" else clip(self.gradient_clip_val), tx)
+            by_norm = self.grad_reduce.clip_by_global_norm if self.sharded else clip_by_global_norm  # sharded: the whole norm
+            tx = chain(by_norm(self.gradient_clip_val) if alg == "norm" else clip(self.gradient_clip_val), tx)
         if self.skip_nonfinite:
             tx = apply_if_finite(tx)
         if self.precision == "16-mixed":

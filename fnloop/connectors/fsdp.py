@@ -197,6 +197,31 @@ class ShardedReducer:
                 out[name] = fc.wait_tensor(value) / world
         return out
 
+    def clip_by_global_norm(self, max_norm: float) -> Any:
+        """``flo.clip_by_global_norm(max_norm)`` of the whole gradients, applied to this rank's
+        shards: the squared norms of the shards are summed across ranks (0-d gradients, whole on
+        every rank, count once)."""
+        import torch.distributed._functional_collectives as fc
+
+        from fnloop.optim import EmptyState, GradientTransformation
+        from fnloop.optim import _foreach as fe
+        from fnloop.optim.base import leaves_like
+
+        world = self.world_size
+
+        def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+            leaves = tree_leaves(updates)
+            if not leaves:
+                return updates, state
+            squares = torch.stack(fe.norm(leaves)).square()
+            whole = torch.tensor([x.dim() == 0 for x in leaves], device=squares.device)
+            local = torch.where(whole, squares / world, squares).sum()
+            norm = fc.wait_tensor(fc.all_reduce(local, "sum", self._group())).sqrt()
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            return leaves_like(updates, fe.mul(leaves, coef)), state
+
+        return GradientTransformation(lambda params: EmptyState(), update)
+
     def overlapped(self, leaves: Mapping[str, torch.Tensor]) -> ShardedReducer:
         """The fast path's hook: the reduce-scatter runs after backward (:meth:`finish`)."""
         return self

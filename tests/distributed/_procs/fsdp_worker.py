@@ -3,8 +3,8 @@
 Usage: ``python fsdp_worker.py OUT_DIR`` with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT`` set (as torchrun sets them).
 
-In one process group, on ``ddp_worker``'s model (dropout 0.1), data and AdamW, 4 samples per
-rank and batch, ``STEPS`` steps each:
+In one process group, on ``ddp_worker``'s model (dropout 0.1), data and AdamW, gradients clipped
+to a global norm of 0.5, 4 samples per rank and batch, ``STEPS`` steps each:
 
 1. ``strategy="ddp"``: the final params;
 2. ``strategy="fsdp"``, saving a sharded checkpoint at the end into ``OUT_DIR/ckpt-fsdp``: the
@@ -43,7 +43,9 @@ def full(tree):
 
 
 def fit(strategy: str, max_steps: int, *, dropout: float = 0.1, ckpt: str | None = None, ckpt_path: str | None = None) -> fl.TrainState:
-    trainer = fl.Trainer(max_steps=max_steps, strategy=strategy, devices=2, accelerator="cpu", enable_progress_bar=False, logger=None)
+    trainer = fl.Trainer(
+        max_steps=max_steps, strategy=strategy, devices=2, accelerator="cpu", gradient_clip_val=0.5, enable_progress_bar=False, logger=None
+    )
     state = fl.TrainState.create(w.model(dropout), w.tx(), seed=w.SEED)
     data = DataLoader(w.dataset(), batch_size=w.PER_RANK_BATCH, shuffle=True)
     checkpoint = fl.ModelCheckpoint(fl.CheckpointManager(ckpt, keep_last=1)) if ckpt else None
@@ -56,7 +58,7 @@ def validate(strategy: str, state: fl.TrainState) -> dict[str, float]:
 
 
 def fast_equals_pure(state: fl.TrainState, rank: int) -> bool:
-    step = fl.train_step(w.loss_fn).with_options(StepOptions(grad_reduce=ShardedReducer(rank, 2)))
+    step = fl.train_step(w.loss_fn).with_options(StepOptions(gradient_clip_val=0.5, grad_reduce=ShardedReducer(rank, 2)))
     batch = (w.dataset().tensors[0][rank * 4 : rank * 4 + 4], w.dataset().tensors[1][rank * 4 : rank * 4 + 4])
     fast, _ = step(state, batch)
     pure, _ = apply_train_step(w.loss_fn, state, batch, step.options)
