@@ -12,7 +12,9 @@ What is compared:
   bitwise equal to the gathered state, and the 1-process continuation from it equals the
   continuation of that gathered state bitwise;
 * a 1-process checkpoint restores onto 2 FSDP ranks, whose continuation equals the 1-process
-  continuation to 1e-5.
+  continuation to 1e-5;
+* SIGTERM to one rank stops both at the same step, and together they save a sharded checkpoint
+  of that state.
 """
 
 from __future__ import annotations
@@ -114,6 +116,15 @@ def test_one_process_checkpoint_restores_onto_two_fsdp_ranks(run):
     for r in ranks:
         assert r["resumed_step"] == 2 * fw.STEPS
         torch.testing.assert_close(r["resumed"], w.flat(reference.params), rtol=0, atol=1e-5)
+
+
+def test_sigterm_to_one_rank_saves_the_sharded_state_of_both(run):
+    out, ranks = run
+    statuses = [r["interrupted"][:2] for r in ranks]
+    assert statuses == [("interrupted", 3), ("interrupted", 3)]
+    (folder,) = [p for p in (out / "ckpt-interrupt").iterdir()]
+    restored = fl.restore(str(folder), like=fl.TrainState.create(w.model(0.1), w.tx(), seed=w.SEED))
+    assert restored.loop.global_step == 3 and torch.equal(w.flat(restored.params), ranks[0]["interrupted"][2])
 
 
 def _flip_last_byte(folder: pathlib.Path) -> None:

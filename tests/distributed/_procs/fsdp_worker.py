@@ -13,7 +13,9 @@ to a global norm of 0.5, 4 samples per rank and batch, ``STEPS`` steps each:
 3. ``trainer.validate`` of both final states (the FSDP step gathers the params), and one more
    step of the FSDP state through the fast path and through ``apply_train_step`` (the meaning);
 4. ``strategy="fsdp"`` without dropout, resumed from ``OUT_DIR/one-rank`` (a 1-process
-   checkpoint the test wrote) for ``STEPS`` more steps: the final params.
+   checkpoint the test wrote) for ``STEPS`` more steps: the final params;
+5. ``strategy="fsdp"`` where rank 1 sends itself SIGTERM after step 3, saving into
+   ``OUT_DIR/ckpt-interrupt``: the status, step and params it stopped with.
 
 Writes ``OUT_DIR/fsdp-<rank>.pt``. Exit codes: 0 finished, 1 an fnloop error (printed).
 """
@@ -21,6 +23,7 @@ Writes ``OUT_DIR/fsdp-<rank>.pt``. Exit codes: 0 finished, 1 an fnloop error (pr
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import torch
@@ -42,9 +45,18 @@ def full(tree):
     return fl.tree_map(lambda x: x.full_tensor() if hasattr(x, "full_tensor") else x, tree)
 
 
-def fit(strategy: str, max_steps: int, *, dropout: float = 0.1, ckpt: str | None = None, ckpt_path: str | None = None) -> fl.TrainState:
+class Interrupt(fl.Callback):
+    """Rank 1 sends itself SIGTERM after global step 3."""
+
+    def on_train_batch_end(self, state, metrics):
+        if os.environ["RANK"] == "1" and state.loop.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def fit(strategy: str, max_steps: int, *, dropout: float = 0.1, ckpt: str | None = None, ckpt_path: str | None = None, callbacks=()) -> fl.TrainState:
     trainer = fl.Trainer(
-        max_steps=max_steps, strategy=strategy, devices=2, accelerator="cpu", gradient_clip_val=0.5, enable_progress_bar=False, logger=None
+        max_steps=max_steps, strategy=strategy, devices=2, accelerator="cpu", gradient_clip_val=0.5, enable_progress_bar=False,
+        logger=None, callbacks=list(callbacks),
     )
     state = fl.TrainState.create(w.model(dropout), w.tx(), seed=w.SEED)
     data = DataLoader(w.dataset(), batch_size=w.PER_RANK_BATCH, shuffle=True)
@@ -72,6 +84,7 @@ def main(out: str) -> int:
     fsdp = fit("fsdp", STEPS, ckpt=os.path.join(out, "ckpt-fsdp"))
     whole = fl.TrainState.create(w.model(0.1), w.tx(), seed=w.SEED)
     resumed = fit("fsdp", 2 * STEPS, dropout=0.0, ckpt_path=os.path.join(out, "one-rank"))
+    interrupted = fit("fsdp", STEPS, ckpt=os.path.join(out, "ckpt-interrupt"), callbacks=[Interrupt()])
     torch.save(
         {
             "ddp": w.flat(ddp.params),
@@ -84,6 +97,7 @@ def main(out: str) -> int:
             "val": (validate("ddp", ddp), validate("fsdp", fsdp)),
             "fast_equals_pure": fast_equals_pure(fsdp, rank),
             "resumed_step": resumed.loop.global_step,
+            "interrupted": (interrupted.loop.status, interrupted.loop.global_step, w.flat(full(interrupted.params))),
         },
         os.path.join(out, f"fsdp-{rank}.pt"),
     )
