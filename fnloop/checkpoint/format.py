@@ -132,7 +132,9 @@ def save(
 
     Args:
         tree: the pytree; tensor leaves of any device and layout, other leaves int, float,
-            bool, str or None.
+            bool, str or None. A sharded state (DTensor leaves, ``strategy="fsdp"``) is saved by
+            every rank together: call ``save`` on all of them with the same ``url`` (a
+            filesystem they share); each writes its shard, rank 0 the commit marker.
         url: a path or fsspec URL (``/x``, ``file:///x``, ``memory://x``, ``s3://b/x``).
         metrics: numbers stored in ``meta.json`` (a checkpoint manager ranks by them).
         overwrite: replace a checkpoint already at ``url`` instead of raising.
@@ -189,7 +191,8 @@ def restore(
     Args:
         url: the checkpoint folder (path or fsspec URL).
         like: a tree with the structure of the saved one (e.g. a fresh ``TrainState``); static
-            fields (``module``, ``tx``) come from it. ``None`` returns a flat
+            fields (``module``, ``tx``) come from it. Where ``like`` holds DTensors (a sharded
+            state, on any world size), each rank keeps its chunk of the whole tensors read. ``None`` returns a flat
             ``{key path: tensor}`` dict of the tensor leaves.
         map_location: device for every tensor; default: the device of the matching leaf of ``like``.
         verify: check the checksum of ``state.safetensors`` (on by default; ``False`` skips it,
