@@ -28,8 +28,9 @@ from fnloop.checkpoint._files import encode_meta, refuse_existing, write_state
 from fnloop.checkpoint._read import META_FILE, SHARDED_FORMAT_VERSION, load_tensors
 from fnloop.connectors.fsdp import chunks, distribute_like, is_sharded
 from fnloop.errors import CheckpointError
+from fnloop.tree import tree_flatten_with_path, tree_map
 
-__all__ = ["is_sharded", "is_follower", "save_sharded", "load_sharded", "distribute_like"]
+__all__ = ["is_sharded", "is_follower", "save_sharded", "rows_of", "load_sharded", "place_like"]
 
 _FILE = re.compile(r"shard-(\d{5})-of-(\d{5})\.safetensors")
 
@@ -185,23 +186,63 @@ def _check_shards(meta: dict[str, Any], where: str) -> list[dict[str, Any]]:
     return files  # type: ignore[return-value]
 
 
-def load_sharded(url: str, meta: dict[str, Any], verify: bool) -> dict[str, torch.Tensor]:
-    """Every tensor of a sharded checkpoint by key path, whole (assembled from the shard files,
-    each checked for size and checksum)."""
-    files = _check_shards(meta, _fs.join_url(url, META_FILE))
-    pieces = []
-    for r, f in enumerate(files):
-        leaves = []
-        for e in meta["leaves"]:
-            if "shards" in e:
-                start, stop = e["shards"][r]
-                leaves.append({**e, "shape": [stop - start, *e["shape"][1:]]})
-            elif r == 0:
-                leaves.append(e)
-        sub = {"checksum": f["checksum"], "state_bytes": f["state_bytes"], "leaves": leaves}
-        pieces.append(load_tensors(url, sub, verify, file=f["file"]))
-    out = dict(pieces[0])
-    for e in meta["leaves"]:
-        if "shards" in e:
-            out[e["path"]] = torch.cat([p[e["path"]] for p in pieces]) if len(pieces) > 1 else pieces[0][e["path"]]
+def rows_of(like: Any) -> dict[str, tuple[int, int]]:
+    """``{key path: (start, stop)}``: the rows of dim 0 this rank holds of each DTensor leaf of ``like``."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    paths, leaves, _ = tree_flatten_with_path(like)
+    out = {}
+    for path, ref in zip(paths, leaves):
+        if isinstance(ref, DTensor) and tuple(ref.placements) == (Shard(0),):
+            mesh = ref.device_mesh
+            out[path] = chunks(ref.shape[0], mesh.size())[mesh.get_local_rank()]
     return out
+
+
+def load_sharded(
+    url: str, meta: dict[str, Any], verify: bool, rows: dict[str, tuple[int, int]] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of a sharded checkpoint by key path (each file checked for size and checksum):
+    whole, assembled from the shard files, or for the key paths in ``rows`` only those rows of
+    dim 0 (a rank's chunk); then only the files holding them, and rank 0's, are read."""
+    files = _check_shards(meta, _fs.join_url(url, META_FILE))
+    rows = rows or {}
+    sharded = [e for e in meta["leaves"] if "shards" in e]
+
+    def needed(e: dict[str, Any], r: int) -> bool:
+        start, stop = e["shards"][r]
+        a, b = rows.get(e["path"], (start, stop))
+        return e["path"] not in rows or (start < stop and max(a, start) < min(b, stop))
+
+    whole = [e for e in meta["leaves"] if "shards" not in e]  # in rank 0's file
+    pieces = {}
+    for r, f in enumerate(files):
+        if r != 0 and not any(needed(e, r) for e in sharded):
+            continue
+        leaves = [{**e, "shape": [e["shards"][r][1] - e["shards"][r][0], *e["shape"][1:]]} for e in sharded]
+        sub = {"checksum": f["checksum"], "state_bytes": f["state_bytes"], "leaves": leaves + (whole if r == 0 else [])}
+        pieces[r] = load_tensors(url, sub, verify, file=f["file"])
+    out = dict(pieces[0])
+    for e in sharded:
+        path = e["path"]
+        a, b = rows.get(path, (0, e["shape"][0]))
+        parts = [
+            pieces[r][path][max(a, start) - start : min(b, stop) - start]
+            for r, (start, stop) in enumerate(e["shards"])
+            if r in pieces and max(a, start) < min(b, stop)
+        ]
+        out[path] = torch.cat(parts) if parts else pieces[0][path].new_empty((0, *e["shape"][1:]))
+    return out
+
+
+def place_like(tree: Any, like: Any) -> Any:
+    """``tree`` (whole tensors, or this rank's chunks from :func:`load_sharded`) as DTensors placed
+    like ``like``'s DTensor leaves."""
+    from fnloop.connectors.fsdp import sharded_like
+
+    def place(x: Any, ref: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or not hasattr(ref, "device_mesh") or x.shape == ref.shape:
+            return distribute_like(x, ref)
+        return sharded_like(x, ref)  # already this rank's chunk
+
+    return tree_map(place, tree, like)

@@ -211,19 +211,23 @@ def restore(
     """
     url = os.fspath(url)
     meta = read_meta(url)
-    tensors = _load(url, meta, verify)
+    sharded_like = like is not None and _sharded.is_sharded(like)
+    tensors = _load(url, meta, verify, _sharded.rows_of(like) if sharded_like else None)
     if like is None:
         order = [e["path"] for e in meta["leaves"] if e["kind"] == "tensor"]
         return {p: tensors[p].to(map_location) if map_location is not None else tensors[p] for p in order}
     stored_tree = meta.get("treespec", "")
     tree = _leaves.rebuild(like, meta["leaves"], tensors, url, map_location=map_location, stored_tree=stored_tree)
-    return _sharded.distribute_like(tree, like) if _sharded.is_sharded(like) else tree
+    return _sharded.place_like(tree, like) if sharded_like else tree
 
 
-def _load(url: str, meta: dict[str, Any], verify: bool) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors by key path, whole (a sharded one assembled from its files)."""
+def _load(
+    url: str, meta: dict[str, Any], verify: bool, rows: dict[str, tuple[int, int]] | None = None
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors by key path, whole (a sharded one assembled from its files), or
+    of a sharded checkpoint only the ``rows`` of dim 0 this rank keeps."""
     sharded = meta["format_version"] == SHARDED_FORMAT_VERSION
-    return _sharded.load_sharded(url, meta, verify) if sharded else load_tensors(url, meta, verify)
+    return _sharded.load_sharded(url, meta, verify, rows) if sharded else load_tensors(url, meta, verify)
 
 
 def restore_params(url: str | os.PathLike[str], *, map_location: Any = None) -> dict[str, torch.Tensor]:

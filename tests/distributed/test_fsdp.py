@@ -81,6 +81,11 @@ def test_each_rank_holds_about_half_of_params_and_optimizer_state(run):
     assert ranks[0]["local_shapes"]["0.weight"] == (8, 6) and ranks[1]["local_shapes"]["3.weight"] == (0, 16)
 
 
+def test_sharded_checkpoint_restores_on_the_same_ranks_bitwise(run):
+    _, ranks = run
+    assert [r["restores_on_two_ranks"] for r in ranks] == [True, True]
+
+
 def test_checkpoint_has_one_shard_per_rank_and_one_commit_marker(run):
     out, _ = run
     (folder,) = [p for p in (out / "ckpt-fsdp").iterdir()]

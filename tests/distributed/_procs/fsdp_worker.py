@@ -78,6 +78,15 @@ def fast_equals_pure(state: fl.TrainState, rank: int) -> bool:
     return all(type(a) is type(b) and torch.equal(a.to_local() if hasattr(a, "to_local") else a, b.to_local() if hasattr(b, "to_local") else b) for a, b in pairs)
 
 
+def restores_on_two_ranks(state: fl.TrainState, folder: str) -> bool:
+    """The sharded checkpoint of ``state`` read back on the same 2 ranks: bitwise each rank's shards."""
+    (name,) = os.listdir(folder)
+    restored = fl.restore(os.path.join(folder, name), like=state)
+    pairs = zip(fl.tree_leaves(restored), fl.tree_leaves(state))
+    local = lambda x: x.to_local() if hasattr(x, "to_local") else x  # noqa: E731
+    return all(type(a) is type(b) and (torch.equal(local(a), local(b)) if isinstance(a, torch.Tensor) else a == b) for a, b in pairs)
+
+
 def main(out: str) -> int:
     rank = int(os.environ["RANK"])
     ddp = fit("ddp", STEPS)
@@ -96,6 +105,7 @@ def main(out: str) -> int:
             "resumed": w.flat(full(resumed.params)),
             "val": (validate("ddp", ddp), validate("fsdp", fsdp)),
             "fast_equals_pure": fast_equals_pure(fsdp, rank),
+            "restores_on_two_ranks": restores_on_two_ranks(fsdp, os.path.join(out, "ckpt-fsdp")),
             "resumed_step": resumed.loop.global_step,
             "interrupted": (interrupted.loop.status, interrupted.loop.global_step, w.flat(full(interrupted.params))),
         },
