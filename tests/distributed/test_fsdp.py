@@ -194,3 +194,58 @@ def test_options_a_sharded_step_does_not_support_name_the_strategy(flags):
 def test_fsdp_strategy_rejects_bad_options(kwargs):
     with pytest.raises(fl.ConfigError, match="FSDPStrategy"):
         fl.FSDPStrategy(**kwargs)
+
+
+# --- one rank in this process: the sharded code paths against the plain step -------------------
+
+
+@pytest.fixture
+def world_of_one():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class Scaled(torch.nn.Module):
+    """A linear layer times a 0-d parameter (whole on every rank, never sharded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(6, 1)
+        self.scale = torch.nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale
+
+
+CASES = [(lambda: w.model(0.1), w.loss_fn, None), (Scaled, w.loss_fn, None), (lambda: w.model(0.0), w.loss_fn, 0.5)]
+
+
+@pytest.mark.parametrize("make, loss, clip", CASES, ids=["dropout", "0-d param", "clipped"])
+def test_sharded_step_on_one_rank_equals_the_plain_step_and_its_checkpoint_restores(world_of_one, tmp_path, make, loss, clip):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fnloop.connectors.fsdp import ShardedReducer, full_tree, shard_state
+    from fnloop.connectors.strategy import GradReducer
+    from fnloop.options import StepOptions
+
+    plain = fl.TrainState.create(make(), w.tx(), seed=w.SEED)
+    sharded = shard_state(plain, init_device_mesh("cpu", (1,)))
+    assert type(sharded.params["lin.weight" if make is Scaled else "0.weight"]).__name__ == "DTensor"
+    plain_step = fl.train_step(loss).with_options(StepOptions(gradient_clip_val=clip, grad_reduce=GradReducer(0, 1)))  # same seeds
+    sharded_step = fl.train_step(loss).with_options(StepOptions(gradient_clip_val=clip, grad_reduce=ShardedReducer(0, 1)))
+    for batch in global_batches()[:3]:
+        plain, _ = plain_step(plain, batch)
+        sharded, _ = sharded_step(sharded, batch)
+    check = fl.testing.assert_trees_equal if clip is None else fl.testing.assert_trees_close  # the norm sums shards
+    check(full_tree(sharded.params), plain.params)
+    check(full_tree(sharded.opt_state), plain.opt_state)
+    fl.save(sharded, tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "meta.json").read_text())["format_version"] == 3
+    restored = fl.restore(tmp_path / "ckpt", like=fl.TrainState.create(make(), w.tx(), seed=w.SEED))
+    fl.testing.assert_trees_equal(restored.params, full_tree(sharded.params))
+    again = fl.restore(tmp_path / "ckpt", like=sharded)
+    fl.testing.assert_trees_equal(full_tree(again.opt_state), full_tree(sharded.opt_state))
