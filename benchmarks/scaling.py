@@ -17,6 +17,14 @@ free cores than ranks the efficiency measures the machine, not the engine.
     python benchmarks/scaling.py [--json] [--rounds 15] [--per-round 10]
 
 Target: fnloop DDP / torch DDP <= 1.05.
+
+Memory (``--memory``): an MLP 4096-4096-4096-4096 (50.3 M parameters) with AdamW, three steps
+on 1 process and under FSDP on 2 ranks; per rank, the peak over the steps of the bytes of params
+and optimizer state the rank holds (the local shards of the state's leaves). The full params
+the FSDP step all-gathers live only during a step; they are printed beside. Target: 2-rank FSDP
+<= 0.6 x the 1-rank figure.
+
+    python benchmarks/scaling.py --memory [--json]
 """
 
 from __future__ import annotations
@@ -35,8 +43,9 @@ import torch.distributed as dist
 
 import fnloop as fl
 import fnloop.optim as flo
+from fnloop.connectors.fsdp import FSDPStrategy, shard_bytes
 from fnloop.connectors.launch import free_port
-from fnloop.connectors.strategy import GradReducer
+from fnloop.connectors.strategy import GradReducer, Parallel
 from fnloop.options import StepOptions
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -108,12 +117,77 @@ def worker(rank: int, world: int, port: int, rounds: int, per_round: int, out: s
         dist.destroy_process_group()
 
 
+MEMORY_WIDTHS = [4096, 4096, 4096, 4096]
+
+
+def state_peak(rank: int, world: int) -> dict[str, int]:
+    """Parameters, and the peak bytes of params + optimizer state this rank holds over three steps."""
+    torch.manual_seed(0)
+    module = mlp_of(MEMORY_WIDTHS)
+    state = fl.TrainState.create(module, flo.adamw(lr=1e-3), seed=0)
+    del module  # the user's module; the state's template is on the meta device
+    n_params = sum(p.numel() for p in state.params.values())
+    strategy = FSDPStrategy()
+    if world > 1:
+        state = strategy.setup_state(state, Parallel(rank=rank, world_size=world, strategy=strategy))
+    step = fl.train_step(loss_fn).with_options(StepOptions(grad_reduce=strategy.reducer(rank, world) if world > 1 else None))
+    g = torch.Generator().manual_seed(rank)
+    batch = torch.randn(8, MEMORY_WIDTHS[0], generator=g), torch.randint(0, MEMORY_WIDTHS[-1], (8,), generator=g)
+    peak = shard_bytes(state)
+    for _ in range(3):
+        state, _ = step.donated(state, batch)
+        peak = max(peak, shard_bytes(state))
+    return {"params": n_params, "peak_state_bytes": peak, "gathered_param_bytes": 4 * n_params if world > 1 else 0}
+
+
+def memory_worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        figures: list = [None] * world
+        dist.all_gather_object(figures, state_peak(rank, world))
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(figures, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def memory(as_json: bool) -> None:
+    """Print the FSDP memory figure (see the module docstring)."""
+    torch.set_num_threads(1)
+    one = state_peak(0, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "memory.json")
+        torch.multiprocessing.spawn(memory_worker, args=(2, free_port(), out), nprocs=2, join=True)
+        with open(out) as f:
+            ranks = json.load(f)
+    worst = max(r["peak_state_bytes"] for r in ranks)
+    result = {
+        "params_millions": one["params"] / 1e6,
+        "state_mb_1rank": one["peak_state_bytes"] / 2**20,
+        "state_mb_fsdp_2rank_max": worst / 2**20,
+        "fsdp_over_1rank": worst / one["peak_state_bytes"],
+        "gathered_param_mb_in_step": ranks[0]["gathered_param_bytes"] / 2**20,
+    }
+    print(f"MLP {'-'.join(map(str, MEMORY_WIDTHS))} ({result['params_millions']:.1f} M params), AdamW: params + optimizer state per rank")
+    print(f"  1 rank          {result['state_mb_1rank']:9.1f} MiB")
+    for i, r in enumerate(ranks):
+        print(f"  FSDP rank {i}     {r['peak_state_bytes'] / 2**20:9.1f} MiB   (+{r['gathered_param_bytes'] / 2**20:.1f} MiB of params gathered during a step)")
+    print(f"  FSDP / 1 rank   {result['fsdp_over_1rank']:.3f}   (target <= 0.6)")
+    if as_json:
+        print(json.dumps({k: round(v, 4) for k, v in result.items()}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="also print one JSON line with the figures")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--memory", action="store_true", help="the FSDP memory figure instead of the DDP timings")
     args = parser.parse_args()
+    if args.memory:
+        return memory(args.json)
     torch.set_num_threads(1)
     one = fnloop_step(0, 1)
     timed(one, 5)

@@ -406,6 +406,8 @@ class TrainExecutor:
         frozen = len(names) != sum(1 for _ in template.parameters())
         apply = fused_apply(options.wrap(tx))
         wrapped_tx = options.key is not None
+        spec = options.spec_of({n: p for n, p in template.named_parameters() if p.requires_grad})
+        shapes = {n: p.shape for n, p in template.named_parameters()}
 
         def core(params: Any, buffers: Any, opt_state: Any, carried: Any, batch: Any, donate: bool) -> Any:
             # BatchNorm & co update buffers in place: always on copies (small), so an exception in
@@ -413,21 +415,22 @@ class TrainExecutor:
             buffers = {k: v.clone() for k, v in buffers.items()}
             batch = options.batch(batch)
             trainable = {n: params[n] for n in names} if frozen else params
-            wrapped = options.join(carried, opt_state, trainable) if wrapped_tx else opt_state
+            wrapped = options.join(carried, opt_state, trainable, spec) if wrapped_tx else opt_state
             scale = options.scale(wrapped)
+            full = options.gather(params, shapes)  # a sharded state's params, all-gathered
             with torch.enable_grad():
-                leaves = {k: v.detach().requires_grad_(True) for k, v in trainable.items()}
+                leaves = {k: full[k].detach().requires_grad_(True) for k in trainable}
                 # a distributed step all-reduces each bucket as soon as backward has produced it
                 overlap = options.grad_reduce.overlapped(leaves) if options.grad_reduce is not None else None
-                with bind(working_copy(template, True), {**params, **leaves} if frozen else leaves, buffers) as model:
+                with bind(working_copy(template, True), {**full, **leaves} if frozen else leaves, buffers) as model:
                     with options.forward(_device(params)):
                         loss, aux = split_loss(loss_fn(model, batch), "train_step")
                 grads_list = torch.autograd.grad(loss if scale is None else loss * scale, list(leaves.values()), allow_unused=True)
-            grads = {k: (g if g is not None else torch.zeros_like(trainable[k])) for k, g in zip(leaves, grads_list)}
+            grads = {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, grads_list)}
             grads = overlap.finish(grads) if overlap is not None else options.reduce(grads)
             # the grads dict is the step's own: the optimizer may free each gradient after its last read
             new, wrapped = apply(grads, wrapped, trainable, donate=donate, consume=True)
-            carried, opt_state = options.split(wrapped, trainable) if wrapped_tx else (carried, wrapped)
+            carried, opt_state = options.split(wrapped, trainable, spec) if wrapped_tx else (carried, wrapped)
             metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
             return {**params, **new} if frozen else new, buffers, opt_state, carried, metrics
 
@@ -440,7 +443,7 @@ class TrainExecutor:
         _check_batch_device(leaves, _device(state.params), "train_step")
         template, tx, options = state.module, state.tx, self.options
         carried = options.carried(state.loop.options) if options.key else ()
-        args = (state.params, state.buffers, state.opt_state, carried, batch)
+        args = (options.local(state.params), state.buffers, options.local(state.opt_state), carried, batch)
         produced = state.params is self._produced[0] and state.opt_state is self._produced[1]
         graph = _wants_graph((), leaves) if produced else _wants_graph((state.params, state.buffers, state.opt_state, state.rng), leaves)
         devices = cuda_devices(state.params)
@@ -464,6 +467,7 @@ class TrainExecutor:
             if donate:
                 mark_donated(state)
         params, buffers, opt_state, carried, metrics = out
+        params, opt_state = options.resharded(params, state.params), options.resharded(opt_state, state.opt_state)
         if not graph:
             self._produced = (params, opt_state)
         new_step = state.step + 1
@@ -507,16 +511,19 @@ class EvalExecutor:
         return FlatCompiled(no_grad_core, self.compile_kwargs)  # type: ignore[arg-type]
 
     def __call__(self, state: TrainState, batch: Any) -> Any:
+        from fnloop.connectors.fsdp import full_tree
+
         check_state(state, self.kind)
+        params = full_tree(state.params)  # a sharded state's params, all-gathered
         leaves = _batch_leaves(batch)
-        _check_batch_device(leaves, _device(state.params), self.kind)
-        template, devices = state.module, cuda_devices(state.params)
-        graph = _wants_graph((state.params, state.buffers), leaves)
+        _check_batch_device(leaves, _device(params), self.kind)
+        template, devices = state.module, cuda_devices(params)
+        graph = _wants_graph((params, state.buffers), leaves)
         if self.compile_kwargs is not None and not graph:
             core = self._cores.get((template, "compiled"), lambda: self._compiled_core(template))
-            return core.run(lambda: (self._seeds(state.rng, state.step), devices), state.params, state.buffers, batch)  # type: ignore[attr-defined]
-        if graph or is_traced(state.params):
+            return core.run(lambda: (self._seeds(state.rng, state.step), devices), params, state.buffers, batch)  # type: ignore[attr-defined]
+        if graph or is_traced(params):
             core = self._cores.get((template, "pure"), lambda: self.build_core(self.fn, template, self.finish))
         else:
             core = self._cores.get((template, "fast"), lambda: self._fast_core(template))
-        return _seeded_call(self._seeds, state, devices, core, state.params, state.buffers, batch)
+        return _seeded_call(self._seeds, state, devices, core, params, state.buffers, batch)

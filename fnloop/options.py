@@ -126,6 +126,12 @@ class StepOptions:
             key = None
         object.__setattr__(self, "key", key)
         object.__setattr__(self, "_specs", {})
+        object.__setattr__(self, "_sharded", getattr(self.grad_reduce, "sharded", False))
+        if self.sharded and (k > 1 or self.skip_nonfinite or self.precision == "16-mixed"):
+            raise ConfigError(
+                "Trainer(strategy='fsdp'): accumulate_grad_batches > 1, on_nonfinite='skip' and precision='16-mixed' "
+                "are not supported with a sharded state yet; use strategy='ddp' for them"
+            )
 
     def wrap(self, tx: GradientTransformation) -> GradientTransformation:
         """``multi_steps(loss_scale(apply_if_finite(chain(clip, tx))), k)``, each layer only when
@@ -133,7 +139,8 @@ class StepOptions:
         checked and clipped once per optimizer step, as with ``GradScaler``)."""
         if self.gradient_clip_val:
             alg = self.gradient_clip_algorithm or "norm"
-            tx = chain(clip_by_global_norm(self.gradient_clip_val) if alg == "norm" else clip(self.gradient_clip_val), tx)
+            by_norm = self.grad_reduce.clip_by_global_norm if self.sharded else clip_by_global_norm  # sharded: the whole norm
+            tx = chain(by_norm(self.gradient_clip_val) if alg == "norm" else clip(self.gradient_clip_val), tx)
         if self.skip_nonfinite:
             tx = apply_if_finite(tx)
         if self.precision == "16-mixed":
@@ -208,8 +215,35 @@ class StepOptions:
         return scale_of(wrapped_state) if self.precision == "16-mixed" else None
 
     def reduce(self, grads: Any) -> Any:
-        """The gradients averaged across ranks (the identity without a reducer)."""
+        """The gradients averaged across ranks (the identity without a reducer); under a sharded
+        strategy, this rank's shard of them."""
         return grads if self.grad_reduce is None else self.grad_reduce(grads)
+
+    @property
+    def sharded(self) -> bool:
+        """The state's params and optimizer state are sharded across ranks (FSDP)."""
+        return self._sharded  # type: ignore[attr-defined,no-any-return]
+
+    def gather(self, params: Any, shapes: Any) -> Any:
+        """The full params (of global ``shapes``) for the forward pass: all-gathered from this
+        rank's shards under a sharded strategy, ``params`` themselves otherwise."""
+        return self.grad_reduce.gather(params, shapes) if self.sharded else params
+
+    def local(self, tree: Any) -> Any:
+        """This rank's shards of a state's DTensor leaves (``tree`` itself when not sharded)."""
+        if not self._sharded:  # type: ignore[attr-defined]
+            return tree
+        from fnloop.connectors.fsdp import local_tree
+
+        return local_tree(tree)
+
+    def resharded(self, tree: Any, like: Any) -> Any:
+        """Inverse of :meth:`local`: local shards placed like ``like``'s DTensor leaves."""
+        if not self._sharded:  # type: ignore[attr-defined]
+            return tree
+        from fnloop.connectors.fsdp import sharded_like
+
+        return sharded_like(tree, like)
 
     def seed(self, seed: int | None) -> int | None:
         """The step's seed for this rank: ``seed`` folded with the reducer's rank."""

@@ -77,26 +77,30 @@ def train_core(
     apply = fused_apply(tx_run)
     spec = options.spec_of({n: p for n, p in template.named_parameters() if p.requires_grad})
 
+    shapes = {n: p.shape for n, p in template.named_parameters()}
+
     def core(params: Any, buffers: Any, opt_state: Any, carried: Any, batch: Any) -> Any:
         buffers = {k: v.clone() for k, v in buffers.items()}  # BatchNorm & co update buffers in place
         batch = options.batch(batch)
         trainable = {n: params[n] for n in names}
+        full = options.gather(params, shapes)  # a sharded state's params, all-gathered
         wrapped = options.join(carried, opt_state, trainable, spec) if options.key else opt_state
         scale = options.scale(wrapped)  # 16-mixed: the gradients are those of loss * scale
 
         def loss_of(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], data: Any) -> Any:
             module = traced_copy if torch.compiler.is_compiling() else working_copy(template, True)
-            bound = functional_model(module, {**params, **p} if frozen else p, b)
+            bound = functional_model(module, {**full, **p} if frozen else p, b)
             with options.forward(execution.device_of(params)):
                 loss, aux = split_loss(loss_fn(bound, data), "train_step")
             return (loss if scale is None else loss * scale), (loss, aux)
 
         with torch.enable_grad():  # buffers are an input too: BatchNorm may update them in place
+            grad_in = {n: full[n] for n in names}  # a sharded state's trainable params, gathered
             if per_example:  # the transform privatises per-example gradients; metrics: their means
-                grads, (loss, aux) = per_example_value_and_grad(lambda p, data: loss_of(p, buffers, data))(trainable, batch)
+                grads, (loss, aux) = per_example_value_and_grad(lambda p, data: loss_of(p, buffers, data))(grad_in, batch)
                 loss, aux = loss.mean(), {k: v.mean(0) for k, v in aux.items()}
             else:
-                grads, (loss, aux) = torch.func.grad(loss_of, has_aux=True)(trainable, buffers, batch)
+                grads, (loss, aux) = torch.func.grad(loss_of, has_aux=True)(grad_in, buffers, batch)
         new, wrapped = apply(options.reduce(grads), wrapped, trainable)
         carried, opt_state = options.split(wrapped, trainable, spec) if options.key else (carried, wrapped)
         return {**params, **new} if frozen else new, buffers, opt_state, carried, {"loss": loss, **aux}
@@ -121,7 +125,8 @@ def apply_train_step(
     options = options or StepOptions()
     carried = options.carried(state.loop.options)
     with _rng.seeded(options.seed(execution.state_seed(state.rng, state.step)), execution.cuda_devices(state.params)):
-        params, buffers, opt_state, carried, metrics = core(state.params, state.buffers, state.opt_state, carried, batch)
+        params, buffers, opt_state, carried, metrics = core(options.local(state.params), state.buffers, options.local(state.opt_state), carried, batch)
+    params, opt_state = options.resharded(params, state.params), options.resharded(opt_state, state.opt_state)
     loop = state.loop.replace(options=OptionsState(options.key, carried)) if options.key else state.loop
     return state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state, loop=loop), metrics
 

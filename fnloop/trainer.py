@@ -113,7 +113,7 @@ class Trainer:
         accelerator: "auto", "cpu", "cuda", "gpu" or "mps".
         devices: devices per node: an int, a list of device indices or "auto".
         num_nodes: machines taking part in a distributed run.
-        strategy: "auto", "ddp" or a fnloop.DDPStrategy ("fsdp" is not available yet).
+        strategy: "auto", "ddp", "fsdp", or a fnloop.DDPStrategy / fnloop.FSDPStrategy for options.
         precision: "32-true", "64-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed" or a short alias.
         sync_batchnorm: synchronise BatchNorm statistics across ranks (DDP).
         use_distributed_sampler: give each rank its share of every loader (False: every rank reads all the data).

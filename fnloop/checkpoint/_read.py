@@ -25,12 +25,14 @@ from fnloop.checkpoint._safetensors import Malformed
 from fnloop.checkpoint._stream import read_tensors
 from fnloop.errors import CheckpointError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "READS", "STATE_FILE", "META_FILE", "read_meta", "load_tensors", "own"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "SHARDED_FORMAT_VERSION", "READS", "STATE_FILE", "META_FILE", "read_meta", "load_tensors", "own"]
 
 FORMAT = "fnloop-checkpoint"
 FORMAT_VERSION = 2
 """Written by this fnloop: ``"checksum": "xxh3_128:<hex>"`` in ``meta.json``."""
-READS = (1, 2)
+SHARDED_FORMAT_VERSION = 3
+"""Written by this fnloop for a sharded (FSDP) state: one tensor file per rank (see ``_sharded``)."""
+READS = (1, 2, 3)
 """Format versions this fnloop restores; version 1 recorded ``"sha256": "<hex>"``."""
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
@@ -139,8 +141,8 @@ def _size(fs: Any, state_path: str) -> int:
     return os.path.getsize(state_path) if _fs.is_local(fs) else int(fs.size(state_path))
 
 
-def load_tensors(url: str, meta: dict[str, Any], verify: bool) -> dict[str, torch.Tensor]:
-    """Every tensor of ``state.safetensors`` by key path, on CPU, after checking size and checksum.
+def load_tensors(url: str, meta: dict[str, Any], verify: bool, *, file: str = STATE_FILE) -> dict[str, torch.Tensor]:
+    """Every tensor of ``state.safetensors`` (or ``file``) by key path, on CPU, after checking size and checksum.
 
     Each tensor is read straight into its own memory (small ones share a buffer), and each
     chunk is checksummed as soon as it lands. Nothing is unpickled: the header is JSON, the
@@ -155,8 +157,8 @@ def load_tensors(url: str, meta: dict[str, Any], verify: bool) -> dict[str, torc
         {'n': tensor([0, 1])}
     """
     fs, path = _fs.resolve(url)
-    where = _fs.join_url(url, STATE_FILE)
-    state_path = f"{path}/{STATE_FILE}"
+    where = _fs.join_url(url, file)
+    state_path = f"{path}/{file}"
     recorded = meta["checksum"]
     try:
         size = _size(fs, state_path)

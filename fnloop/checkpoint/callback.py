@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from fnloop.callbacks.base import Callback, callback_state, with_callback_state
+from fnloop.checkpoint import _sharded
 from fnloop.checkpoint.format import restore
 from fnloop.checkpoint.manager import CheckpointManager
 from fnloop.errors import CheckpointError, ConfigError
@@ -126,6 +127,10 @@ class ModelCheckpoint(Callback):
         except Exception as err:  # the original exception is the one to report
             self._report(exception, "finishing the save in flight", err)
         if _position(state.loop) == self._saved_at:
+            return
+        if _sharded.is_sharded(state):  # the ranks save a sharded state together; after a failure they cannot
+            why = CheckpointError("a sharded state is saved by every rank together, which a failed run cannot do")
+            self._report(exception, "saving the state at failure", why)
             return
         try:
             self.save(state)

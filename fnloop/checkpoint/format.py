@@ -22,19 +22,21 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Any
 
 import torch
 
-from fnloop.checkpoint import _direct, _fs, _leaves, _safetensors
-from fnloop.checkpoint._checksum import ALGORITHM, for_stream
+from fnloop.checkpoint import _direct, _fs, _leaves, _sharded
+from fnloop.checkpoint._files import encode_meta as _encode_meta
+from fnloop.checkpoint._files import refuse_existing as _refuse_existing
+from fnloop.checkpoint._files import write_state as _write_state
 from fnloop.checkpoint._read import (
     FORMAT,
     FORMAT_VERSION,
     META_FILE,
+    SHARDED_FORMAT_VERSION,
     STATE_FILE,
     load_tensors,
     own,
@@ -73,21 +75,6 @@ def _step_of(tree: Any) -> int | None:
     if isinstance(step, int) and not isinstance(step, bool):
         return step
     return None
-
-
-def _refuse_existing(exists_meta: bool, names: list[str], url: str, overwrite: bool) -> None:
-    if overwrite:
-        return
-    if exists_meta:
-        raise CheckpointError(
-            f"{url}: a checkpoint already exists here; pass overwrite=True to replace it or pick another URL"
-        )
-    other = [n for n in names if n != STATE_FILE]
-    if other:
-        raise CheckpointError(
-            f"{url}: the folder exists and is not a checkpoint (it holds {sorted(other)[:5]}); "
-            "pass overwrite=True to replace it or pick another URL"
-        )
 
 
 def _save_local(
@@ -138,20 +125,6 @@ def _save_remote(
     fs.pipe_file(meta_path, _encode_meta(meta))
 
 
-def _write_state(out: _safetensors.Writable, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write the tensor file to ``out``, recording its checksum and length in ``meta``."""
-    checksum = for_stream(ALGORITHM, sum(t.numel() * t.element_size() for t in tensors.values()))
-    try:
-        meta["state_bytes"] = _safetensors.write(out, tensors, checksum)
-        meta["checksum"] = checksum.digest()
-    finally:
-        checksum.close()
-
-
-def _encode_meta(meta: dict[str, Any]) -> bytes:
-    return json.dumps(meta, indent=1, allow_nan=False, ensure_ascii=False).encode("utf-8")
-
-
 def save(
     tree: Any, url: str | os.PathLike[str], *, metrics: dict[str, Any] | None = None, overwrite: bool = False
 ) -> str:
@@ -159,7 +132,9 @@ def save(
 
     Args:
         tree: the pytree; tensor leaves of any device and layout, other leaves int, float,
-            bool, str or None.
+            bool, str or None. A sharded state (DTensor leaves, ``strategy="fsdp"``) is saved by
+            every rank together: call ``save`` on all of them with the same ``url`` (a
+            filesystem they share); each writes its shard, rank 0 the commit marker.
         url: a path or fsspec URL (``/x``, ``file:///x``, ``memory://x``, ``s3://b/x``).
         metrics: numbers stored in ``meta.json`` (a checkpoint manager ranks by them).
         overwrite: replace a checkpoint already at ``url`` instead of raising.
@@ -192,6 +167,9 @@ def save(
         "leaves": entries,
         "treespec": _leaves.describe(spec),
     }
+    if _sharded.is_sharded(tree):  # every rank writes its shard, rank 0 the commit marker
+        _sharded.save_sharded(tensors, meta, url, overwrite)
+        return url
     fs, path = _fs.resolve(url)
     try:
         if _fs.is_local(fs):
@@ -213,7 +191,8 @@ def restore(
     Args:
         url: the checkpoint folder (path or fsspec URL).
         like: a tree with the structure of the saved one (e.g. a fresh ``TrainState``); static
-            fields (``module``, ``tx``) come from it. ``None`` returns a flat
+            fields (``module``, ``tx``) come from it. Where ``like`` holds DTensors (a sharded
+            state, on any world size), each rank keeps its chunk of the whole tensors read. ``None`` returns a flat
             ``{key path: tensor}`` dict of the tensor leaves.
         map_location: device for every tensor; default: the device of the matching leaf of ``like``.
         verify: check the checksum of ``state.safetensors`` (on by default; ``False`` skips it,
@@ -232,12 +211,23 @@ def restore(
     """
     url = os.fspath(url)
     meta = read_meta(url)
-    tensors = load_tensors(url, meta, verify)
+    sharded_like = like is not None and _sharded.is_sharded(like)
+    tensors = _load(url, meta, verify, _sharded.rows_of(like) if sharded_like else None)
     if like is None:
         order = [e["path"] for e in meta["leaves"] if e["kind"] == "tensor"]
         return {p: tensors[p].to(map_location) if map_location is not None else tensors[p] for p in order}
     stored_tree = meta.get("treespec", "")
-    return _leaves.rebuild(like, meta["leaves"], tensors, url, map_location=map_location, stored_tree=stored_tree)
+    tree = _leaves.rebuild(like, meta["leaves"], tensors, url, map_location=map_location, stored_tree=stored_tree)
+    return _sharded.place_like(tree, like) if sharded_like else tree
+
+
+def _load(
+    url: str, meta: dict[str, Any], verify: bool, rows: dict[str, tuple[int, int]] | None = None
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors by key path, whole (a sharded one assembled from its files), or
+    of a sharded checkpoint only the ``rows`` of dim 0 this rank keeps."""
+    sharded = meta["format_version"] == SHARDED_FORMAT_VERSION
+    return _sharded.load_sharded(url, meta, verify, rows) if sharded else load_tensors(url, meta, verify)
 
 
 def restore_params(url: str | os.PathLike[str], *, map_location: Any = None) -> dict[str, torch.Tensor]:
@@ -254,7 +244,7 @@ def restore_params(url: str | os.PathLike[str], *, map_location: Any = None) -> 
     """
     url = os.fspath(url)
     meta = read_meta(url)
-    tensors = load_tensors(url, meta, verify=True)
+    tensors = _load(url, meta, verify=True)
     paths = [e["path"] for e in meta["leaves"] if e["kind"] == "tensor"]
     weights = [p for p in paths if p.startswith(("params/", "buffers/"))]
     if not any(p.startswith("params/") for p in paths):
@@ -279,7 +269,7 @@ def restore_weights(url: str | os.PathLike[str], like: Any, *, map_location: Any
     """
     url = os.fspath(url)
     meta = read_meta(url)
-    tensors = load_tensors(url, meta, verify=True)
+    tensors = _load(url, meta, verify=True)
     entries = [e for e in meta["leaves"] if e["path"].startswith(("params/", "buffers/"))]
     kept = own(tensors, {e["path"] for e in entries})
     weights = {"params": like.params, "buffers": like.buffers}

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fnloop.checkpoint import _fs, _leaves, _policy
+from fnloop.checkpoint import _fs, _leaves, _policy, _sharded
 from fnloop.checkpoint._background import BackgroundWriter
 from fnloop.execution import pin
 from fnloop.state import TrainState
@@ -213,6 +213,8 @@ class CheckpointManager:
     def _write(self, tree: Any, name: str, metrics: dict[str, Any]) -> None:
         save(tree, self._url(name), metrics=metrics, overwrite=True)
         self._metrics.pop(name, None)
+        if _sharded.is_follower(tree):  # a sharded save: rank 0 prunes
+            return
         for doomed in _policy.to_delete(self._checkpoints(), self._keep_policy, protect=name):
             _fs.remove_tree(self._fs, f"{self._path}/{doomed}", marker=META_FILE)
             self._metrics.pop(doomed, None)
@@ -257,7 +259,7 @@ class CheckpointManager:
         plain = _leaves.decode_metrics(_leaves.encode_metrics(metrics))
         _leaves.split(state, self._url(name))
         last = _policy.LastSave(step=int(step), epoch=epoch, time=time.monotonic())
-        if self._background is None:
+        if self._background is None or _sharded.is_sharded(state):  # every rank saves a sharded state together
             self._write(state, name, plain)
             self._last = last
             return self._url(name)

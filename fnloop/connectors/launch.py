@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import datetime
 import os
 import socket
@@ -129,8 +130,8 @@ def connect(trainer: Any) -> Parallel:
     accelerator, devices, world, strategy = plan(trainer)
     if world == 1:
         return Parallel(device=process_device(accelerator, devices, 0), strategy=strategy)
-    if _CURRENT:
-        return _CURRENT[0]
+    if _CURRENT:  # the process group this process joined, under this fit's strategy
+        return dataclasses.replace(_CURRENT[0], strategy=strategy)
     import torch.distributed as dist
 
     if not launched_by_env():

@@ -7,9 +7,10 @@
 * :class:`Parallel`: this process's rank, world size and device, with the few collectives the
   driver needs at its boundaries (metric reduction, stop agreement, broadcast of a value).
 
-A sharded strategy (FSDP2) plugs in the same way: a frozen config resolved by
-:func:`resolve_strategy` with ``backend(device)``, ``reducer(rank, world_size)`` (what the step
-does with the gradients) and ``setup_state(state, parallel)`` (what each rank holds).
+The sharded strategy, :class:`fnloop.connectors.fsdp.FSDPStrategy`, plugs in the same way: a
+frozen config resolved by :func:`resolve_strategy` with ``backend(device)``,
+``reducer(rank, world_size)`` (what the step does with the params and gradients) and
+``setup_state(state, parallel)`` (what each rank holds).
 
 Example:
     >>> resolve_strategy("ddp")
@@ -77,18 +78,23 @@ class DDPStrategy:
         return state
 
 
-def resolve_strategy(strategy: Any) -> DDPStrategy | None:
+def resolve_strategy(strategy: Any) -> Any:
     """``None`` for ``"auto"`` (DDP when the run has several processes), a :class:`DDPStrategy`
-    for ``"ddp"`` or one given; a ConfigError naming the flag otherwise."""
-    if isinstance(strategy, DDPStrategy):
+    for ``"ddp"``, an :class:`~fnloop.connectors.fsdp.FSDPStrategy` for ``"fsdp"``, or the one
+    given; a ConfigError naming the flag otherwise."""
+    from fnloop.connectors.fsdp import FSDPStrategy
+
+    if isinstance(strategy, (DDPStrategy, FSDPStrategy)):
         return strategy
     if strategy == "auto":
         return None
     if strategy == "ddp":
         return DDPStrategy()
     if strategy == "fsdp":
-        raise ConfigError("Trainer(strategy='fsdp'): FSDP2 is not available yet in fnloop; use strategy='ddp'")
-    raise ConfigError(f"Trainer(strategy={strategy!r}): accepted values are 'auto', 'ddp', 'fsdp' or a fnloop DDPStrategy(...)")
+        return FSDPStrategy()
+    raise ConfigError(
+        f"Trainer(strategy={strategy!r}): accepted values are 'auto', 'ddp', 'fsdp' or a fnloop DDPStrategy(...) / FSDPStrategy(...)"
+    )
 
 
 def _buckets(grads: list[torch.Tensor], cap_bytes: float, first_cap_bytes: float = 2.0**20) -> list[list[int]]:
@@ -229,7 +235,7 @@ class Parallel:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    strategy: DDPStrategy | None = None
+    strategy: Any = None  # a DDPStrategy or an FSDPStrategy
 
     @property
     def is_global_zero(self) -> bool:
@@ -239,6 +245,11 @@ class Parallel:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        """The state is sharded across ranks (FSDP): every rank takes part in checkpoints."""
+        return self.distributed and getattr(self.strategy, "sharded", False)
 
     def reducer(self) -> GradReducer | None:
         """The train step's gradient reduction (None in a single-process run)."""

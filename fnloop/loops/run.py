@@ -59,7 +59,8 @@ class FitRun:
         lead = parallel.is_global_zero
         if trainer.enable_model_summary and lead and not any(isinstance(c, ModelSummary) for c in callbacks):
             callbacks.insert(0, ModelSummary())
-        if checkpoint is not None and lead:  # last, so it saves what the other callbacks returned
+        # last, so it saves what the other callbacks returned; every rank saves its shard of a sharded state
+        if checkpoint is not None and (lead or parallel.sharded):
             callbacks.append(checkpoint)
         self.bar = None
         if trainer.enable_progress_bar and lead and not any(isinstance(c, ProgressBar) for c in callbacks):

@@ -18,7 +18,6 @@ What is compared:
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -28,46 +27,19 @@ import pytest
 import torch
 
 import fnloop as fl
-from fnloop.connectors.data_sources import MapSource
-from fnloop.connectors.launch import free_port
 
 HERE = pathlib.Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE / "_procs"))
 import ddp_worker as w  # noqa: E402
+import ranks  # noqa: E402
+from ranks import shard_batches  # noqa: E402
 
 TIMEOUT = 90
 
 
 def launch(mode: str, out: pathlib.Path, timeout: float = TIMEOUT) -> list[subprocess.CompletedProcess]:
     """Run both ranks of ``mode``; their (returncode, stdout, stderr), whatever happens."""
-    port = str(free_port())
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
-    procs = []
-    try:
-        for rank in range(2):
-            rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-            procs.append(subprocess.Popen([sys.executable, str(HERE / "_procs" / "ddp_worker.py"), mode, str(out)],
-                                          env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        deadline = time.monotonic() + timeout
-        results = []
-        for p in procs:
-            out_text, err_text = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            results.append(subprocess.CompletedProcess(p.args, p.returncode, out_text, err_text))
-        return results
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-
-
-def shard_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Rank ``rank``'s micro-batches, as fnloop's data order gives them."""
-    ds = w.dataset()
-    src = MapSource(ds, batch_size=w.PER_RANK_BATCH, shuffle=True, seed=w.SEED, rank=rank, world_size=2)
-    return [(ds.tensors[0][i], ds.tensors[1][i]) for i in src.batch_indices(0)]
+    return ranks.launch("ddp_worker.py", [mode, str(out)], timeout)
 
 
 @pytest.fixture(scope="module")

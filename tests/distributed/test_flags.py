@@ -30,12 +30,12 @@ def digits(tmp_path, monkeypatch):
 ACCEPTED = [
     dict(accelerator="cpu"), dict(accelerator="auto"), dict(devices=1), dict(devices=2), dict(devices="auto"),
     dict(devices="2"), dict(devices=[0, 1]), dict(devices=-1), dict(num_nodes=1), dict(strategy="auto"),
-    dict(strategy="ddp"), dict(precision="bf16-mixed"), dict(sync_batchnorm=True), dict(use_distributed_sampler=False),
+    dict(strategy="ddp"), dict(strategy="fsdp"), dict(precision="bf16-mixed"), dict(sync_batchnorm=True), dict(use_distributed_sampler=False),
 ]
 REJECTED = [
     (dict(accelerator="tpu"), "accelerator"), (dict(devices=0), "devices"), (dict(devices="many"), "devices"),
     (dict(devices=[]), "devices"), (dict(devices=True), "devices"), (dict(num_nodes=0), "num_nodes"),
-    (dict(strategy="deepspeed"), "strategy"), (dict(strategy="fsdp"), "strategy"), (dict(precision="int8"), "precision"),
+    (dict(strategy="deepspeed"), "strategy"), (dict(precision="int8"), "precision"),
     (dict(sync_batchnorm="yes"), "sync_batchnorm"), (dict(use_distributed_sampler=1), "use_distributed_sampler"),
 ]
 

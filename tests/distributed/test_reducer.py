@@ -33,7 +33,7 @@ def test_buckets_run_backwards_by_dtype_and_cap():
     assert _buckets(grads, cap_bytes=1e9, first_cap_bytes=8) == [[4], [3], [2], [1, 0]]  # a small first bucket
 
 
-@pytest.mark.parametrize("value, message", [("fsdp", "not available yet"), ("dp", "accepted values"), (DDPStrategy(), None)])
+@pytest.mark.parametrize("value, message", [("dp", "accepted values"), (DDPStrategy(), None), (fl.FSDPStrategy(), None)])
 def test_strategy_values(value, message):
     if message is None:
         assert resolve_strategy(value) == value
