@@ -19,6 +19,7 @@ import hashlib
 import os
 import shutil
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -42,6 +43,8 @@ __all__ = [
     "remove_tree",
     "write_durable",
     "write_file_atomic",
+    "open_regular",
+    "read_bounded",
 ]
 
 TMP_PREFIX = ".tmp-"
@@ -261,3 +264,53 @@ def write_file_atomic(fs: Any, path: str, data: bytes) -> None:
     fs.makedirs(parent, exist_ok=True)
     fs.pipe_file(tmp, data)
     fs.mv(tmp, path)
+
+
+def open_regular(path: str, where: str) -> Any:
+    """The local file ``path`` opened for binary reading, refusing anything but a regular file.
+
+    A FIFO, socket or device where a checkpoint or config file is expected would block or never
+    end: it is opened without blocking, checked, and refused with a :class:`CheckpointError`.
+
+    Example:
+        >>> import os, tempfile
+        >>> p = os.path.join(tempfile.mkdtemp(), "f"); write_durable(p, b"x")
+        >>> with open_regular(p, p) as f: f.read()
+        b'x'
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise CheckpointError(f"{where}: {kind}, where a regular file is expected; replace it with the file")
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bounded(fs: Any, path: str, limit: int, where: str) -> bytes:
+    """The whole file ``path`` if it holds at most ``limit`` bytes; raise :class:`CheckpointError` if not.
+
+    Example:
+        >>> fs, p = resolve("memory://bounded/x"); fs.pipe_file(p, b"abc")
+        >>> read_bounded(fs, p, 10, "x")
+        b'abc'
+    """
+    if is_local(fs):
+        with open_regular(path, where) as f:
+            data = f.read(limit + 1)
+    else:
+        info = fs.info(path)
+        if info.get("type", "file") != "file":
+            raise CheckpointError(f"{where}: a {info.get('type')}, where a file is expected; replace it with the file")
+        size = info.get("size")
+        if isinstance(size, int) and size > limit:
+            data = b"x" * (limit + 1)
+        else:
+            with fs.open(path, "rb") as f:
+                data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CheckpointError(f"{where}: larger than {limit} bytes; it is not a file fnloop wrote, or it is damaged")
+    return data

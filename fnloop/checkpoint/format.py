@@ -31,6 +31,7 @@ import torch
 
 from fnloop.checkpoint import _direct, _fs, _leaves, _safetensors
 from fnloop.checkpoint._checksum import ALGORITHM, for_stream
+from fnloop.checkpoint._seal import compare_optimizer, describe_optimizer, seal
 from fnloop.checkpoint._read import (
     FORMAT,
     FORMAT_VERSION,
@@ -149,6 +150,7 @@ def _write_state(out: _safetensors.Writable, tensors: dict[str, torch.Tensor], m
 
 
 def _encode_meta(meta: dict[str, Any]) -> bytes:
+    seal(meta)
     return json.dumps(meta, indent=1, allow_nan=False, ensure_ascii=False).encode("utf-8")
 
 
@@ -192,6 +194,8 @@ def save(
         "leaves": entries,
         "treespec": _leaves.describe(spec),
     }
+    if getattr(tree, "tx", None) is not None:
+        meta["optimizer"] = describe_optimizer(tree.tx)
     fs, path = _fs.resolve(url)
     try:
         if _fs.is_local(fs):
@@ -236,6 +240,7 @@ def restore(
     if like is None:
         order = [e["path"] for e in meta["leaves"] if e["kind"] == "tensor"]
         return {p: tensors[p].to(map_location) if map_location is not None else tensors[p] for p in order}
+    compare_optimizer(meta.get("optimizer"), getattr(like, "tx", None), _fs.join_url(url, META_FILE))
     stored_tree = meta.get("treespec", "")
     return _leaves.rebuild(like, meta["leaves"], tensors, url, map_location=map_location, stored_tree=stored_tree)
 
