@@ -15,12 +15,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
 
 from fnloop.callbacks.base import Callback
 from fnloop.callbacks.misc import parse_duration
+from fnloop.connectors.signals import check_stop_signals
 from fnloop.errors import ConfigError
 
 __all__ = ["Trainer"]
@@ -104,7 +106,13 @@ class Trainer:
         _int_flag("min_epochs", self.min_epochs, low=0, allow_none=True)
         _int_flag("max_steps", self.max_steps, low=-1, extra=" (-1: no step limit)")
         _int_flag("min_steps", self.min_steps, low=0, allow_none=True)
-        parse_duration(self.max_time, flag="Trainer(max_time)")
+        max_time = parse_duration(self.max_time, flag="Trainer(max_time)")
+        if max_time is not None and math.isnan(max_time):
+            raise ConfigError(f"Trainer(max_time={self.max_time!r}): not a number; give seconds > 0, a timedelta or None")
+        for name in ("deterministic", "donate", "enable_progress_bar"):
+            if not isinstance(getattr(self, name), bool):  # "no" or "false" must not read as True
+                raise ConfigError(f"Trainer({name}={getattr(self, name)!r}): accepted values are True or False")
+        check_stop_signals(self.stop_signals)
         for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
             _limit_flag(name, getattr(self, name))
         vci = self.val_check_interval

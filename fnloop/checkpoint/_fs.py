@@ -15,6 +15,9 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import hashlib
 import os
 import shutil
@@ -44,6 +47,8 @@ __all__ = [
     "write_durable",
     "write_file_atomic",
     "open_regular",
+    "rename_noreplace",
+    "create_exclusive",
     "read_bounded",
 ]
 
@@ -314,3 +319,70 @@ def read_bounded(fs: Any, path: str, limit: int, where: str) -> bytes:
     if len(data) > limit:
         raise CheckpointError(f"{where}: larger than {limit} bytes; it is not a file fnloop wrote, or it is damaged")
     return data
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+_libc: list[Any] = []
+
+
+def _renameat2() -> Any:
+    if not _libc:
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _libc.append(getattr(lib, "renameat2", None))
+        except OSError:
+            _libc.append(None)
+    return _libc[0]
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Rename the local folder ``src`` to ``dst``, raising ``FileExistsError`` if ``dst`` exists.
+
+    Atomic with ``renameat2(RENAME_NOREPLACE)`` (Linux); elsewhere ``dst`` is first claimed with
+    an exclusive ``mkdir`` and the empty folder then replaced, so of two writers exactly one wins.
+
+    Example:
+        >>> import os, tempfile
+        >>> d = tempfile.mkdtemp(); os.mkdir(d + "/a"); os.mkdir(d + "/b")
+        >>> rename_noreplace(d + "/a", d + "/b")
+        Traceback (most recent call last):
+        ...
+        FileExistsError: [Errno 17] File exists: '.../b'
+    """
+    fn = _renameat2()
+    if fn is not None:
+        if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), dst)
+    os.mkdir(dst)
+    os.rename(src, dst)
+
+
+def create_exclusive(fs: Any, path: str, data: bytes | None = None) -> Any:
+    """Create the file ``path`` only if it does not exist (``FileExistsError`` otherwise).
+
+    Returns the open binary file when ``data`` is None (the caller writes and closes it).
+    Object stores get a conditional write (``mode="xb"``) where the fsspec backend has one.
+
+    Example:
+        >>> fs, p = resolve("memory://excl/a"); create_exclusive(fs, p, b"1")
+        >>> try:
+        ...     create_exclusive(fs, p, b"2")
+        ... except FileExistsError:
+        ...     print("taken")
+        taken
+    """
+    try:
+        f = fs.open(path, "xb")
+    except (ValueError, NotImplementedError, TypeError):  # a backend without conditional writes
+        if fs.exists(path):
+            raise FileExistsError(errno.EEXIST, "File exists", path) from None
+        f = fs.open(path, "wb")
+    if data is None:
+        return f
+    with f:
+        f.write(data)
+    return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from fnloop.checkpoint._safetensors import MAX_HEADER, Malformed
 from fnloop.checkpoint._stream import read_tensors
 from fnloop.errors import CheckpointError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "READS", "STATE_FILE", "META_FILE", "read_meta", "load_tensors", "own"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "READS", "STATE_FILE", "STATE_NAME", "META_FILE", "read_meta", "load_tensors", "own"]
 
 FORMAT = "fnloop-checkpoint"
 FORMAT_VERSION = 3
@@ -38,6 +39,9 @@ have no checksum of ``meta.json``."""
 MAX_META = 256 << 20
 """A ``meta.json`` larger than this is refused before it is parsed."""
 STATE_FILE = "state.safetensors"
+STATE_NAME = re.compile(r"state(\.[0-9a-f]{32})?\.safetensors")
+"""Names of the tensor file in a folder: ``meta.json`` may name ``state.<hex>.safetensors``
+(a checkpoint replaced on an object store), never a path."""
 META_FILE = "meta.json"
 
 
@@ -87,6 +91,9 @@ def _check_meta(meta: Any, where: str) -> dict[str, Any]:
         raise CheckpointError(f"{where}: malformed, {key!r} must be a hex digest and 'leaves' a list")
     if not isinstance(meta.get("metrics", {}), dict) or not _count(meta.get("state_bytes", 0)):
         raise CheckpointError(f"{where}: malformed, 'metrics' must be an object and 'state_bytes' an integer >= 0")
+    state_file = meta.get("state_file", STATE_FILE)
+    if not isinstance(state_file, str) or not STATE_NAME.fullmatch(state_file):
+        raise CheckpointError(f"{where}: malformed, 'state_file' {state_file!r} is not a tensor file name of this folder")
     if meta.get("step") is not None and not _count(meta.get("step")):
         raise CheckpointError(f"{where}: malformed, 'step' must be an integer >= 0 or null")
     for i, e in enumerate(leaves):
@@ -188,8 +195,9 @@ def load_tensors(url: str, meta: dict[str, Any], verify: bool) -> dict[str, torc
         {'n': tensor([0, 1])}
     """
     fs, path = _fs.resolve(url)
-    where = _fs.join_url(url, STATE_FILE)
-    state_path = f"{path}/{STATE_FILE}"
+    state_file = meta.get("state_file", STATE_FILE)
+    where = _fs.join_url(url, state_file)
+    state_path = f"{path}/{state_file}"
     recorded = meta["checksum"]
     want = _leaves.stored_tensors(meta["leaves"])
     declared = _declared_bytes(want)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from typing import Any
 
 import torch
@@ -37,11 +38,12 @@ from fnloop.checkpoint._read import (
     FORMAT_VERSION,
     META_FILE,
     STATE_FILE,
+    STATE_NAME,
     load_tensors,
     own,
     read_meta,
 )
-from fnloop.errors import CheckpointError
+from fnloop.errors import CheckpointError, ConfigError
 
 __all__ = [
     "FORMAT",
@@ -83,7 +85,7 @@ def _refuse_existing(exists_meta: bool, names: list[str], url: str, overwrite: b
         raise CheckpointError(
             f"{url}: a checkpoint already exists here; pass overwrite=True to replace it or pick another URL"
         )
-    other = [n for n in names if n != STATE_FILE]
+    other = [n for n in names if not STATE_NAME.fullmatch(n)]
     if other:
         raise CheckpointError(
             f"{url}: the folder exists and is not a checkpoint (it holds {sorted(other)[:5]}); "
@@ -109,34 +111,63 @@ def _save_local(
             _write_state(f, tensors, meta)
         _fs.write_durable(os.path.join(tmp, META_FILE), _encode_meta(meta))
         _fs.fsync_path(tmp)
-        if os.path.exists(final):  # overwrite: move the old folder aside, then swap the new one in
+        if os.path.exists(final):  # overwrite, or a leftover without meta.json: move it aside
+            _refuse_existing(os.path.exists(os.path.join(final, META_FILE)), [], url, overwrite)
             old = os.path.join(parent, _fs.tmp_name(name))
             os.rename(final, old)
-        os.rename(tmp, final)
+        try:
+            _fs.rename_noreplace(tmp, final)  # never over a checkpoint another writer committed meanwhile
+        except FileExistsError:
+            raise _taken(url) from None
         _fs.fsync_path(parent)
     except BaseException:
         if old is not None and not os.path.exists(final):
             os.rename(old, final)
             old = None
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:  # another writer's checkpoint is in place: it stays
+            shutil.rmtree(old, ignore_errors=True)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _taken(url: str) -> CheckpointError:
+    return CheckpointError(
+        f"{url}: another writer committed a checkpoint here while this one was being written; it is kept. "
+        "Pick another URL, or pass overwrite=True to replace it"
+    )
+
+
 def _save_remote(
     fs: Any, path: str, url: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], overwrite: bool
 ) -> None:
+    """Object stores have no folder rename: a new checkpoint claims its files with conditional
+    writes; a replaced one gets a new tensor file, and the old files go once the new
+    ``meta.json`` (naming its tensor file) is in place, so a failed save leaves the old one."""
     meta_path = f"{path}/{META_FILE}"
     fs.invalidate_cache(path)
     has_meta = fs.exists(meta_path)
-    _refuse_existing(has_meta, list(_fs.list_names(fs, path)), url, overwrite)
-    if has_meta:
-        fs.rm_file(meta_path)
+    names = list(_fs.list_names(fs, path))
+    _refuse_existing(has_meta, names, url, overwrite)
     fs.makedirs(path, exist_ok=True)
-    with fs.open(f"{path}/{STATE_FILE}", "wb") as f:
-        _write_state(f, tensors, meta)
-    fs.pipe_file(meta_path, _encode_meta(meta))
+    state_name = f"state.{uuid.uuid4().hex}.safetensors" if has_meta else STATE_FILE
+    if state_name != STATE_FILE:
+        meta["state_file"] = state_name
+    elif STATE_FILE in names:  # a leftover of a save that never committed
+        fs.rm_file(f"{path}/{STATE_FILE}")
+    try:
+        with _fs.create_exclusive(fs, f"{path}/{state_name}") as f:
+            _write_state(f, tensors, meta)
+        if overwrite:
+            fs.pipe_file(meta_path, _encode_meta(meta))
+        else:
+            _fs.create_exclusive(fs, meta_path, _encode_meta(meta))
+    except FileExistsError:
+        raise _taken(url) from None
+    for stale in names:
+        if stale != state_name and STATE_NAME.fullmatch(stale):
+            fs.rm_file(f"{path}/{stale}")
 
 
 def _write_state(out: _safetensors.Writable, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -209,6 +240,20 @@ def save(
     return url
 
 
+def _device(map_location: Any) -> Any:
+    """``map_location`` checked: None, a ``torch.device`` or a device string such as ``"cuda:0"``."""
+    if map_location is None:
+        return None
+    try:
+        if isinstance(map_location, bool) or not isinstance(map_location, (str, torch.device, int)):
+            raise TypeError
+        return torch.device(map_location)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            f"map_location={map_location!r}: not a device; pass None, a torch.device or a string such as 'cpu' or 'cuda:0'"
+        ) from None
+
+
 def restore(
     url: str | os.PathLike[str], like: Any = None, *, map_location: Any = None, verify: bool = True
 ) -> Any:
@@ -235,6 +280,7 @@ def restore(
         {'w': tensor([1., 1.])}
     """
     url = os.fspath(url)
+    map_location = _device(map_location)
     meta = read_meta(url)
     tensors = load_tensors(url, meta, verify)
     if like is None:
@@ -258,6 +304,7 @@ def restore_params(url: str | os.PathLike[str], *, map_location: Any = None) -> 
         {'w': tensor([1.])}
     """
     url = os.fspath(url)
+    map_location = _device(map_location)
     meta = read_meta(url)
     tensors = load_tensors(url, meta, verify=True)
     paths = [e["path"] for e in meta["leaves"] if e["kind"] == "tensor"]
@@ -283,6 +330,7 @@ def restore_weights(url: str | os.PathLike[str], like: Any, *, map_location: Any
         0
     """
     url = os.fspath(url)
+    map_location = _device(map_location)
     meta = read_meta(url)
     tensors = load_tensors(url, meta, verify=True)
     entries = [e for e in meta["leaves"] if e["path"].startswith(("params/", "buffers/"))]

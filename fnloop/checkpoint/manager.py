@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -177,7 +178,8 @@ class CheckpointManager:
         if name not in self._metrics:
             try:
                 value = read_meta(self._url(name))["metrics"].get(self.monitor)
-            except CheckpointError:
+            except CheckpointError as err:  # a damaged sibling is skipped, not fatal to the others
+                warnings.warn(f"CheckpointManager: skipping a damaged checkpoint: {err}", UserWarning, stacklevel=3)
                 value = None
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             self._metrics[name] = float(value) if ok else None
