@@ -38,6 +38,7 @@ __all__ = [
     "decode_metrics",
     "split",
     "stored_tensors",
+    "non_finite",
     "describe",
     "rebuild",
 ]
@@ -194,6 +195,26 @@ def split(tree: Any, where: str) -> tuple[dict[str, torch.Tensor], list[dict[str
     if problems:
         raise CheckpointError(f"{where}: cannot save this tree:\n" + "\n".join(problems))
     return tensors, entries, spec
+
+
+def non_finite(tensors: dict[str, torch.Tensor], limit: int = 5) -> list[str]:
+    """Key paths (at most ``limit``) of the floating tensors holding nan or inf; ``buffers/``
+    are left out (masks hold -inf on purpose).
+
+    Example:
+        >>> import torch
+        >>> non_finite({"params/w": torch.tensor([1.0, float("nan")]), "buffers/m": torch.tensor([-float("inf")])})
+        ['params/w']
+    """
+    checked = [
+        (p, t) for p, t in tensors.items() if (t.is_floating_point() or t.is_complex()) and not p.startswith("buffers/")
+    ]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for _, t in checked:
+        by_device.setdefault(t.device, []).append(torch.isfinite(t.detach()).all())
+    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        return []
+    return [p for p, t in checked if not bool(torch.isfinite(t.detach()).all())][:limit]
 
 
 def stored_tensors(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

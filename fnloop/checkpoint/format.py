@@ -224,6 +224,7 @@ def save(
         "state_bytes": 0,
         "leaves": entries,
         "treespec": _leaves.describe(spec),
+        "finite": not _leaves.non_finite(tensors, limit=1),
     }
     if getattr(tree, "tx", None) is not None:
         meta["optimizer"] = describe_optimizer(tree.tx)
