@@ -1,0 +1,63 @@
+"""Shared pieces of the reliability tests: a small TrainState, folder edits, subprocess helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+from typing import Any
+
+import fsspec
+import torch
+
+import fnloop as fl
+import fnloop.optim as flo
+from fnloop.checkpoint._seal import seal
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+PYTHON = sys.executable
+
+
+def small_state(tx: Any = None, *, step: int = 3) -> fl.TrainState:
+    """A seeded TrainState of a Linear(4, 2), at ``step``, with ``global_step`` = ``step``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = torch.nn.Linear(4, 2)
+    state = fl.TrainState.create(module, tx if tx is not None else flo.adam(lr=1e-2), seed=1)
+    return state.replace(step=torch.tensor(step), loop=state.loop.replace(global_step=step, epoch=1))
+
+
+def read_meta_json(url: str) -> dict[str, Any]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return json.loads(fs.cat_file(f"{path}/meta.json"))
+
+
+def write_meta_json(url: str, meta: dict[str, Any], *, resealed: bool = True) -> None:
+    """Replace meta.json; ``resealed`` recomputes its checksum (a self-consistent but edited file)."""
+    if resealed:
+        seal(meta)
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.pipe_file(f"{path}/meta.json", json.dumps(meta, indent=1).encode())
+
+
+def deep_json(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def assert_same_tree(expected: Any, actual: Any, *, structure: bool = True) -> None:
+    """Every leaf bitwise equal (tensors: dtype, shape and bytes), key paths equal."""
+    from fnloop.tree import tree_flatten_with_path
+
+    paths, leaves, spec = tree_flatten_with_path(expected)
+    paths2, leaves2, spec2 = tree_flatten_with_path(actual)
+    assert paths == paths2
+    if structure:
+        assert spec == spec2
+    for path, a, b in zip(paths, leaves, leaves2):
+        if isinstance(a, torch.Tensor):
+            assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+            assert torch.equal(a.detach().cpu().reshape(-1).view(torch.uint8), b.detach().cpu().reshape(-1).view(torch.uint8)), path
+        else:
+            assert a == b or (a != a and b != b), path
