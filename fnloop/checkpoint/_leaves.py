@@ -101,7 +101,7 @@ def decode_value(value: Any, type_name: str) -> Any:
     if type_name == "callbacks" and isinstance(value, str):
         try:
             decoded = json.loads(value)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise ValueError(f"callback states are not valid JSON: {e}") from None
         if isinstance(decoded, dict):
             return CallbackStates(decoded)

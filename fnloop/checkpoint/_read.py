@@ -162,7 +162,8 @@ def _read_file(
 
 def _size(fs: Any, state_path: str, where: str) -> int:
     if _fs.is_local(fs):
-        return os.path.getsize(state_path)
+        with _fs.open_regular(state_path, where) as f:
+            return os.fstat(f.fileno()).st_size
     info = fs.info(state_path)
     if info.get("type", "file") != "file":
         raise CheckpointError(f"{where}: a {info.get('type')}, where a file is expected; the checkpoint is damaged")
