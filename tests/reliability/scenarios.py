@@ -61,3 +61,65 @@ def assert_same_tree(expected: Any, actual: Any, *, structure: bool = True) -> N
             assert torch.equal(a.detach().cpu().reshape(-1).view(torch.uint8), b.detach().cpu().reshape(-1).view(torch.uint8)), path
         else:
             assert a == b or (a != a and b != b), path
+
+
+# --- two-process workers (run in spawned processes: defined here, importable by name) -----------
+
+
+def race_save(root: str, rounds: int, tag: int, barrier: Any, results: Any) -> None:
+    """Each round, after the barrier, save ``{"w": tag}`` to ``root/r<round>`` with overwrite=False."""
+    from fnloop.errors import CheckpointError
+
+    torch.set_num_threads(1)
+    out = []
+    for r in range(rounds):
+        barrier.wait(timeout=60)
+        try:
+            fl.save({"w": torch.full((256,), float(tag))}, f"{root}/r{r}")
+            out.append((r, True, ""))
+        except CheckpointError as e:
+            out.append((r, False, str(e)))
+    results.put((tag, out))
+
+
+def race_publish(root: str, count: int, tag: int, barrier: Any, results: Any) -> None:
+    """After the barrier, publish ``count`` versions of model ``m``, each with its own weights."""
+    from fnloop import registry
+
+    torch.set_num_threads(1)
+    barrier.wait(timeout=60)
+    out = []
+    for i in range(count):
+        value = float(tag * 1000 + i)
+        out.append((registry.publish({"w": torch.full((64,), value)}, root, "m"), value))
+    results.put((tag, out))
+
+
+def run_two(target: Any, args: tuple[Any, ...], timeout: float = 240) -> dict[int, Any]:
+    """Run ``target(*args, tag, barrier, results)`` in two spawned processes; their results by tag.
+
+    A process still running after ``timeout`` seconds is killed and the test fails.
+    """
+    import multiprocessing
+    import queue
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, tag, barrier, results)) for tag in (1, 2)]
+    for p in procs:
+        p.start()
+    out: dict[int, Any] = {}
+    try:
+        for _ in procs:
+            tag, value = results.get(timeout=timeout)
+            out[tag] = value
+    except queue.Empty:
+        raise AssertionError(f"a writer did not finish within {timeout} s") from None
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return out
