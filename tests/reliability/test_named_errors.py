@@ -1,0 +1,111 @@
+"""Every bad input is an fnloop error that names the flag, key, file or batch; the CLI exits 2 for
+a config error and 1 for any other, without a traceback."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fnloop as fl
+from fnloop import registry
+from fnloop.checkpoint import restore, restore_params, save
+from fnloop.errors import ConfigError, FnloopError
+from scenarios import ENV, PYTHON, REPO
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        ({"stop_signals": [99999]}, "stop_signals[0]"),
+        ({"stop_signals": ["SIGNOPE"]}, "stop_signals[0]"),
+        ({"stop_signals": [signal.SIGKILL]}, "stop_signals[0]"),
+        ({"stop_signals": [None]}, "stop_signals[0]"),
+        ({"stop_signals": 15}, "stop_signals"),
+        ({"stop_signals": "SIGTERM"}, "stop_signals"),
+        ({"donate": "no"}, "donate"),
+        ({"donate": 0}, "donate"),
+        ({"deterministic": "false"}, "deterministic"),
+        ({"enable_progress_bar": "off"}, "enable_progress_bar"),
+        ({"max_time": float("nan")}, "max_time"),
+    ],
+)
+def test_bad_trainer_flags_are_config_errors_naming_the_flag(flags, named):
+    with pytest.raises(ConfigError) as err:
+        fl.Trainer(**flags)
+    assert f"Trainer({named}=" in str(err.value)
+
+
+def test_stop_signals_by_name_and_number_are_accepted():
+    fl.Trainer(stop_signals=["SIGTERM", signal.SIGUSR1, int(signal.SIGINT)])
+    with fl.connectors.signals.stop_signals(["SIGUSR2"]) as request:
+        assert not request.requested
+
+
+@pytest.mark.parametrize("where", ["cuda:x", "gpu", 3.5, object(), True, "meta:0:1"])
+def test_bad_map_location_is_a_config_error(tmp_path, where):
+    url = save({"w": torch.ones(1)}, str(tmp_path / "ck"))
+    for load in (lambda: restore(url, map_location=where), lambda: restore_params(url, map_location=where)):
+        with pytest.raises(ConfigError, match="map_location"):
+            load()
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.one_of(
+    st.text(min_size=1).map(lambda s: s + "\x00"),
+    st.text(min_size=1, max_size=5).map(lambda s: s + "\ud800"),
+    st.text(alphabet="ab", min_size=256, max_size=300),
+    st.sampled_from(["", ".", "..", "a/b", "a\\b", "line\nbreak", "index.json", ".hidden"]),
+))
+def test_bad_registry_names_are_config_errors(tmp_path_factory, name):
+    root = str(tmp_path_factory.getbasetemp() / "registry-names")
+    for call in (
+        lambda: registry.publish({"w": torch.ones(1)}, root, name),
+        lambda: registry.load(root, name),
+        lambda: registry.versions(root, name),
+        lambda: registry.delete(root, name, "v1"),
+    ):
+        with pytest.raises(ConfigError, match="registry name"):
+            call()
+
+
+def _fnloop(args, cwd, timeout=300):
+    return subprocess.run([PYTHON, "-m", "fnloop", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+DIGITS = str(REPO / "examples" / "digits.yaml")
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--loss_fn", "math.pi"], "loss_fn"),
+        (["--loss_fn", "torch.nn.CrossEntropyLoss"], "loss_fn"),
+        (["--loss_fn", "math.sqrt"], "loss_fn"),
+        (["--trainer.donate", "maybe"], "donate"),
+        (["--trainer.stop_signals", "[99999]"], "stop_signals"),
+    ],
+    ids=["value", "class", "one-argument", "donate", "stop_signals"],
+)
+def test_cli_bad_values_exit_2_naming_the_key(tmp_path, args, named):
+    done = _fnloop(["fit", "--config", DIGITS, "--trainer.default_root_dir", str(tmp_path / "runs"), *args], tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert named in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_config_of_invalid_utf8_exits_2_naming_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"seed: 1\nname: caf\xe9\n")
+    done = _fnloop(["fit", "--config", str(bad)], tmp_path)
+    assert done.returncode == 2 and "bad.yaml" in done.stderr and "UTF-8" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_fnloop_errors_are_fnloop_errors():
+    for cls in (fl.errors.ConfigError, fl.errors.CheckpointError, fl.errors.StepError):
+        assert issubclass(cls, FnloopError)
