@@ -20,6 +20,7 @@ from fnloop.checkpoint import restore_params as restore_params
 from fnloop.checkpoint import restore_weights as restore_weights
 from fnloop.checkpoint import save as save
 from fnloop.connectors.device import to_device as to_device
+from fnloop.connectors.strategy import DDPStrategy as DDPStrategy
 from fnloop.loggers import ConsoleLogger as ConsoleLogger
 from fnloop.loggers import CSVLogger as CSVLogger
 from fnloop.loggers import JSONLLogger as JSONLLogger

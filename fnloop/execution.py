@@ -40,9 +40,11 @@ from fnloop.tree import check_same_structure, tree_flatten, tree_leaves, tree_st
 
 __all__ = [
     "mark_donated",
+    "pin",
     "check_not_donated",
     "check_state",
     "cuda_devices",
+    "device_of",
     "is_traced",
     "state_seed",
     "traced",
@@ -92,6 +94,32 @@ def check_state(state: Any, name: str) -> None:
     check_not_donated(state, name)
 
 
+# --- pinned states: tensors a background writer still reads -----------------------------------
+
+_PINNED: dict[int, int] = {}  # id of a params dict or optimizer state -> pins held
+
+
+def pin(state: Any) -> Callable[[], None]:
+    """Keep in-place updates off ``state``'s tensors until the returned function is called: a
+    donated step on a pinned state runs its pure path (new tensors) instead. An async checkpoint
+    save pins what it writes, so it needs no copy of the state."""
+    keys = [id(getattr(state, "params", state)), id(getattr(state, "opt_state", state))]
+    for k in keys:
+        _PINNED[k] = _PINNED.get(k, 0) + 1
+
+    def unpin() -> None:
+        for k in keys:
+            left = _PINNED.pop(k, 1) - 1
+            if left:
+                _PINNED[k] = left
+
+    return unpin
+
+
+def _pinned(state: TrainState) -> bool:
+    return bool(_PINNED) and (id(state.params) in _PINNED or id(state.opt_state) in _PINNED)
+
+
 # --- small per-call helpers ----------------------------------------------------------------
 
 
@@ -99,6 +127,9 @@ def _device(params: Mapping[str, torch.Tensor]) -> torch.device | None:
     for p in params.values():
         return p.device
     return None
+
+
+device_of = _device
 
 
 def cuda_devices(params: Mapping[str, torch.Tensor]) -> list[int]:
@@ -309,8 +340,11 @@ def compile(step: Any, **torch_compile_kwargs: Any) -> Any:  # noqa: A001
     return compiled(**torch_compile_kwargs)
 
 
-def _seeded_call(seeds: SeedCache, state: TrainState, devices: list[int], fn: Callable[..., Any], *args: Any) -> Any:
-    restore = _rng.seed_(seeds(state.rng, state.step), devices)
+def _seeded_call(
+    seeds: SeedCache, state: TrainState, devices: list[int], fn: Callable[..., Any], *args: Any, fold: Any = None
+) -> Any:
+    seed = seeds(state.rng, state.step)
+    restore = _rng.seed_(seed if fold is None else fold(seed), devices)
     try:
         return fn(*args)
     finally:
@@ -376,14 +410,20 @@ class TrainExecutor:
             # BatchNorm & co update buffers in place: always on copies (small), so an exception in
             # loss_fn leaves even a donated state intact; only the optimizer apply works in place
             buffers = {k: v.clone() for k, v in buffers.items()}
+            batch = options.batch(batch)
             trainable = {n: params[n] for n in names} if frozen else params
+            wrapped = options.join(carried, opt_state, trainable) if wrapped_tx else opt_state
+            scale = options.scale(wrapped)
             with torch.enable_grad():
                 leaves = {k: v.detach().requires_grad_(True) for k, v in trainable.items()}
+                # a distributed step all-reduces each bucket as soon as backward has produced it
+                overlap = options.grad_reduce.overlapped(leaves) if options.grad_reduce is not None else None
                 with bind(working_copy(template, True), {**params, **leaves} if frozen else leaves, buffers) as model:
-                    loss, aux = split_loss(loss_fn(model, batch), "train_step")
-                grads_list = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+                    with options.forward(_device(params)):
+                        loss, aux = split_loss(loss_fn(model, batch), "train_step")
+                grads_list = torch.autograd.grad(loss if scale is None else loss * scale, list(leaves.values()), allow_unused=True)
             grads = {k: (g if g is not None else torch.zeros_like(trainable[k])) for k, g in zip(leaves, grads_list)}
-            wrapped = options.join(carried, opt_state, trainable) if wrapped_tx else opt_state
+            grads = overlap.finish(grads) if overlap is not None else options.reduce(grads)
             # the grads dict is the step's own: the optimizer may free each gradient after its last read
             new, wrapped = apply(grads, wrapped, trainable, donate=donate, consume=True)
             carried, opt_state = options.split(wrapped, trainable) if wrapped_tx else (carried, wrapped)
@@ -403,6 +443,8 @@ class TrainExecutor:
         produced = state.params is self._produced[0] and state.opt_state is self._produced[1]
         graph = _wants_graph((), leaves) if produced else _wants_graph((state.params, state.buffers, state.opt_state, state.rng), leaves)
         devices = cuda_devices(state.params)
+        if donate and _pinned(state):  # a background save still reads these tensors
+            donate = False
         if graph and (donate or self.compile_kwargs is not None):
             what = "a donated in-place update" if donate else "a compiled step"
             raise StepError(
@@ -411,13 +453,13 @@ class TrainExecutor:
             )
         if self.compile_kwargs is not None:
             core = self._pure.get((template, tx), lambda: FlatCompiled(self.build_core(self.loss_fn, template, tx, options), self.compile_kwargs))  # type: ignore[arg-type]
-            out = core.run(lambda: (self._seeds(state.rng, state.step), devices), *args)  # type: ignore[attr-defined]
+            out = core.run(lambda: (options.seed(self._seeds(state.rng, state.step)), devices), *args)  # type: ignore[attr-defined]
         elif graph or is_traced(state.params):
             core = self._pure.get((template, tx), lambda: self.build_core(self.loss_fn, template, tx, options))
-            out = _seeded_call(self._seeds, state, devices, core, *args)
+            out = _seeded_call(self._seeds, state, devices, core, *args, fold=options.seed)
         else:
             core = self._fast.get((template, tx), lambda: self._fast_core(template, tx))
-            out = _seeded_call(self._seeds, state, devices, core, *args, donate)
+            out = _seeded_call(self._seeds, state, devices, core, *args, donate, fold=options.seed)
             if donate:
                 mark_donated(state)
         params, buffers, opt_state, carried, metrics = out

@@ -67,22 +67,26 @@ def train_core(
     traced_copy = working_copy(template, True)  # what dynamo traces; eager calls take their thread's copy
     tx_run = options.wrap(tx)
     apply = fused_apply(tx_run)
+    spec = options.spec_of({n: p for n, p in template.named_parameters() if p.requires_grad})
 
     def core(params: Any, buffers: Any, opt_state: Any, carried: Any, batch: Any) -> Any:
         buffers = {k: v.clone() for k, v in buffers.items()}  # BatchNorm & co update buffers in place
+        batch = options.batch(batch)
+        trainable = {n: params[n] for n in names}
+        wrapped = options.join(carried, opt_state, trainable, spec) if options.key else opt_state
+        scale = options.scale(wrapped)  # 16-mixed: the gradients are those of loss * scale
 
         def loss_of(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Any:
             module = traced_copy if torch.compiler.is_compiling() else working_copy(template, True)
             bound = functional_model(module, {**params, **p} if frozen else p, b)
-            loss, aux = split_loss(loss_fn(bound, batch), "train_step")
-            return loss, (loss, aux)
+            with options.forward(execution.device_of(params)):
+                loss, aux = split_loss(loss_fn(bound, batch), "train_step")
+            return (loss if scale is None else loss * scale), (loss, aux)
 
-        trainable = {n: params[n] for n in names}
         with torch.enable_grad():  # buffers are an input too: BatchNorm may update them in place
             grads, (loss, aux) = torch.func.grad(loss_of, has_aux=True)(trainable, buffers)
-        wrapped = options.join(carried, opt_state, trainable) if options.key else opt_state
-        new, wrapped = apply(grads, wrapped, trainable)
-        carried, opt_state = options.split(wrapped, trainable) if options.key else (carried, wrapped)
+        new, wrapped = apply(options.reduce(grads), wrapped, trainable)
+        carried, opt_state = options.split(wrapped, trainable, spec) if options.key else (carried, wrapped)
         return {**params, **new} if frozen else new, buffers, opt_state, carried, {"loss": loss, **aux}
 
     return core
@@ -104,7 +108,7 @@ def apply_train_step(
     core = train_core(loss_fn, state.module, state.tx, options or StepOptions())
     options = options or StepOptions()
     carried = options.carried(state.loop.options)
-    with _rng.seeded(execution.state_seed(state.rng, state.step), execution.cuda_devices(state.params)):
+    with _rng.seeded(options.seed(execution.state_seed(state.rng, state.step)), execution.cuda_devices(state.params)):
         params, buffers, opt_state, carried, metrics = core(state.params, state.buffers, state.opt_state, carried, batch)
     loop = state.loop.replace(options=OptionsState(options.key, carried)) if options.key else state.loop
     return state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state, loop=loop), metrics
@@ -182,6 +186,7 @@ def train_step(
     gradient_clip_val: float | None = None,
     gradient_clip_algorithm: str | None = None,
     skip_nonfinite: bool = False,
+    precision: str | int = "32-true",
 ) -> TrainStep:
     """Build the pure train step of ``loss_fn(model, batch) -> loss | (loss, {"acc": ...})``.
 
@@ -195,5 +200,5 @@ def train_step(
         >>> import torch, fnloop as fl
         >>> step = fl.train_step(lambda model, batch: model(batch).square().mean())
     """
-    options = StepOptions(accumulate_grad_batches, gradient_clip_val, gradient_clip_algorithm, skip_nonfinite)
+    options = StepOptions(accumulate_grad_batches, gradient_clip_val, gradient_clip_algorithm, skip_nonfinite, precision)  # type: ignore[arg-type]
     return TrainStep(loss_fn, options)

@@ -51,6 +51,21 @@ def _limit_flag(name: str, value: Any) -> None:
         )
 
 
+def _distribution_flags(trainer: Any) -> None:
+    """Check accelerator, devices, num_nodes, strategy, precision and the two booleans."""
+    from fnloop.connectors.device import parse_devices, resolve_accelerator
+    from fnloop.connectors.precision import resolve_precision
+    from fnloop.connectors.strategy import resolve_strategy
+
+    parse_devices(trainer.devices, resolve_accelerator(trainer.accelerator))
+    _int_flag("num_nodes", trainer.num_nodes, low=1)
+    resolve_strategy(trainer.strategy)
+    resolve_precision(trainer.precision)
+    for name in ("sync_batchnorm", "use_distributed_sampler"):
+        if not isinstance(getattr(trainer, name), bool):
+            raise ConfigError(f"Trainer({name}={getattr(trainer, name)!r}): accepted values are True or False")
+
+
 @dataclasses.dataclass(frozen=True)
 class Trainer:
     """Lightning's ``Trainer`` flags, with the same meaning; the loops live in
@@ -65,6 +80,13 @@ class Trainer:
     adds Lightning's default checkpoint callback when none is given, ``False`` turns checkpointing
     off (no ``ModelCheckpoint`` allowed); the default ``None`` checkpoints only when asked (a
     ``ModelCheckpoint`` callback or ``fit(checkpoint=...)``), so fit writes no file unasked.
+
+    Devices, precision and distribution take Lightning's flags: ``accelerator`` (``"auto"``,
+    ``"cpu"``, ``"cuda"``, ``"gpu"``, ``"mps"``), ``devices`` (int, list of indices, ``"auto"``),
+    ``num_nodes``, ``strategy`` (``"auto"``, ``"ddp"``, a :class:`fnloop.DDPStrategy`; ``"fsdp"``
+    is not available yet), ``precision`` (``"32-true"``, ``"64-true"``, ``"bf16-true"``,
+    ``"16-true"``, ``"bf16-mixed"``, ``"16-mixed"`` and the short aliases), ``sync_batchnorm`` and
+    ``use_distributed_sampler`` (see :mod:`fnloop.connectors.launch`).
 
     Example:
         >>> import fnloop as fl
@@ -100,6 +122,13 @@ class Trainer:
     stop_signals: Sequence[int] | None = None
     donate: bool = True
     enable_checkpointing: bool | None = None
+    accelerator: str = "auto"
+    devices: int | list[int] | str = "auto"
+    num_nodes: int = 1
+    strategy: str | Any = "auto"
+    precision: str | int = "32-true"
+    sync_batchnorm: bool = False
+    use_distributed_sampler: bool = True
 
     def __post_init__(self) -> None:
         _int_flag("max_epochs", self.max_epochs, low=-1, allow_none=True)
@@ -154,6 +183,7 @@ class Trainer:
         from fnloop.checkpoint.callback import check_enable_checkpointing
 
         check_enable_checkpointing(self.enable_checkpointing, self.callback_list)
+        _distribution_flags(self)
         if self.min_epochs is not None and self.max_epochs not in (None, -1) and self.min_epochs > self.max_epochs:
             raise ConfigError(
                 f"Trainer(min_epochs={self.min_epochs}, max_epochs={self.max_epochs}): min_epochs must be <= max_epochs"

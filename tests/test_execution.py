@@ -34,6 +34,7 @@ OPTIONS = st.builds(
     gradient_clip_val=st.sampled_from([None, 0.3]),
     gradient_clip_algorithm=st.sampled_from([None, "norm", "value"]),
     skip_nonfinite=st.booleans(),
+    precision=st.sampled_from(["32-true", "bf16-mixed", "16-mixed"]),
 )
 
 
@@ -119,3 +120,41 @@ def test_eval_fast_path_equals_the_meaning(kind):
     with fl.rng.seeded(fl.execution.state_seed(state.rng, state.step), []):
         expected = eval_core(fn, state.module, finish)(state.params, state.buffers, batch)
     assert_trees_equal(step(state, batch), expected)
+
+
+def test_a_pinned_state_is_stepped_purely_until_unpinned():
+    """What an async save is still writing is never updated in place: a donated step on a pinned
+    state runs the pure path (the input keeps its values and stays usable), then donates again."""
+    state = _state("adamw-amsgrad")
+    before = copy.deepcopy(_data(state))
+    unpin = fl.execution.pin(state)
+    step = fl.train_step(sc.loss_fn)
+    new, _ = step.donated(state, sc.make_batch())
+    assert_trees_equal(_data(state), before)
+    state.params  # noqa: B018 - still readable, and accepted by every entry point:
+    fl.eval_step(sc.eval_fn)(state, sc.make_batch())
+    unpin()
+    expected, _ = apply_train_step(sc.loss_fn, state, sc.make_batch())
+    assert_trees_equal(_data(new), _data(expected))
+    step.donated(state, sc.make_batch())
+    with pytest.raises(fl.StepError, match="donated"):
+        step(state, sc.make_batch())
+
+
+def test_async_saves_during_a_donating_fit_hold_the_saved_values(tmp_path):
+    """An async save writes the state's own tensors while the donating fit goes on: every
+    checkpoint equals the one a synchronous save writes at the same step."""
+    data = sc.make_batches(6)
+
+    def run(async_save: bool, folder: str) -> list[str]:
+        mgr = fl.CheckpointManager(str(tmp_path / folder), keep_last=10, every_n_steps=1, async_save=async_save)
+        trainer = fl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False)
+        trainer.fit(_state("adam"), fl.train_step(sc.loss_fn), data, checkpoint=mgr)
+        mgr.close()
+        return sorted((tmp_path / folder).iterdir())
+
+    sync_dirs, async_dirs = run(False, "sync"), run(True, "async")
+    assert [d.name for d in sync_dirs] == [d.name for d in async_dirs] and len(sync_dirs) >= 10
+    like = _state("adam")
+    for a, b in zip(sync_dirs, async_dirs):
+        assert_trees_equal(_data(fl.restore(str(b), like=like)), _data(fl.restore(str(a), like=like)))

@@ -21,6 +21,8 @@ import torch
 
 from fnloop.checkpoint import _fs, _leaves, _policy
 from fnloop.checkpoint._background import BackgroundWriter
+from fnloop.execution import pin
+from fnloop.state import TrainState
 from fnloop.checkpoint.format import META_FILE, read_meta, restore, save
 from fnloop.errors import CheckpointError, ConfigError, FnloopError
 
@@ -50,9 +52,11 @@ class CheckpointManager:
         mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is better.
         every_n_steps, every_n_epochs, every_n_seconds: triggers of :meth:`should_save`.
         save_last: :meth:`should_save` with ``final=True`` answers True (save at the end).
-        async_save: ``save`` copies the tensors to CPU and returns; one background thread
-            writes. One save in flight at most; a background error is raised by the next
-            ``save``, ``wait`` or ``close``. The copy buffers are reused between saves.
+        async_save: ``save`` returns at once; one background thread writes. A ``TrainState``
+            is written from its own tensors (no copy: a state is immutable, and a donated step on
+            a state being written runs its pure path instead of updating it in place); other
+            trees are copied first. One save in flight at most; a background error is raised by
+            the next ``save``, ``wait`` or ``close``.
         filename: the folder name template, with one ``{step}`` field.
         save_non_finite: save a state whose params or optimizer state hold nan or inf; by
             default ``save`` raises :class:`CheckpointError` instead, so the last checkpoint
@@ -233,8 +237,10 @@ class CheckpointManager:
     ) -> str:
         """Save ``state`` as the checkpoint of ``step`` (default ``int(state.step)``); return its URL.
 
-        A checkpoint already at that step is replaced. With ``async_save`` the call returns
-        once the tensors are copied; the caller may then change or reuse its tensors.
+        A checkpoint already at that step is replaced. With ``async_save`` the call returns at
+        once. A ``TrainState`` is written as it is (no copy): fnloop never writes into its tensors
+        meanwhile (a donated step on that state runs its pure path instead), and neither should
+        you. Any other tree is copied first, so its owner may change it after the call.
 
         Args:
             state: a ``TrainState`` or any pytree.
@@ -273,8 +279,17 @@ class CheckpointManager:
             self._last = last
             return self._url(name)
         self._last = last
-        self._background.submit(self._write, self._background.snapshot(state), name, plain)
+        if isinstance(state, TrainState):  # immutable: written as it is, kept from in-place updates
+            self._background.submit(self._write_pinned, state, pin(state), name, plain)
+        else:  # any other tree may be changed in place by its owner: copied first
+            self._background.submit(self._write, self._background.snapshot(state), name, plain)
         return self._url(name)
+
+    def _write_pinned(self, state: Any, unpin: Any, name: str, metrics: dict[str, Any]) -> None:
+        try:
+            self._write(state, name, metrics)
+        finally:
+            unpin()
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is written; raise its error if it failed.

@@ -28,7 +28,8 @@ from fnloop.checkpoint import _fs
 from fnloop.checkpoint.callback import ModelCheckpoint
 from fnloop.checkpoint.format import META_FILE, read_meta, restore_weights
 from fnloop.cli.job import CHECKPOINTS, Job, make_sinks
-from fnloop.cli.run_folder import choose_run_dir, latest_run_dir, save_config
+from fnloop.cli.run_folder import CONFIG_FILE, choose_run_dir, latest_run_dir, save_config
+from fnloop.connectors.launch import connect
 from fnloop.connectors.signals import last_received
 from fnloop.errors import CheckpointError, ConfigError
 from fnloop.loggers import format_metrics_table, to_plain
@@ -81,13 +82,19 @@ def _has_data(data: Any, stage: str) -> bool:
     return any(callable(getattr(data, m, None)) for m in _DATA_METHODS[stage])
 
 
+def _lead() -> bool:
+    """This process prints and writes the run's files: rank 0, or the only process."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def _say(stage: str, text: str) -> None:
-    print(f"fnloop {stage}: {text}", flush=True)
+    if _lead():
+        print(f"fnloop {stage}: {text}", flush=True)
 
 
 def _accuracy_line(metrics: Mapping[str, float], stage: str) -> None:
     key = f"{stage}/acc"
-    if key in metrics:
+    if key in metrics and _lead():
         print(f"{_TITLES.get(stage, stage)} accuracy: {metrics[key]:.4f}", flush=True)
 
 
@@ -157,11 +164,12 @@ def _report_fit(
     loop = state.loop
     _say("fit", f"{loop.status} after {loop.epoch} epochs ({loop.global_step} steps) in {seconds:.1f} s")
     _say("fit", f"logs in {run_dir} ({_files(run_dir)})")
+    best = manager.best() if manager is not None and manager.monitor is not None else None
+    if not _lead():
+        return best
     if manager is None:
         _say("fit", "checkpointing is off")
-        best = None
     else:
-        best = manager.best() if manager.monitor is not None else None
         found = [f"{kind} {os.path.basename(url)}" for kind, url in (("best", best), ("last", manager.latest())) if url]
         _say("fit", f"checkpoints in {os.path.join(run_dir, CHECKPOINTS)} ({', '.join(found) or 'none'})")
     if last.values:
@@ -195,6 +203,12 @@ def _check_fresh(job: Job, run_dir: str) -> None:
         )
 
 
+def _fresh_run_dir(job: Job) -> str:
+    run_dir = choose_run_dir("fit", root=job.root, name=job.name, run_dir=job.run_dir, ckpt_path=job.ckpt_path)
+    _check_fresh(job, run_dir)
+    return run_dir
+
+
 def fit(job: Job) -> int:
     """Train in the run folder, save checkpoints and logs there; then test (``test_after_fit``)
     the best checkpoint if there is one, else the final state.
@@ -208,10 +222,11 @@ def fit(job: Job) -> int:
         0
     """
     check_ckpt_path(job)
-    run_dir = choose_run_dir("fit", root=job.root, name=job.name, run_dir=job.run_dir, ckpt_path=job.ckpt_path)
-    _check_fresh(job, run_dir)
-    config_path = save_config(run_dir, job.config_text, overwrite=job.overwrite_config)
-    sinks = make_sinks(job.loggers, run_dir)
+    parallel = connect(job.trainer)  # a distributed run: join it, or start its other ranks (this process is rank 0)
+    lead = parallel.is_global_zero
+    run_dir = parallel.broadcast(_fresh_run_dir(job) if lead else None)
+    config_path = save_config(run_dir, job.config_text, overwrite=job.overwrite_config) if lead else os.path.join(run_dir, CONFIG_FILE)
+    sinks = make_sinks(job.loggers if lead else [], run_dir)
     last = _LastMetrics()
     trainer = dataclasses.replace(job.trainer, callbacks=[*job.trainer.callback_list, last], logger=sinks)
     _say("fit", f"run folder {run_dir} (config {config_path})")
@@ -228,7 +243,7 @@ def fit(job: Job) -> int:
             checkpoint=ModelCheckpoint(manager) if manager is not None else None,
             ckpt_path=job.ckpt_path,
         )
-        best = _report_fit(state, time.perf_counter() - started, run_dir, manager, last)
+        best = parallel.broadcast(_report_fit(state, time.perf_counter() - started, run_dir, manager, last))
     if state.loop.status == Status.INTERRUPTED:
         _say("fit", f"interrupted; resume with: fnloop fit --config {config_path} --ckpt_path last --run_dir {run_dir}")
         return interrupted_exit_code(last_received())

@@ -10,8 +10,10 @@ from typing import Any
 import torch
 
 from fnloop.connectors.data import MapSource, as_source, limit_batches
+from fnloop.connectors.data_shard import shard_source
 from fnloop.connectors.datamodule import resolve_datamodule
 from fnloop.connectors.device import to_device
+from fnloop.connectors.precision import cast_batch
 from fnloop.errors import ConfigError
 
 __all__ = ["stage_data", "make_source", "limited", "batches_on", "data_seed"]
@@ -33,11 +35,14 @@ def stage_data(data: Any, datamodule: Any, stage: str, *, fit: bool = False) -> 
     return resolved.get(_STAGE_KEYS[stage])
 
 
-def make_source(data: Any, *, seed: int, stage: str, no_shuffle: bool = False) -> Any:
-    """A data source for ``data`` (see :func:`fnloop.connectors.data.as_source`)."""
+def make_source(data: Any, *, seed: int, stage: str, no_shuffle: bool = False, parallel: Any = None, shard: bool = True) -> Any:
+    """A data source for ``data`` (see :func:`fnloop.connectors.data.as_source`), this rank's
+    share of it in a distributed run (unless ``shard=False``: ``use_distributed_sampler``)."""
     source = as_source(data, seed=seed, name=_STAGE_KEYS[stage])
     if no_shuffle and isinstance(source, MapSource) and source.shuffle:
         source = dataclasses.replace(source, shuffle=False)
+    if parallel is not None and parallel.distributed and shard:
+        source = shard_source(source, rank=parallel.rank, world_size=parallel.world_size)
     return source
 
 
@@ -46,13 +51,17 @@ def limited(source: Any, epoch: int, limit: Any, stage: str) -> int | None:
     return limit_batches(source.num_batches(epoch), limit, flag=f"limit_{stage}_batches")
 
 
-def batches_on(source: Any, epoch: int, start: int, stop: int | None, device: torch.device) -> Iterator[Any]:
-    """Batches ``start..stop`` of the epoch, moved to ``device`` when they are elsewhere."""
+def batches_on(
+    source: Any, epoch: int, start: int, stop: int | None, device: torch.device, dtype: torch.dtype | None = None
+) -> Iterator[Any]:
+    """Batches ``start..stop`` of the epoch, moved to ``device`` when they are elsewhere (and
+    their floating tensors cast to ``dtype``, the params' dtype under a ``*-true`` precision)."""
     it = source.batches(epoch, start)
     if stop is not None:
         it = itertools.islice(it, max(0, stop - start))
     for batch in it:
-        yield _place(batch, device)
+        batch = _place(batch, device)
+        yield batch if dtype in (None, torch.float32) else cast_batch(batch, dtype)
 
 
 def _place(batch: Any, device: torch.device) -> Any:

@@ -7,6 +7,7 @@ files, signals) happen here and nowhere else; the steps stay pure.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -42,16 +43,20 @@ def run_fit(
     if not isinstance(state, TrainState):
         raise ConfigError(f"Trainer.fit: state must be a fnloop.TrainState, got {type(state).__name__}")
     check_not_donated(state, "Trainer.fit")
-    train_step = _with_flags(trainer, train_step)
+    from fnloop.connectors.accelerator import setup
+
+    parallel, state, options = setup(trainer, state, train_step)
+    train_step = _with_flags(trainer, train_step, options)
     train_data = require(
         stage_data(train_data, datamodule, "train", fit=True), "train_data", "pass train_data= or a datamodule with train_data()"
     )
     val_data = stage_data(val_data, datamodule, "val", fit=True) if val_step is not None else None
     seed = data_seed(trainer, state)
     no_shuffle = bool(trainer.overfit_batches)
-    train_src = make_source(train_data, seed=seed, stage="train", no_shuffle=no_shuffle)
-    val_src = make_source(val_data, seed=seed, stage="val") if val_data is not None else None
-    run = FitRun(trainer, train_step, val_step, train_src, val_src, _checkpoint_of(trainer, checkpoint))
+    shard = dict(parallel=parallel, shard=trainer.use_distributed_sampler)
+    train_src = make_source(train_data, seed=seed, stage="train", no_shuffle=no_shuffle, **shard)
+    val_src = make_source(val_data, seed=seed, stage="val", **shard) if val_data is not None else None
+    run = FitRun(trainer, train_step, val_step, train_src, val_src, _checkpoint_of(trainer, checkpoint), parallel)
     if ckpt_path is not None:
         from fnloop.checkpoint.callback import resume_from
 
@@ -72,25 +77,20 @@ def run_fit(
     return state
 
 
-def _with_flags(trainer: Any, train_step: Any) -> Any:
-    """The train step with the Trainer's optimizer flags as its options (see fnloop.options)."""
-    from fnloop.options import StepOptions
-
-    flags = StepOptions(
-        trainer.accumulate_grad_batches,
-        trainer.gradient_clip_val,
-        trainer.gradient_clip_algorithm,
-        trainer.on_nonfinite == "skip",
-    )
+def _with_flags(trainer: Any, train_step: Any, flags: Any) -> Any:
+    """The train step with the Trainer's flags as its options (see fnloop.options); a step built
+    with its own optimizer options keeps them when the Trainer sets none."""
     own = getattr(train_step, "options", None)
-    if flags.key is None:
+    if own is not None and dataclasses.replace(flags, precision="32-true", grad_reduce=None).key is None:
+        flags = dataclasses.replace(own, precision=flags.precision, grad_reduce=flags.grad_reduce)
+    if own == flags or (own is None and flags == type(flags)()):
         return train_step
     if not hasattr(train_step, "with_options"):
         raise ConfigError(
-            "Trainer(accumulate_grad_batches / gradient_clip_val / on_nonfinite='skip'): these flags need a step "
-            f"from fnloop.train_step, got {type(train_step).__name__}"
+            "Trainer(accumulate_grad_batches / gradient_clip_val / on_nonfinite='skip' / precision / strategy): these "
+            f"flags need a step from fnloop.train_step, got {type(train_step).__name__}"
         )
-    if own is not None and own.key is not None and own != flags:
+    if own is not None and own.key is not None and dataclasses.replace(own, precision=flags.precision, grad_reduce=flags.grad_reduce) != flags:
         raise ConfigError(
             f"Trainer.fit: the train step was built with {own} but the Trainer flags ask for {flags}; set them in one place"
         )
@@ -133,7 +133,7 @@ def _finish(run: FitRun, state: Any) -> Any:
     state = call_hook(run.callbacks, "on_fit_end", state)
     profile = run.profile()
     run.logger.log_metrics(profile, step=state.loop.global_step)
-    if run.trainer.enable_progress_bar or run.trainer.logger is not None:
+    if run.parallel.is_global_zero and (run.trainer.enable_progress_bar or run.trainer.logger is not None):
         from fnloop.loggers import format_metrics_table
 
         print(format_metrics_table({k[5:]: v for k, v in profile.items()}, title="fit time (s)"))
@@ -218,9 +218,13 @@ def _fit(run: FitRun, state: Any, signals: Any, caller: Any) -> Any:
                 state = run.validate(state)
             run.last_state = state
             batch_idx += 1
-            if signals.requested:  # the step is done: save (ModelCheckpoint.on_fit_end) and return
+            # the ranks decide together (one small all-reduce when distributed): all stop at this step
+            requested, budget, stop = run.parallel.agree(signals.requested, run.out_of_budget(state), state.loop.stop)
+            if stop and not state.loop.stop:
+                state = run.last_state = with_loop(state, stop=True)
+            if requested:  # the step is done: save (ModelCheckpoint.on_fit_end) and return
                 return _finish(run, with_loop(state, status=Status.INTERRUPTED))
-            if run.out_of_budget(state) or (state.loop.stop and run.can_stop(state, epoch)):
+            if budget or (state.loop.stop and run.can_stop(state, epoch)):
                 stopped = True
                 break
             t0 = time.perf_counter()

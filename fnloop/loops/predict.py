@@ -20,4 +20,5 @@ def run_predict(trainer: Any, state: Any, predict_step: Any, data: Any, *, datam
     )
     source = make_source(data, seed=data_seed(trainer, state), stage="predict")
     n = limited(source, 0, trainer.limit("predict"), "predict")
-    return [predict_step(state, batch) for batch in batches_on(source, 0, 0, n, device_of(state.params))]
+    dtype = next(iter(state.params.values())).dtype if state.params else None  # *-true: batches in the params' dtype
+    return [predict_step(state, batch) for batch in batches_on(source, 0, 0, n, device_of(state.params), dtype)]

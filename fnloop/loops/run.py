@@ -5,6 +5,7 @@ effects (validation runs, logging windows, the time profile, stop conditions).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -15,6 +16,8 @@ from fnloop.loops import rules
 from fnloop.loops.data import limited
 from fnloop.loops.evaluate import evaluate, prefixed
 from fnloop.loops.logging import Window, make_logger
+from fnloop.connectors.strategy import Parallel
+from fnloop.loggers import NullLogger
 
 __all__ = ["FitRun", "call_hook", "with_loop"]
 
@@ -36,21 +39,24 @@ def with_loop(state: Any, **changes: Any) -> Any:
 class FitRun:
     """What one ``fit`` call holds besides the state: configuration resolved once and effects."""
 
-    def __init__(self, trainer: Any, train_step: Any, val_step: Any, train_src: Any, val_src: Any, checkpoint: Any):
+    def __init__(
+        self, trainer: Any, train_step: Any, val_step: Any, train_src: Any, val_src: Any, checkpoint: Any, parallel: Any = None
+    ):
         self.trainer = trainer
+        self.parallel = parallel = parallel if parallel is not None else Parallel()
         self.train_step = train_step
         self.val_step = val_step
         self.train_src = train_src
         self.val_src = val_src
         self.checkpoint = checkpoint
         self.callbacks = [c for c in trainer.callback_list if c is not checkpoint]
-        if checkpoint is not None:  # last, so it saves what the other callbacks returned
+        if checkpoint is not None and parallel.is_global_zero:  # last, so it saves what the other callbacks returned
             self.callbacks.append(checkpoint)
         self.bar = None
-        if trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in self.callbacks):
+        if trainer.enable_progress_bar and parallel.is_global_zero and not any(isinstance(c, ProgressBar) for c in self.callbacks):
             self.bar = ProgressBar()
             self.callbacks.append(self.bar)
-        self.logger = make_logger(trainer)
+        self.logger = make_logger(trainer) if parallel.is_global_zero else NullLogger()  # rank 0 writes the logs
         self.max_epochs = trainer.resolved_max_epochs
         self.max_steps = trainer.resolved_max_steps
         self.max_time = parse_duration(trainer.max_time)
@@ -70,7 +76,7 @@ class FitRun:
     def validate(self, state: Any) -> Any:
         n = self.val_batches(state.loop.epoch)
         t0 = time.perf_counter()
-        metrics = prefixed(evaluate(state, self.val_step, self.val_src, n, epoch=0), "val")
+        metrics = prefixed(evaluate(state, self.val_step, self.val_src, n, epoch=0, parallel=self.parallel), "val")
         self.times["eval"] += time.perf_counter() - t0
         state = with_loop(state, val_count=state.loop.val_count + 1, val_pending=False)
         self.logger.log_metrics(metrics, step=state.loop.global_step)
@@ -83,7 +89,7 @@ class FitRun:
             return
         n = n_val if steps == -1 else (steps if n_val is None else min(steps, n_val))
         t0 = time.perf_counter()
-        evaluate(state, self.val_step, self.val_src, n)
+        evaluate(state, self.val_step, self.val_src, n, parallel=self.parallel)
         self.times["eval"] += time.perf_counter() - t0
 
     # --- logging -------------------------------------------------------------------------------
@@ -94,6 +100,10 @@ class FitRun:
         means, bad, seconds, samples = self.window.reduce()
         where_of = self.window.where
         self.window = Window()
+        if self.parallel.distributed:  # every rank's window, weighted by samples (a non-finite loss anywhere shows)
+            means = self.parallel.reduce_metrics(means, samples)
+            bad = 0 if bad is None and not math.isfinite(means.get("loss", 0.0)) else bad
+            samples *= self.parallel.world_size
         if bad is not None and self.trainer.on_nonfinite != "skip":
             bad_step, bad_epoch = where_of[bad]
             where = f"the loss became non-finite at global step {bad_step} (epoch {bad_epoch})"
