@@ -1,0 +1,86 @@
+"""Nothing blocks or runs away: special files and oversized or exploding configs are refused
+before they are read, and the loops stop (or fail by name) when no batch arrives."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fnloop.cli.config_file import MAX_CONFIG_BYTES, MAX_CONFIG_NODES, read_config_text
+from fnloop.cli.run_folder import save_config
+from fnloop.errors import ConfigError
+from scenarios import ENV, PYTHON
+
+
+def _within(fn, seconds: float = 60.0):
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "blocked"
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def _bomb(width: int, depth: int) -> str:
+    lines = [f"l0: &l0 [{', '.join(['x'] * width)}]"]
+    for i in range(1, depth):
+        lines.append(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+def _expanded(width: int, depth: int) -> int:
+    """Nodes of the bomb once expanded: the root mapping, its keys, and each level's list."""
+    size, total = 1 + width, 1
+    for level in range(depth):
+        total += 1 + size
+        size = 1 + width * size
+    return total
+
+
+@settings(max_examples=40, deadline=None)
+@given(width=st.integers(1, 12), depth=st.integers(1, 9))
+def test_alias_bombs_are_refused_unexpanded(tmp_path_factory, width, depth):
+    path = tmp_path_factory.mktemp("bomb") / "bomb.yaml"
+    path.write_text(_bomb(width, depth))
+    if _expanded(width, depth) <= MAX_CONFIG_NODES // 2:
+        assert read_config_text(str(path)).startswith("l0:")
+    elif _expanded(width, depth) > 2 * MAX_CONFIG_NODES:
+        with pytest.raises(ConfigError, match="bomb.yaml: expands to more than"):
+            read_config_text(str(path))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "oversized", "deep", "bomb"])
+def test_cli_refuses_a_config_that_would_block_or_explode(tmp_path, kind):
+    path = tmp_path / "config.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "oversized":
+        path.write_text("# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    elif kind == "deep":
+        path.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    else:
+        path.write_text(_bomb(10, 9))
+    done = subprocess.run([PYTHON, "-m", "fnloop", "fit", "--config", str(path)], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "config.yaml" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_run_folder_config_that_is_a_fifo_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match="FIFO"):
+        _within(lambda: save_config(str(tmp_path), "seed: 0\n"))
