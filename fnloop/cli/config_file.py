@@ -6,10 +6,10 @@ aliases (an "alias bomb") expand to billions of nodes; both are refused with a
 :class:`ConfigError` naming the file before anything parses it.
 
 Example:
-    >>> import os, tempfile
-    >>> path = os.path.join(tempfile.mkdtemp(), "c.yaml")
-    >>> _ = open(path, "w").write("seed: 1\\n")
-    >>> read_config_text(path)
+    >>> import pathlib, tempfile
+    >>> path = pathlib.Path(tempfile.mkdtemp(), "c.yaml")
+    >>> _ = path.write_text("seed: 1\\n")
+    >>> read_config_text(str(path))
     'seed: 1\\n'
 """
 

@@ -123,3 +123,24 @@ def run_two(target: Any, args: tuple[Any, ...], timeout: float = 240) -> dict[in
                 p.join()
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     return out
+
+
+def within(fn: Any, seconds: float = 60.0) -> Any:
+    """``fn()`` run in a daemon thread; the test fails (instead of hanging) if it blocks."""
+    import threading
+
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "blocked"
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 
 import pytest
 from hypothesis import given, settings
@@ -14,25 +13,7 @@ from hypothesis import strategies as st
 from fnloop.cli.config_file import MAX_CONFIG_BYTES, MAX_CONFIG_NODES, read_config_text
 from fnloop.cli.run_folder import save_config
 from fnloop.errors import ConfigError
-from scenarios import ENV, PYTHON
-
-
-def _within(fn, seconds: float = 60.0):
-    out: dict = {}
-
-    def target():
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            out["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), "blocked"
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
+from scenarios import ENV, PYTHON, within
 
 
 def _bomb(width: int, depth: int) -> str:
@@ -83,4 +64,4 @@ def test_cli_refuses_a_config_that_would_block_or_explode(tmp_path, kind):
 def test_run_folder_config_that_is_a_fifo_is_refused(tmp_path):
     os.mkfifo(tmp_path / "config.yaml")
     with pytest.raises(ConfigError, match="FIFO"):
-        _within(lambda: save_config(str(tmp_path), "seed: 0\n"))
+        within(lambda: save_config(str(tmp_path), "seed: 0\n"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import resource
-import threading
 
 import pytest
 import torch
@@ -14,30 +13,11 @@ import fnloop as fl
 from fnloop import registry
 from fnloop.checkpoint import CheckpointManager, _read, restore, save
 from fnloop.errors import CheckpointError
-from scenarios import deep_json, read_meta_json, small_state, write_meta_json
+from scenarios import deep_json, read_meta_json, small_state, within, write_meta_json
 
 
 def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _within(fn, seconds: float = 60.0):
-    """Run ``fn`` in a daemon thread; fail (instead of hanging) if it blocks."""
-    out: dict = {}
-
-    def target():
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            out["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), "blocked"
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
 
 
 @pytest.mark.parametrize("size", [4 << 30, 1 << 40])
@@ -114,7 +94,7 @@ def test_fifo_in_place_of_a_checkpoint_file_does_not_block(tmp_path, name):
     os.unlink(tmp_path / "ck" / name)
     os.mkfifo(tmp_path / "ck" / name)
     with pytest.raises(CheckpointError, match="FIFO"):
-        _within(lambda: restore(url, like=small_state()))
+        within(lambda: restore(url, like=small_state()))
 
 
 def test_one_damaged_checkpoint_does_not_break_the_manager(tmp_path):
