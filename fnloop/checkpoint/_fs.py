@@ -48,6 +48,7 @@ __all__ = [
     "write_file_atomic",
     "open_regular",
     "rename_noreplace",
+    "exchange",
     "create_exclusive",
     "read_bounded",
 ]
@@ -322,6 +323,7 @@ def read_bounded(fs: Any, path: str, limit: int, where: str) -> bytes:
 
 
 _RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 _libc: list[Any] = []
 
@@ -345,10 +347,11 @@ def rename_noreplace(src: str, dst: str) -> None:
     Example:
         >>> import os, tempfile
         >>> d = tempfile.mkdtemp(); os.mkdir(d + "/a"); os.mkdir(d + "/b")
-        >>> rename_noreplace(d + "/a", d + "/b")
-        Traceback (most recent call last):
-        ...
-        FileExistsError: [Errno 17] File exists: '.../b'
+        >>> try:
+        ...     rename_noreplace(d + "/a", d + "/b")
+        ... except FileExistsError:
+        ...     print("b exists")
+        b exists
     """
     fn = _renameat2()
     if fn is not None:
@@ -359,6 +362,27 @@ def rename_noreplace(src: str, dst: str) -> None:
             raise OSError(err, os.strerror(err), dst)
     os.mkdir(dst)
     os.rename(src, dst)
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swap the local entries ``a`` and ``b`` in one atomic step (``renameat2(RENAME_EXCHANGE)``);
+    False where the platform or filesystem cannot, and nothing changed.
+
+    Example:
+        >>> import os, tempfile
+        >>> d = tempfile.mkdtemp(); os.mkdir(d + "/a"); os.mkdir(d + "/b"); open(d + "/a/x", "w").close()
+        >>> exchange(d + "/a", d + "/b") and os.listdir(d + "/b")
+        ['x']
+    """
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), b)
 
 
 def create_exclusive(fs: Any, path: str, data: bytes | None = None) -> Any:

@@ -111,9 +111,14 @@ def _save_local(
             _write_state(f, tensors, meta)
         _fs.write_durable(os.path.join(tmp, META_FILE), _encode_meta(meta))
         _fs.fsync_path(tmp)
-        if os.path.exists(final):  # overwrite, or a leftover without meta.json: move it aside
+        if os.path.exists(final):  # overwrite, or a leftover without meta.json
             _refuse_existing(os.path.exists(os.path.join(final, META_FILE)), [], url, overwrite)
-            old = os.path.join(parent, _fs.tmp_name(name))
+            if _fs.exchange(tmp, final):  # one atomic swap: a checkpoint is at `final` at every moment
+                old, tmp = tmp, os.path.join(parent, _fs.tmp_name(name))
+                _fs.fsync_path(parent)
+                shutil.rmtree(old, ignore_errors=True)
+                return
+            old = os.path.join(parent, _fs.tmp_name(name))  # no atomic swap here: move it aside
             os.rename(final, old)
         try:
             _fs.rename_noreplace(tmp, final)  # never over a checkpoint another writer committed meanwhile

@@ -119,3 +119,30 @@ def test_second_fit_into_a_run_folder_with_checkpoints_is_refused(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "earlier run" in done.stderr and "--ckpt_path last" in done.stderr and "Traceback" not in done.stderr
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step-00000005"]
+
+
+def test_a_reader_always_finds_a_checkpoint_while_it_is_replaced(tmp_path):
+    import threading
+
+    url = str(tmp_path / "ck")
+    save({"w": torch.zeros(1024)}, url)
+    done, seen, errors = threading.Event(), set(), []
+
+    def read():
+        while not done.is_set():
+            try:
+                seen.add(float(restore(url)["w"][0]))
+            except CheckpointError as e:  # only the folder swapped between two reads of one restore
+                if "does not exist" in str(e) or "not a checkpoint" in str(e):
+                    errors.append(str(e))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(1, 30):
+            save({"w": torch.full((1024,), float(i))}, url, overwrite=True)
+    finally:
+        done.set()
+        reader.join(60)
+    assert not errors, errors[:3]
+    assert restore(url)["w"].eq(29.0).all()
