@@ -68,8 +68,15 @@ def resolve(url: str | os.PathLike[str]) -> tuple[Any, str]:
         >>> path
         '/a/b'
     """
+    text = os.fspath(url)
+    if not isinstance(text, str) or "\x00" in text:
+        raise CheckpointError(f"{text!r}: not a usable checkpoint location (a NUL character or bytes); use a path or an fsspec URL")
     try:
-        return fsspec.core.url_to_fs(os.fspath(url))
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(f"{text!r}: not valid UTF-8 (a lone surrogate); use a path or an fsspec URL") from None
+    try:
+        return fsspec.core.url_to_fs(text)
     except (ValueError, ImportError) as e:
         raise CheckpointError(f"{os.fspath(url)}: cannot open this location ({e}); use a path or an fsspec URL") from e
 
