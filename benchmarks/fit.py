@@ -67,7 +67,7 @@ def fnloop_fit(model: torch.nn.Module, loader: DataLoader, epochs: int, loggers:
 
 
 def fnloop_fit_state(state: fl.TrainState, loader: DataLoader, epochs: int, loggers: bool = False) -> None:
-    logger = None
+    logger = False  # no sinks (None would be the default TensorBoard + CSV sinks)
     if loggers:
         root = tempfile.mkdtemp(prefix="fnloop-bench-")
         logger = [fl.TensorBoardLogger(root), fl.CSVLogger(root)]

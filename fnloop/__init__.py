@@ -10,7 +10,11 @@ from fnloop import registry as registry
 from fnloop.callbacks import Callback as Callback
 from fnloop.callbacks import EarlyStopping as EarlyStopping
 from fnloop.callbacks import LearningRateMonitor as LearningRateMonitor
+from fnloop.callbacks import PrivacyMonitor as PrivacyMonitor
+from fnloop.callbacks import ModelSummary as ModelSummary
+from fnloop.callbacks import PredictionWriter as PredictionWriter
 from fnloop.callbacks import ProgressBar as ProgressBar
+from fnloop.callbacks import ReduceLROnPlateau as ReduceLROnPlateau
 from fnloop.callbacks import Timer as Timer
 from fnloop.callbacks import request_stop as request_stop
 from fnloop.checkpoint import CheckpointManager as CheckpointManager
@@ -24,6 +28,7 @@ from fnloop.connectors.strategy import DDPStrategy as DDPStrategy
 from fnloop.loggers import ConsoleLogger as ConsoleLogger
 from fnloop.loggers import CSVLogger as CSVLogger
 from fnloop.loggers import JSONLLogger as JSONLLogger
+from fnloop.loggers import MLFlowLogger as MLFlowLogger
 from fnloop.loggers import TensorBoardLogger as TensorBoardLogger
 from fnloop.bind import bind as bind
 from fnloop.errors import CheckpointError as CheckpointError
@@ -35,11 +40,17 @@ from fnloop.state import LoopState as LoopState
 from fnloop.state import Status as Status
 from fnloop.state import TrainState as TrainState
 from fnloop.execution import compile as compile  # noqa: A004
+from fnloop.ensemble import vmap as vmap
 from fnloop.eval_steps import eval_step as eval_step
 from fnloop.eval_steps import predict_step as predict_step
+from fnloop.per_example import per_example_grads as per_example_grads
+from fnloop.stacking import stack as stack
+from fnloop.stacking import unstack as unstack
 from fnloop.step import train_step as train_step
 from fnloop.trainer import Trainer as Trainer
 from fnloop.tree import check_same_structure as check_same_structure
+from fnloop.tools import LRFinderResult as LRFinderResult
+from fnloop.tools import lr_find as lr_find
 from fnloop.tree import dataclass as dataclass
 from fnloop.tree import field as field
 from fnloop.tree import keystr as keystr

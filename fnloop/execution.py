@@ -35,6 +35,7 @@ from fnloop.bind import bind, working_copy
 from fnloop.errors import StepError, TreeMismatchError
 from fnloop.loss import split_loss
 from fnloop.optim.base import fused_apply
+from fnloop.optim.dp import PerExampleGradientTransformation
 from fnloop.state import OptionsState, TrainState
 from fnloop.tree import check_same_structure, tree_flatten, tree_leaves, tree_structure
 
@@ -454,7 +455,7 @@ class TrainExecutor:
         if self.compile_kwargs is not None:
             core = self._pure.get((template, tx), lambda: FlatCompiled(self.build_core(self.loss_fn, template, tx, options), self.compile_kwargs))  # type: ignore[arg-type]
             out = core.run(lambda: (options.seed(self._seeds(state.rng, state.step)), devices), *args)  # type: ignore[attr-defined]
-        elif graph or is_traced(state.params):
+        elif graph or is_traced(state.params) or isinstance(tx, PerExampleGradientTransformation):
             core = self._pure.get((template, tx), lambda: self.build_core(self.loss_fn, template, tx, options))
             out = _seeded_call(self._seeds, state, devices, core, *args, fold=options.seed)
         else:

@@ -31,10 +31,12 @@ import torch
 from fnloop import execution
 from fnloop import rng as _rng
 from fnloop.bind import Bound, working_copy
-from fnloop.errors import StepError
+from fnloop.errors import ConfigError, StepError
 from fnloop.loss import split_loss
 from fnloop.optim.base import fused_apply
+from fnloop.optim.dp import PerExampleGradientTransformation
 from fnloop.options import StepOptions
+from fnloop.example_grads import per_example_value_and_grad
 from fnloop.state import OptionsState, TrainState
 
 __all__ = ["TrainStep", "train_step", "apply_train_step", "train_core", "functional_model", "flush_window"]
@@ -65,6 +67,12 @@ def train_core(
     names = [n for n, p in template.named_parameters() if p.requires_grad]
     frozen = len(names) != sum(1 for _ in template.parameters())
     traced_copy = working_copy(template, True)  # what dynamo traces; eager calls take their thread's copy
+    per_example = isinstance(tx, PerExampleGradientTransformation)
+    if per_example and (options.accumulate_grad_batches > 1 or options.gradient_clip_val):
+        raise ConfigError(
+            "train_step: accumulate_grad_batches and gradient_clip_val do not apply to a per-example optimizer "
+            "(flo.dp_sgd clips each example to max_grad_norm); leave them at their defaults"
+        )
     tx_run = options.wrap(tx)
     apply = fused_apply(tx_run)
     spec = options.spec_of({n: p for n, p in template.named_parameters() if p.requires_grad})
@@ -76,15 +84,19 @@ def train_core(
         wrapped = options.join(carried, opt_state, trainable, spec) if options.key else opt_state
         scale = options.scale(wrapped)  # 16-mixed: the gradients are those of loss * scale
 
-        def loss_of(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Any:
+        def loss_of(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], data: Any) -> Any:
             module = traced_copy if torch.compiler.is_compiling() else working_copy(template, True)
             bound = functional_model(module, {**params, **p} if frozen else p, b)
             with options.forward(execution.device_of(params)):
-                loss, aux = split_loss(loss_fn(bound, batch), "train_step")
+                loss, aux = split_loss(loss_fn(bound, data), "train_step")
             return (loss if scale is None else loss * scale), (loss, aux)
 
         with torch.enable_grad():  # buffers are an input too: BatchNorm may update them in place
-            grads, (loss, aux) = torch.func.grad(loss_of, has_aux=True)(trainable, buffers)
+            if per_example:  # the transform privatises per-example gradients; metrics: their means
+                grads, (loss, aux) = per_example_value_and_grad(lambda p, data: loss_of(p, buffers, data))(trainable, batch)
+                loss, aux = loss.mean(), {k: v.mean(0) for k, v in aux.items()}
+            else:
+                grads, (loss, aux) = torch.func.grad(loss_of, has_aux=True)(trainable, buffers, batch)
         new, wrapped = apply(options.reduce(grads), wrapped, trainable)
         carried, opt_state = options.split(wrapped, trainable, spec) if options.key else (carried, wrapped)
         return {**params, **new} if frozen else new, buffers, opt_state, carried, {"loss": loss, **aux}

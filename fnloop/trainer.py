@@ -6,7 +6,7 @@ Example:
     >>> data = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(4)]
     >>> loss = lambda model, b: torch.nn.functional.mse_loss(model(b[0]), b[1])
     >>> state = fl.TrainState.create(torch.nn.Linear(3, 1), flo.sgd(lr=0.1))
-    >>> trainer = fl.Trainer(max_epochs=2, enable_progress_bar=False)
+    >>> trainer = fl.Trainer(max_epochs=2, enable_progress_bar=False, enable_model_summary=False, logger=False)
     >>> state = trainer.fit(state, fl.train_step(loss), data)
     >>> state.loop.global_step, state.loop.status
     (8, 'finished')
@@ -15,15 +15,20 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from fnloop.callbacks.base import Callback
 from fnloop.callbacks.misc import parse_duration
 from fnloop.connectors.signals import check_stop_signals
 from fnloop.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fnloop.state import TrainState
+    from fnloop.types import EvalStepFn, PredictStepFn, StepFn
 
 __all__ = ["Trainer"]
 
@@ -68,25 +73,63 @@ def _distribution_flags(trainer: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Trainer:
-    """Lightning's ``Trainer`` flags, with the same meaning; the loops live in
-    :mod:`fnloop.loops` and read every counter from ``state.loop``.
+    """The driver's flags, with Lightning's names and meanings.
 
-    Flags not in Lightning: ``on_nonfinite`` (``"raise"``, ``"skip"`` the update without a
-    host sync, or ``"stop"``; checked at each logging boundary), ``seed`` (data order; defaults
-    to the state's RNG key), ``stop_signals`` (OS signals that stop fit cleanly), ``donate``
-    (default True: fit updates the state it is given in place, as a hand-written loop does, and
-    that state is refused afterwards; use the state fit returns. ``False`` keeps it intact at the
-    cost of a second copy of the weights and optimizer state). ``enable_checkpointing``: ``True``
-    adds Lightning's default checkpoint callback when none is given, ``False`` turns checkpointing
-    off (no ``ModelCheckpoint`` allowed); the default ``None`` checkpoints only when asked (a
-    ``ModelCheckpoint`` callback or ``fit(checkpoint=...)``), so fit writes no file unasked.
+    The loops live in :mod:`fnloop.loops` and read every counter from ``state.loop``. Flags not
+    in Lightning: ``on_nonfinite``, ``seed``, ``stop_signals`` and ``donate`` (below);
+    ``enable_checkpointing`` keeps Lightning's name with a different default (below).
 
-    Devices, precision and distribution take Lightning's flags: ``accelerator`` (``"auto"``,
-    ``"cpu"``, ``"cuda"``, ``"gpu"``, ``"mps"``), ``devices`` (int, list of indices, ``"auto"``),
-    ``num_nodes``, ``strategy`` (``"auto"``, ``"ddp"``, a :class:`fnloop.DDPStrategy`; ``"fsdp"``
-    is not available yet), ``precision`` (``"32-true"``, ``"64-true"``, ``"bf16-true"``,
-    ``"16-true"``, ``"bf16-mixed"``, ``"16-mixed"`` and the short aliases), ``sync_batchnorm`` and
-    ``use_distributed_sampler`` (see :mod:`fnloop.connectors.launch`).
+    Args:
+        max_epochs: stop after this many epochs (-1: no limit; default 1000 when no other limit).
+        min_epochs: do not stop early (EarlyStopping, requested stops) before this many epochs.
+        max_steps: stop after this many optimizer steps (-1: no limit).
+        min_steps: do not stop early before this many optimizer steps.
+        max_time: stop after this wall time ("DD:HH:MM:SS", a dict of days/hours/... or seconds).
+        limit_train_batches: train batches per epoch (an int, or a float fraction of the epoch).
+        limit_val_batches: validation batches per run and per loader (int or fraction).
+        limit_test_batches: test batches per loader (int or fraction).
+        limit_predict_batches: prediction batches per loader (int or fraction).
+        val_check_interval: validate every this many train batches (int) or fraction of an epoch (float).
+        check_val_every_n_epoch: validate in every n-th epoch only (None: count batches across epochs).
+        num_sanity_val_steps: validation batches run before training (-1: all, 0: none).
+        log_every_n_steps: log train metrics every this many optimizer steps.
+        accumulate_grad_batches: batches whose gradients are summed into one optimizer step.
+        gradient_clip_val: clip gradients at this norm or value (None: no clipping).
+        gradient_clip_algorithm: "norm" (global norm, the default) or "value".
+        fast_dev_run: run 1 (True) or n batches of each loop, once, to check the code path.
+        overfit_batches: train and validate on this many (or this fraction of) train batches.
+        callbacks: a fnloop.Callback or a list of them.
+        logger: None or True: TensorBoard and CSV in default_root_dir; False: none; a sink or a list.
+        default_root_dir: where default loggers write (default: ./runs).
+        enable_progress_bar: show a progress bar during fit and the metrics table after validate/test.
+        deterministic: use torch's deterministic algorithms during fit.
+        seed: the seed of the data order (default: the state's RNG key).
+        on_nonfinite: a non-finite loss "raise"s, "skip"s the update (no host sync) or "stop"s fit.
+        stop_signals: OS signals that stop fit cleanly after the current step.
+        donate: fit updates the given state in place and refuses it afterwards (False: keep a copy).
+        enable_model_summary: print the model summary (ModelSummary) when fit starts.
+        inference_mode: evaluate and predict under torch.inference_mode (False: torch.no_grad).
+        reload_dataloaders_every_n_epochs: ask the datamodule for new train and val data every n epochs (0: never).
+        enable_checkpointing: True adds the default ModelCheckpoint, False forbids one; None checkpoints only when asked.
+        accelerator: "auto", "cpu", "cuda", "gpu" or "mps".
+        devices: devices per node: an int, a list of device indices or "auto".
+        num_nodes: machines taking part in a distributed run.
+        strategy: "auto", "ddp" or a fnloop.DDPStrategy ("fsdp" is not available yet).
+        precision: "32-true", "64-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed" or a short alias.
+        sync_batchnorm: synchronise BatchNorm statistics across ranks (DDP).
+        use_distributed_sampler: give each rank its share of every loader (False: every rank reads all the data).
+
+    ``on_nonfinite`` is checked at each logging boundary. With ``donate`` (default True) fit
+    updates the state it is given in place, as a hand-written loop does, and that state is
+    refused afterwards; use the state fit returns. ``False`` keeps it intact at the cost of a
+    second copy of the weights and optimizer state. With ``enable_checkpointing=None`` (the
+    default) fit writes no checkpoint file unasked: only a ``ModelCheckpoint`` callback or
+    ``fit(checkpoint=...)`` saves; ``True`` adds Lightning's default checkpoint callback when
+    none is given, ``False`` turns checkpointing off (no ``ModelCheckpoint`` allowed).
+
+    Devices, precision and distribution take Lightning's flags and meanings (see
+    :mod:`fnloop.connectors.launch`): in a distributed run each rank trains on its share of the
+    data, metrics are reduced across ranks, and rank 0 alone logs, prints and writes files.
 
     Example:
         >>> import fnloop as fl
@@ -121,6 +164,9 @@ class Trainer:
     on_nonfinite: str = "raise"
     stop_signals: Sequence[int] | None = None
     donate: bool = True
+    enable_model_summary: bool = True
+    inference_mode: bool = True
+    reload_dataloaders_every_n_epochs: int = 0
     enable_checkpointing: bool | None = None
     accelerator: str = "auto"
     devices: int | list[int] | str = "auto"
@@ -180,6 +226,10 @@ class Trainer:
                 )
         if self.seed is not None:
             _int_flag("seed", self.seed, low=0, allow_none=True)
+        for name in ("enable_model_summary", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"Trainer({name}={getattr(self, name)!r}): accepted values are True or False")
+        _int_flag("reload_dataloaders_every_n_epochs", self.reload_dataloaders_every_n_epochs, low=0, extra=" (0: never)")
         from fnloop.checkpoint.callback import check_enable_checkpointing
 
         check_enable_checkpointing(self.enable_checkpointing, self.callback_list)
@@ -190,6 +240,21 @@ class Trainer:
             )
 
     # --- resolved values -------------------------------------------------------------------
+
+    @functools.cached_property
+    def loggers(self) -> Any:
+        """The sinks of ``logger`` (Lightning's meanings: None or True -> TensorBoard and CSV in
+        ``default_root_dir`` (``runs``), False -> none), made once per Trainer so that ``fit``
+        and a later ``test`` write to the same run folder.
+
+        Example:
+            >>> import fnloop as fl
+            >>> type(fl.Trainer(logger=False).loggers).__name__
+            'NullLogger'
+        """
+        from fnloop.loops.logging import make_logger
+
+        return make_logger(self.logger, self.default_root_dir)
 
     @property
     def callback_list(self) -> list[Callback]:
@@ -241,11 +306,11 @@ class Trainer:
 
     def fit(
         self,
-        state: Any,
-        train_step: Any,
+        state: TrainState,
+        train_step: StepFn,
         train_data: Any = None,
         *,
-        val_step: Any = None,
+        val_step: EvalStepFn | Sequence[EvalStepFn] | Mapping[str, EvalStepFn] | None = None,
         val_data: Any = None,
         datamodule: Any = None,
         ckpt_path: str | None = None,
@@ -270,20 +335,54 @@ class Trainer:
             datamodule=datamodule, ckpt_path=ckpt_path, checkpoint=checkpoint,
         )
 
-    def validate(self, state: Any, eval_step: Any, data: Any = None, *, datamodule: Any = None) -> dict[str, float]:
-        """Run ``eval_step`` over ``data``; metrics reduced over the loader (``val/...``)."""
+    def validate(
+        self,
+        state: TrainState,
+        eval_step: EvalStepFn | Sequence[EvalStepFn] | Mapping[str, EvalStepFn],
+        data: Any = None,
+        *,
+        datamodule: Any = None,
+        verbose: bool = True,
+    ) -> dict[str, float]:
+        """Run ``eval_step`` over ``data``; metrics reduced over the loader (``val/...``).
+
+        ``data`` may be several loaders (a list or dict: ``val/loss/dataloader_idx_1`` or
+        ``val/loss/<key>``; see :mod:`fnloop.loops.loaders`), ``eval_step`` one step or one per
+        loader. With ``enable_progress_bar`` and ``verbose`` the metrics are printed as a table.
+        """
         from fnloop.loops.evaluate import run_stage
 
-        return run_stage(self, state, eval_step, data, stage="val", datamodule=datamodule)
+        return run_stage(self, state, eval_step, data, stage="val", datamodule=datamodule, verbose=verbose)
 
-    def test(self, state: Any, eval_step: Any, data: Any = None, *, datamodule: Any = None) -> dict[str, float]:
-        """Run ``eval_step`` over ``data``; metrics reduced over the loader (``test/...``)."""
+    def test(
+        self,
+        state: TrainState,
+        eval_step: EvalStepFn | Sequence[EvalStepFn] | Mapping[str, EvalStepFn],
+        data: Any = None,
+        *,
+        datamodule: Any = None,
+        verbose: bool = True,
+    ) -> dict[str, float]:
+        """Run ``eval_step`` over ``data``; metrics reduced over the loader (``test/...``); see :meth:`validate`."""
         from fnloop.loops.evaluate import run_stage
 
-        return run_stage(self, state, eval_step, data, stage="test", datamodule=datamodule)
+        return run_stage(self, state, eval_step, data, stage="test", datamodule=datamodule, verbose=verbose)
 
-    def predict(self, state: Any, predict_step: Any, data: Any = None, *, datamodule: Any = None) -> list[Any]:
-        """Run ``predict_step`` over ``data``; returns the outputs of every batch, in order."""
+    def predict(
+        self,
+        state: TrainState,
+        predict_step: PredictStepFn | Sequence[PredictStepFn] | Mapping[str, PredictStepFn],
+        data: Any = None,
+        *,
+        datamodule: Any = None,
+        return_predictions: bool = True,
+    ) -> Any:
+        """Run ``predict_step`` over ``data``; returns the outputs of every batch, in order.
+
+        ``data`` may be several loaders (a list or a dict, see :mod:`fnloop.loops.loaders`): the
+        result is then a list (or dict) of such lists. ``return_predictions=False`` keeps nothing
+        in memory and returns None (a :class:`fnloop.PredictionWriter` callback writes them).
+        """
         from fnloop.loops.predict import run_predict
 
-        return run_predict(self, state, predict_step, data, datamodule=datamodule)
+        return run_predict(self, state, predict_step, data, datamodule=datamodule, return_predictions=return_predictions)

@@ -14,6 +14,7 @@ __all__ = [
     "Schedule",
     "StepFn",
     "EvalStepFn",
+    "PredictStepFn",
     "LossFn",
 ]
 
@@ -57,6 +58,12 @@ class EvalStepFn(Protocol):
     """An eval step: ``(state, batch) -> metrics``."""
 
     def __call__(self, state: Any, batch: Any) -> Metrics: ...
+
+
+class PredictStepFn(Protocol):
+    """A predict step: ``(state, batch) -> outputs`` (any pytree)."""
+
+    def __call__(self, state: Any, batch: Any) -> Any: ...
 
 
 class Batch(NamedTuple):

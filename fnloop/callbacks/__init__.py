@@ -8,4 +8,9 @@ from fnloop.callbacks.early_stopping import EarlyStopping as EarlyStopping
 from fnloop.callbacks.misc import LearningRateMonitor as LearningRateMonitor
 from fnloop.callbacks.misc import Timer as Timer
 from fnloop.callbacks.misc import parse_duration as parse_duration
+from fnloop.callbacks.privacy import PrivacyMonitor as PrivacyMonitor
+from fnloop.callbacks.model_summary import ModelSummary as ModelSummary
+from fnloop.callbacks.plateau import ReduceLROnPlateau as ReduceLROnPlateau
+from fnloop.callbacks.prediction_writer import PredictionWriter as PredictionWriter
+from fnloop.callbacks.prediction_writer import read_predictions as read_predictions
 from fnloop.callbacks.progress import ProgressBar as ProgressBar

@@ -13,7 +13,8 @@ __all__ = ["ProgressBar"]
 
 
 class ProgressBar(Callback):
-    """One bar per epoch (total = batches in the epoch when known) with the latest metrics.
+    """One bar per epoch (total = batches in the epoch when known) with the latest metrics;
+    after ``Trainer.validate``/``test``, a table of their metrics.
 
     Example:
         >>> import fnloop as fl
@@ -26,6 +27,7 @@ class ProgressBar(Callback):
         self._bar: Any = None
         self.total: int | None = None
         self._pending = 0
+        self._results: dict[str, float] | None = None
 
     def on_train_epoch_start(self, state: Any) -> Any:
         from tqdm.auto import tqdm
@@ -61,3 +63,16 @@ class ProgressBar(Callback):
 
     def on_exception(self, state: Any, exception: BaseException) -> None:
         self._close()
+
+    def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> Any:
+        self._results = dict(metrics)
+
+    def on_test_end(self, state: Any, metrics: Mapping[str, float]) -> Any:
+        self._results = dict(metrics)
+
+    def teardown(self, state: Any, stage: str) -> Any:
+        if stage in ("validate", "test") and self._results is not None:
+            from fnloop.loggers import format_metrics_table
+
+            print(format_metrics_table(self._results, title=f"{stage.capitalize()} metrics"))
+        self._results = None

@@ -54,6 +54,8 @@ class ModelCheckpoint(Callback):
         >>> cb = fl.ModelCheckpoint("memory://doc/mc", keep_best=1, monitor="val/loss")
     """
 
+    metadata_hook: Any = None  # set by the driver: the callbacks' on_save_checkpoint, (state, meta) -> meta
+
     def __init__(self, manager: CheckpointManager | str | None = None, **kwargs: Any) -> None:
         if not isinstance(manager, CheckpointManager):
             manager = CheckpointManager(manager, **kwargs)
@@ -73,6 +75,8 @@ class ModelCheckpoint(Callback):
 
     def _timed_save(self, state: Any, step: int, epoch: int, metrics: dict[str, float]) -> None:
         t0 = time.perf_counter()
+        if self.metadata_hook is not None:
+            metrics = self.metadata_hook(state, metrics)
         self.manager.save(state, metrics=metrics, step=step, epoch=epoch)
         self._saved_at = _position(state.loop)
         self.seconds += time.perf_counter() - t0

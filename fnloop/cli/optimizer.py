@@ -51,6 +51,9 @@ def _checked(fn: Callable[..., Any], kwargs: Mapping[str, Any], where: str) -> d
             raise ConfigError(
                 f"{where}.{key} is not an argument of fnloop.optim.{fn.__name__}; accepted keys: {', '.join(accepted)}"
             )
+    lr = kwargs.get("lr")
+    if isinstance(lr, (str, bool)):  # a number, a tensor or a schedule; checked here so the error names this key
+        raise ConfigError(f"{where}.lr={lr!r}: the learning rate must be a number, e.g. {where}.lr: 0.001")
     rest = {k: v for k, v in kwargs.items() if k != "lr"}
     parser = _arg_parser(fn)
     try:

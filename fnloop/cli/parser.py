@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace
 
 from fnloop.checkpoint.manager import CheckpointManager
 from fnloop.cli.optimizer import SCHEDULES
@@ -29,7 +29,7 @@ from fnloop.errors import ConfigError
 from fnloop.loggers import Logger
 from fnloop.trainer import Trainer
 
-__all__ = ["STAGES", "LOGGER_NAMES", "ScheduleSpec", "AnyDataModule", "CLIParser", "build_parser", "explain"]
+__all__ = ["STAGES", "LOGGER_NAMES", "ScheduleSpec", "AnyDataModule", "CLIParser", "ShortHelp", "build_parser", "explain"]
 
 STAGES: tuple[str, ...] = ("fit", "validate", "test", "predict")
 """The subcommands."""
@@ -100,8 +100,22 @@ class CLIParser:
         return cfg.subcommand, cfg[cfg.subcommand]
 
 
+_KNOWN_SUBCLASSES = re.compile(r", known subclasses: [^()]*")
+
+
+class ShortHelp(DefaultHelpFormatter):
+    """jsonargparse's help without the list of every known subclass (of ``torch.nn.Module``:
+    about a hundred torch internals), under a one-line usage."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return _KNOWN_SUBCLASSES.sub("", super()._get_help_string(action))
+
+
 def _stage_parser(stage: str) -> ArgumentParser:
-    p = ArgumentParser(description=_DESCRIPTIONS[stage], exit_on_error=False, allow_abbrev=False)
+    p = ArgumentParser(
+        description=_DESCRIPTIONS[stage], exit_on_error=False, allow_abbrev=False, formatter_class=ShortHelp,
+        usage=f"fnloop {stage} --config CONFIG [--KEY VALUE ...]  (keys below; --print_config shows a full config)",
+    )
     p.add_argument("--config", action=ActionConfigFile, help="a YAML config file (repeatable; later ones override)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model's initial weights and the state's RNG")
     p.add_argument("--name", type=str | None, default=None, help="run name (default: the config file's stem)")
@@ -134,7 +148,7 @@ def build_parser() -> CLIParser:
         >>> build_parser().top.prog
         'fnloop'
     """
-    top = ArgumentParser(prog="fnloop", description="fnloop: train, validate, test and predict from a config.",
+    top = ArgumentParser(prog="fnloop", description="fnloop: train, validate, test and predict from a config.", formatter_class=ShortHelp,
                          exit_on_error=False, allow_abbrev=False)
     sub = top.add_subcommands(required=True)
     stage_parsers = {}

@@ -293,7 +293,8 @@ def evaluate(job: Job) -> int:
         raise ConfigError(f"data: {type(job.data).__name__} has no {method}() method; {job.stage} needs it")
     _, trainer, state = _eval_setup(job)
     run = trainer.validate if stage == "val" else trainer.test
-    metrics = run(state, eval_step(job.metric_fn), datamodule=job.data)
+    metrics = run(state, eval_step(job.metric_fn), datamodule=job.data, verbose=False)
+    print(format_metrics_table(metrics, f"{job.stage.capitalize()} metrics"), flush=True)
     _accuracy_line(metrics, stage)
     return EXIT_OK
 

@@ -1,4 +1,4 @@
-"""Logger sinks: TensorBoard (tensorboardX), CSV, JSON Lines and console.
+"""Logger sinks: TensorBoard (tensorboardX), CSV, JSON Lines, console and MLflow.
 
 Sinks take plain numbers at logging boundaries, write on global rank 0 only, and share one
 run folder ``<root_dir>/<name>/version_<n>/`` when used together in a
@@ -38,6 +38,7 @@ from fnloop.loggers.hparams import read_hparams_file as read_hparams_file
 from fnloop.loggers.hparams import to_plain as to_plain
 from fnloop.loggers.hparams import write_hparams_file as write_hparams_file
 from fnloop.loggers.jsonl import JSONLLogger as JSONLLogger
+from fnloop.loggers.mlflow import MLFlowLogger as MLFlowLogger
 from fnloop.loggers.run_dir import RunDir as RunDir
 from fnloop.loggers.run_dir import next_version as next_version
 from fnloop.loggers.run_dir import resolve_run_dir as resolve_run_dir
@@ -64,6 +65,7 @@ __all__ = [
     "to_plain",
     "write_hparams_file",
     "JSONLLogger",
+    "MLFlowLogger",
     "RunDir",
     "next_version",
     "resolve_run_dir",

@@ -158,6 +158,9 @@ class NullLogger:
     ) -> None:
         """Does nothing."""
 
+    def log_checkpoint(self, path: str) -> None:
+        """Does nothing."""
+
     def finalize(self, status: str) -> None:
         """Checks ``status`` and does nothing else."""
         check_status(status)
@@ -243,6 +246,12 @@ class LoggerCollection:
         values = None if metrics is None else scalar_metrics(metrics)
         for sink in self._loggers:
             sink.log_hparams(params, values)
+
+    def log_checkpoint(self, path: str) -> None:
+        """Hand the final checkpoint's folder to the sinks that store checkpoints (``log_checkpoint``)."""
+        for sink in self._loggers:
+            if callable(getattr(sink, "log_checkpoint", None)):
+                sink.log_checkpoint(path)
 
     def finalize(self, status: str) -> None:
         """Finalize every sink, even when one fails; the first error is raised afterwards."""

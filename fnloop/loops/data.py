@@ -22,9 +22,15 @@ _STAGE_KEYS = {"train": "train_data", "val": "val_data", "test": "test_data", "p
 _DM_STAGE = {"train": "fit", "val": "validate", "test": "test", "predict": "predict"}
 
 
-def data_seed(trainer: Any, state: Any) -> int:
-    """The seed the data order derives from: ``Trainer(seed=...)`` or the state's RNG key."""
-    return int(trainer.seed) if trainer.seed is not None else int(state.rng)
+def data_seed(seed: int | None, state: Any) -> int:
+    """The seed the data order derives from: ``Trainer(seed=...)`` or the state's RNG key.
+
+    Example:
+        >>> import torch, fnloop as fl, fnloop.optim as flo
+        >>> data_seed(None, fl.TrainState.create(torch.nn.Linear(1, 1), flo.sgd(lr=0.1), seed=7)), data_seed(3, None)
+        (7, 3)
+    """
+    return int(seed) if seed is not None else int(state.rng)
 
 
 def stage_data(data: Any, datamodule: Any, stage: str, *, fit: bool = False) -> Any:

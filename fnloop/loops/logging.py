@@ -9,21 +9,28 @@ from typing import Any
 import torch
 
 from fnloop.errors import ConfigError
+from fnloop.metrics import Accumulator
+from fnloop.metrics.metric import ExtremumState, Max, Mean, MeanState, Min, Sum, SumState
 
 __all__ = ["make_logger", "Window"]
 
 
-def make_logger(trainer: Any) -> Any:
-    """The run's sinks: ``logger=None/False`` -> no-op; ``True`` -> TensorBoard and CSV in
-    ``default_root_dir`` (``runs``) as Lightning does; a sink or a list of sinks -> a collection
-    sharing one run folder."""
+def make_logger(spec: Any, root_dir: str | None) -> Any:
+    """The sinks of ``Trainer(logger=spec)``, with Lightning's meanings: ``None`` (the default)
+    or ``True`` -> TensorBoard and CSV in ``<root_dir or "runs">/default/version_<n>``;
+    ``False`` -> nothing is written; a sink or a list of sinks -> a collection sharing one run
+    folder.
+
+    Example:
+        >>> type(make_logger(False, None)).__name__
+        'NullLogger'
+    """
     from fnloop.loggers import CSVLogger, LoggerCollection, NullLogger, TensorBoardLogger
 
-    spec = trainer.logger
-    if spec is None or spec is False:
+    if spec is False:
         return NullLogger()
-    if spec is True:
-        root = trainer.default_root_dir or "runs"
+    if spec is None or spec is True:
+        root = root_dir or "runs"
         spec = [TensorBoardLogger(root), CSVLogger(root)]
     sinks = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     for i, sink in enumerate(sinks):
@@ -31,16 +38,28 @@ def make_logger(trainer: Any) -> Any:
         if not all(callable(getattr(type(sink), m, None)) for m in ("log_metrics", "log_hparams", "finalize")):
             raise ConfigError(
                 f"Trainer(logger=...): item {i} ({type(sink).__name__}) is not a logger; use fnloop.TensorBoardLogger, "
-                "CSVLogger, JSONLLogger, ConsoleLogger, or an object with log_metrics/log_hparams/finalize/log_dir"
+                "CSVLogger, JSONLLogger, ConsoleLogger, MLFlowLogger, or an object with log_metrics/log_hparams/finalize/log_dir"
             )
     return LoggerCollection(sinks)
 
 
 class Window:
-    """Train metrics of the steps since the last logging boundary, kept as tensors; reduced
-    (batch-size weighted means, one host sync) when the boundary comes."""
+    """Train metrics of the steps since the last logging boundary, kept as tensors; reduced when
+    the boundary comes (one host sync), each name by its :class:`fnloop.metrics.Accumulator`
+    rule: a batch-size weighted mean by default, ``*_sum``/``*_max``/``*_min`` by their names.
 
-    def __init__(self) -> None:
+    Example:
+        >>> import torch
+        >>> w = Window(Accumulator())
+        >>> w.add({"loss": torch.tensor(1.0), "g_max": torch.tensor(3.0)}, 1, 1, 0)
+        >>> w.add({"loss": torch.tensor(4.0), "g_max": torch.tensor(2.0)}, 3, 2, 0)
+        >>> states, bad, _, samples = w.reduce()
+        >>> {k: v.item() for k, v in Accumulator().compute(states).items()}, bad, samples
+        ({'loss': 3.25, 'g_max': 3.0}, None, 4)
+    """
+
+    def __init__(self, acc: Accumulator) -> None:
+        self.acc = acc
         self.entries: list[tuple[Mapping[str, torch.Tensor], int]] = []
         self.where: list[tuple[int, int]] = []  # (global_step, epoch) of each entry
         self.start = time.perf_counter()
@@ -52,8 +71,9 @@ class Window:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def reduce(self) -> tuple[dict[str, float], int | None, float, int]:
-        """``(means, index of the first entry with a non-finite loss or None, seconds, samples)``."""
+    def reduce(self) -> tuple[dict[str, Any], int | None, float, int]:
+        """``(metric states by name, index of the first entry with a non-finite loss or None,
+        seconds, samples)``; the states merge into an epoch's with ``Accumulator.merge``."""
         seconds = time.perf_counter() - self.start
         samples = sum(bs for _, bs in self.entries)
         keys: list[str] = []
@@ -61,17 +81,36 @@ class Window:
             keys.extend(k for k in metrics if k not in keys)
         if not self.entries or not keys:
             return {}, None, seconds, samples
-        zero = torch.zeros((), dtype=torch.float64)
-        rows = [torch.stack([m[k].detach().to("cpu", torch.float64).reshape(()) if k in m else zero for k in keys]) for m, _ in self.entries]
-        table = torch.stack(rows)  # [entries, keys]
+        rows = []
+        for m, _ in self.entries:  # stacked where the values live, then one transfer
+            device = next(iter(m.values())).device
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            zero = torch.zeros((), dtype=dtype, device=device)
+            rows.append(torch.stack([m[k].detach().reshape(()).to(dtype) if k in m else zero for k in keys]))
+        table = torch.stack(rows).to("cpu", torch.float64)  # [entries, keys]
         present = torch.tensor([[k in m for k in keys] for m, _ in self.entries])
-        w = torch.tensor([bs for _, bs in self.entries], dtype=torch.float64)[:, None] * present
-        means = (table * w).sum(0) / w.sum(0)
-        values = means.tolist()
+        sizes = torch.tensor([bs for _, bs in self.entries], dtype=torch.float64)
+        states = {k: _reduce_column(self.acc.metric_for(k), table[:, j], present[:, j], sizes) for j, k in enumerate(keys)}
         bad = None
         if "loss" in keys:
-            losses = table[:, keys.index("loss")]
-            finite = torch.isfinite(losses)
+            finite = torch.isfinite(table[:, keys.index("loss")])
             if not bool(finite.all()):
                 bad = int((~finite).nonzero()[0, 0])
-        return dict(zip(keys, values)), bad, seconds, samples
+        return states, bad, seconds, samples
+
+
+def _reduce_column(metric: Any, values: torch.Tensor, present: torch.Tensor, sizes: torch.Tensor) -> Any:
+    """The metric state of one name over a window: vectorised for the built-in reductions."""
+    values = values[present]
+    if type(metric) is Mean:
+        w = sizes[present]
+        return MeanState((values * w).sum(), w.sum())
+    if type(metric) is Sum:
+        return SumState(values.sum())
+    if type(metric) in (Max, Min):
+        return ExtremumState(values.max() if type(metric) is Max else values.min())
+    state = metric.init()
+    weights = sizes[present] if isinstance(metric, Mean) else torch.ones_like(values)
+    for v, w in zip(values, weights):
+        state = metric.update(state, v, w)
+    return state

@@ -1,5 +1,5 @@
 """What one ``fit`` call holds besides the state: the configuration resolved once, and the
-effects (validation runs, logging windows, the time profile, stop conditions).
+effects (validation runs, logging windows and epoch values, the time profile, stop conditions).
 """
 
 from __future__ import annotations
@@ -7,28 +7,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fnloop.callbacks.misc import parse_duration
+from fnloop.callbacks.model_summary import ModelSummary
 from fnloop.callbacks.progress import ProgressBar
 from fnloop.errors import StepError
 from fnloop.loops import rules
 from fnloop.loops.data import limited
-from fnloop.loops.evaluate import evaluate, prefixed
-from fnloop.loops.logging import Window, make_logger
-from fnloop.connectors.strategy import Parallel
-from fnloop.loggers import NullLogger
+from fnloop.loops.evaluate import Loader, evaluate, prefixed
+from fnloop.loops.hooks import Hooks
+from fnloop.loops.logging import Window
+from fnloop.loops.ranks import loggers_on, on_this_rank
+from fnloop.metrics import Accumulator
 
-__all__ = ["FitRun", "call_hook", "with_loop"]
+if TYPE_CHECKING:
+    from fnloop.connectors.strategy import Parallel
+    from fnloop.trainer import Trainer
 
-
-def call_hook(callbacks: list[Any], name: str, state: Any, *args: Any) -> Any:
-    """Call hook ``name`` of every callback in order; a returned state replaces the current one."""
-    for cb in callbacks:
-        out = getattr(cb, name)(state, *args)
-        if out is not None:
-            state = out
-    return state
+__all__ = ["FitRun", "with_loop"]
 
 
 def with_loop(state: Any, **changes: Any) -> Any:
@@ -40,89 +37,135 @@ class FitRun:
     """What one ``fit`` call holds besides the state: configuration resolved once and effects."""
 
     def __init__(
-        self, trainer: Any, train_step: Any, val_step: Any, train_src: Any, val_src: Any, checkpoint: Any, parallel: Any = None
-    ):
+        self,
+        trainer: Trainer,
+        train_step: Any,
+        val_loaders: list[Loader],
+        train_src: Any,
+        checkpoint: Any,
+        parallel: Parallel | None = None,
+    ) -> None:
+        from fnloop.connectors.strategy import Parallel
+
         self.trainer = trainer
         self.parallel = parallel = parallel if parallel is not None else Parallel()
         self.train_step = train_step
-        self.val_step = val_step
+        self.val_loaders = val_loaders
         self.train_src = train_src
-        self.val_src = val_src
         self.checkpoint = checkpoint
-        self.callbacks = [c for c in trainer.callback_list if c is not checkpoint]
-        if checkpoint is not None and parallel.is_global_zero:  # last, so it saves what the other callbacks returned
-            self.callbacks.append(checkpoint)
+        self.reload: Any = None  # () -> (train source, val loaders) under reload_dataloaders_every_n_epochs
+        # rank 0 alone prints, shows progress and writes checkpoints and logs
+        callbacks = on_this_rank([c for c in trainer.callback_list if c is not checkpoint], parallel)
+        lead = parallel.is_global_zero
+        if trainer.enable_model_summary and lead and not any(isinstance(c, ModelSummary) for c in callbacks):
+            callbacks.insert(0, ModelSummary())
+        if checkpoint is not None and lead:  # last, so it saves what the other callbacks returned
+            callbacks.append(checkpoint)
         self.bar = None
-        if trainer.enable_progress_bar and parallel.is_global_zero and not any(isinstance(c, ProgressBar) for c in self.callbacks):
+        if trainer.enable_progress_bar and lead and not any(isinstance(c, ProgressBar) for c in callbacks):
             self.bar = ProgressBar()
-            self.callbacks.append(self.bar)
-        self.logger = make_logger(trainer) if parallel.is_global_zero else NullLogger()  # rank 0 writes the logs
+            callbacks.append(self.bar)
+        self.callbacks = callbacks
+        self.hooks = Hooks(callbacks)
+        if checkpoint is not None and lead:  # what the callbacks add to each checkpoint's metadata
+            checkpoint.metadata_hook = self.hooks.save_metadata if self.hooks.wants("on_save_checkpoint") else None
+        self.logger = loggers_on(trainer, parallel)
         self.max_epochs = trainer.resolved_max_epochs
         self.max_steps = trainer.resolved_max_steps
         self.max_time = parse_duration(trainer.max_time)
         options = getattr(train_step, "options", None)  # the step carries the accumulation flag
         self.accumulate = options.accumulate_grad_batches if options is not None else trainer.accumulate_grad_batches
-        self.window = Window()
+        self.acc = Accumulator()
+        self.window = Window(self.acc)
+        self.epoch_states: dict[str, Any] = {}  # the train metrics of the epoch so far
+        self.epoch_samples = 0
         self.started = time.monotonic()
         self.times = {"data": 0.0, "step": 0.0, "eval": 0.0}
 
     # --- validation ----------------------------------------------------------------------------
 
     def val_batches(self, epoch: int) -> int | None:
-        if self.val_step is None or self.val_src is None:
+        """Validation batches of the first loader (0: no validation)."""
+        if not self.val_loaders:
             return 0
-        return limited(self.val_src, epoch, self.trainer.limit("val"), "val")
+        return limited(self.val_loaders[0].source, epoch, self.trainer.limit("val"), "val")
+
+    def _evaluate(self, state: Any, n_batches: Any) -> tuple[Any, dict[str, float]]:
+        t0 = time.perf_counter()
+        state = self.hooks("on_validation_start", state)
+        state, metrics = evaluate(
+            state, self.val_loaders, n_batches, self.hooks, kind="validation", prefix="val",
+            inference=self.trainer.inference_mode, parallel=self.parallel,
+        )
+        self.times["eval"] += time.perf_counter() - t0
+        return state, metrics
 
     def validate(self, state: Any) -> Any:
-        n = self.val_batches(state.loop.epoch)
-        t0 = time.perf_counter()
-        metrics = prefixed(evaluate(state, self.val_step, self.val_src, n, epoch=0, parallel=self.parallel), "val")
-        self.times["eval"] += time.perf_counter() - t0
+        """A validation run: logged, then ``on_validation_end`` with its metrics."""
+        epoch, limit = state.loop.epoch, self.trainer.limit("val")
+        state, metrics = self._evaluate(state, lambda source: limited(source, epoch, limit, "val"))
         state = with_loop(state, val_count=state.loop.val_count + 1, val_pending=False)
         self.logger.log_metrics(metrics, step=state.loop.global_step)
-        return call_hook(self.callbacks, "on_validation_end", state, metrics)
+        return self.hooks("on_validation_end", state, metrics)
 
-    def sanity_check(self, state: Any) -> None:
-        n_val = self.val_batches(0)
-        steps = self.trainer.num_sanity_val_steps
-        if self.trainer.dev_batches or steps == 0 or n_val == 0:
-            return
-        n = n_val if steps == -1 else (steps if n_val is None else min(steps, n_val))
-        t0 = time.perf_counter()
-        evaluate(state, self.val_step, self.val_src, n, parallel=self.parallel)
-        self.times["eval"] += time.perf_counter() - t0
+    def sanity_check(self, state: Any) -> Any:
+        """``num_sanity_val_steps`` batches of every validation loader; nothing logged."""
+        steps, limit = self.trainer.num_sanity_val_steps, self.trainer.limit("val")
+        if self.trainer.dev_batches or steps == 0 or self.val_batches(0) == 0:
+            return state
+
+        def n_batches(source: Any) -> int | None:
+            n = limited(source, 0, limit, "val")
+            return n if steps == -1 else (steps if n is None else min(steps, n))
+
+        state = self.hooks("on_sanity_check_start", state)
+        state, _ = self._evaluate(state, n_batches)
+        return self.hooks("on_sanity_check_end", state)
 
     # --- logging -------------------------------------------------------------------------------
 
-    def flush_window(self, state: Any) -> Any:
-        if not len(self.window):
+    def flush_window(self, state: Any, *, epoch_end: bool = False) -> Any:
+        """Log the window's reduced train metrics (``train/<name>``) and the callbacks' values;
+        at the end of an epoch also the epoch's values (``train/<name>_epoch``), in one call."""
+        logged: dict[str, float] = {}
+        window = len(self.window) > 0
+        if window:
+            states, bad, seconds, samples = self.window.reduce()
+            where_of = self.window.where
+            self.window = Window(self.acc)
+            values = {k: float(v) for k, v in self.acc.compute(states).items()}
+            self.epoch_samples += samples
+            if self.parallel.distributed:  # every rank's window, weighted by samples (a non-finite loss anywhere shows)
+                values = self.parallel.reduce_metrics(values, samples)
+                bad = 0 if bad is None and not math.isfinite(values.get("loss", 0.0)) else bad
+                samples *= self.parallel.world_size
+            if bad is not None and self.trainer.on_nonfinite != "skip":
+                bad_step, bad_epoch = where_of[bad]
+                where = f"the loss became non-finite at global step {bad_step} (epoch {bad_epoch})"
+                if self.trainer.on_nonfinite == "raise":
+                    raise StepError(
+                        f"{where}; lower the learning rate, clip gradients (gradient_clip_val), or set "
+                        "Trainer(on_nonfinite='skip') to skip such updates"
+                    )
+                state = with_loop(state, stop=True)
+            self.epoch_states = self.acc.merge(self.epoch_states, states)
+            logged = prefixed(values, "train")
+            if seconds > 0:
+                logged["throughput/samples_per_sec"] = samples / seconds
+                logged["throughput/batches_per_sec"] = len(where_of) / seconds
+            for cb in self.hooks.overriding("log"):
+                logged.update(cb.log(state))
+        if epoch_end and self.epoch_states:
+            values = {k: float(v) for k, v in self.acc.compute(self.epoch_states).items()}
+            values = prefixed(self.parallel.reduce_metrics(values, self.epoch_samples), "train")
+            self.epoch_states, self.epoch_samples = {}, 0
+            logged.update({f"{k}_epoch": v for k, v in values.items()})
+        if not logged:
             return state
-        means, bad, seconds, samples = self.window.reduce()
-        where_of = self.window.where
-        self.window = Window()
-        if self.parallel.distributed:  # every rank's window, weighted by samples (a non-finite loss anywhere shows)
-            means = self.parallel.reduce_metrics(means, samples)
-            bad = 0 if bad is None and not math.isfinite(means.get("loss", 0.0)) else bad
-            samples *= self.parallel.world_size
-        if bad is not None and self.trainer.on_nonfinite != "skip":
-            bad_step, bad_epoch = where_of[bad]
-            where = f"the loss became non-finite at global step {bad_step} (epoch {bad_epoch})"
-            if self.trainer.on_nonfinite == "raise":
-                raise StepError(
-                    f"{where}; lower the learning rate, clip gradients (gradient_clip_val), or set "
-                    "Trainer(on_nonfinite='skip') to skip such updates"
-                )
-            state = with_loop(state, stop=True)
-        logged = prefixed(means, "train")
-        if seconds > 0:
-            logged["throughput/samples_per_sec"] = samples / seconds
-            logged["throughput/batches_per_sec"] = len(where_of) / seconds
-        for cb in self.callbacks:
-            logged.update(cb.log(state))
         step = state.loop.global_step
         self.logger.log_metrics(logged, step=step)
-        for cb in self.callbacks:
-            cb.on_log(logged, step)
+        if window:  # a logging boundary (an epoch's values alone are not one)
+            self.hooks.notify("on_log", logged, step)
         return with_loop(state, logger_step=step)
 
     # --- stopping ------------------------------------------------------------------------------

@@ -19,12 +19,13 @@ Tensors = Sequence[torch.Tensor]
 
 
 _recording = 0  # > 0 while an update records an autograd graph (see `recording`)
+per_leaf = False  # True while fnloop.vmap compiles or runs a compiled batched step: leaves are batched there
 
 
 def _fallback(xs: Tensors) -> bool:
-    """Per-leaf ops: under torch.func transforms, while recording an autograd graph, and for
-    empty lists (no foreach kernel for those)."""
-    return not xs or _recording > 0 or (not torch.compiler.is_compiling() and _is_wrapped(xs[0]))
+    """Per-leaf ops: under torch.func transforms, while recording an autograd graph, inside a
+    compiled batched step, and for empty lists (no foreach kernel for those)."""
+    return not xs or per_leaf or _recording > 0 or (not torch.compiler.is_compiling() and _is_wrapped(xs[0]))
 
 
 @contextlib.contextmanager
@@ -61,8 +62,9 @@ def materialize(xs: Tensors, *scalars: Any) -> tuple[Any, ...]:
     scalars stay inlined) and torch versions without the prim used to pin the buffer return the
     scalars unchanged.
     """
-    compiling_for_cpu = torch.compiler.is_compiling() and bool(xs) and xs[0].device.type == "cpu"
-    force = getattr(torch.ops.prims, "inductor_force_stride_order", None) if compiling_for_cpu else None
+    compiling_for_cpu = torch.compiler.is_compiling() and len(xs) > 0 and xs[0].device.type == "cpu"
+    # not for batched leaves (fnloop.vmap): the prim has no vmap batching rule
+    force = getattr(torch.ops.prims, "inductor_force_stride_order", None) if compiling_for_cpu and not per_leaf else None
     at = [i for i, s in enumerate(scalars) if isinstance(s, torch.Tensor) and s.ndim == 0 and s.device.type == "cpu"]
     if force is None or not at:
         return scalars

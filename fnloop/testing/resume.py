@@ -8,7 +8,7 @@ Example:
     ...     torch.manual_seed(0)
     ...     return fl.TrainState.create(torch.nn.Linear(3, 1), flo.adam(lr=1e-2), seed=0)
     >>> step = fl.train_step(lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]))
-    >>> trainer = fl.Trainer(max_epochs=2, enable_progress_bar=False)
+    >>> trainer = fl.Trainer(max_epochs=2, enable_progress_bar=False, enable_model_summary=False)
     >>> final = assert_resume_equivalent(trainer, make, step, data, interrupt_at=[3, 8])
     >>> final.loop.status
     'finished'

@@ -59,11 +59,11 @@ def test_hook_order_matches_the_documented_order():
     ]
 
 
-def test_the_last_partial_logging_window_is_flushed_before_fit_end():
+def test_the_last_partial_logging_window_of_an_epoch_is_flushed_before_epoch_end():
     rec = FullRecorder()
     trainer = sc.quiet_trainer(max_epochs=1, log_every_n_steps=2, callbacks=[rec])
     trainer.fit(sc.linear_state(), fl.train_step(sc.mse), sc.batches(3))
-    assert rec.kinds()[-4:] == ["epoch_end", "log_values", "log", "fit_end"]
+    assert rec.kinds()[-4:] == ["log_values", "log", "epoch_end", "fit_end"]
     assert [e for e in rec.events if e[0] == "log"] == [("log", 2), ("log", 3)]
 
 

@@ -144,7 +144,9 @@ def test_a_failing_save_does_not_hide_the_exception(caplog, monkeypatch):
 
 
 def test_enable_checkpointing_false_saves_nothing(tmp_path):
-    trainer = fl.Trainer(max_epochs=1, enable_progress_bar=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    trainer = fl.Trainer(
+        max_epochs=1, enable_progress_bar=False, enable_checkpointing=False, logger=False, default_root_dir=str(tmp_path)
+    )
     state = trainer.fit(_state(), fl.train_step(_mse), TRAIN)
     assert state.loop.status == "finished" and os.listdir(tmp_path) == []
     with pytest.raises(ConfigError, match="enable_checkpointing=False"):
@@ -156,11 +158,13 @@ def test_enable_checkpointing_false_saves_nothing(tmp_path):
 
 
 def test_enable_checkpointing_true_adds_a_default_checkpoint(tmp_path):
-    trainer = fl.Trainer(max_epochs=2, enable_progress_bar=False, enable_checkpointing=True, default_root_dir=str(tmp_path))
+    trainer = fl.Trainer(
+        max_epochs=2, enable_progress_bar=False, enable_checkpointing=True, logger=False, default_root_dir=str(tmp_path)
+    )
     state = trainer.fit(_state(), fl.train_step(_mse), TRAIN)
     manager = CheckpointManager(str(tmp_path / "checkpoints"))
     assert [os.path.basename(u) for u in manager.all()] == ["step-00000012"]  # the latest epoch only
     assert_trees_equal(manager.restore("last", like=_state()).params, state.params)
-    untouched = fl.Trainer(max_epochs=1, enable_progress_bar=False, default_root_dir=str(tmp_path / "default"))
+    untouched = fl.Trainer(max_epochs=1, enable_progress_bar=False, logger=False, default_root_dir=str(tmp_path / "default"))
     untouched.fit(_state(), fl.train_step(_mse), TRAIN)
     assert not (tmp_path / "default").exists()  # None (the default): no file unless asked

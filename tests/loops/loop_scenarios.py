@@ -74,8 +74,10 @@ def linear_state(seed: int = 0, lr: float = 0.1, **create: Any) -> fl.TrainState
 
 
 def quiet_trainer(**flags: Any) -> fl.Trainer:
-    """A Trainer without progress bar (and no logger unless given)."""
+    """A Trainer without progress bar, model summary and logger unless given."""
     flags.setdefault("enable_progress_bar", False)
+    flags.setdefault("logger", False)
+    flags.setdefault("enable_model_summary", False)
     return fl.Trainer(**flags)
 
 

@@ -1,0 +1,107 @@
+"""Calling the callbacks' hooks: in order, each one seeing the state the previous one returned.
+
+Only the callbacks that override a hook are called for it (resolved once per hook name), so a
+hook nobody uses costs one dictionary look-up per batch.
+
+Example:
+    >>> import fnloop as fl
+    >>> class Count(fl.Callback):
+    ...     def on_train_epoch_start(self, state):
+    ...         return state + 1
+    >>> hooks = Hooks([Count(), fl.Callback(), Count()])
+    >>> hooks("on_train_epoch_start", 0), hooks.wants("on_fit_start")
+    (2, False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from fnloop.callbacks.base import Callback
+
+__all__ = ["Hooks"]
+
+
+def _overrides(cb: Any, name: str) -> bool:
+    own = getattr(type(cb), name, None)
+    return own is not None and own is not getattr(Callback, name, None)
+
+
+class Hooks:
+    """The callbacks of one stage, called hook by hook.
+
+    Args:
+        callbacks: the callbacks, in the order their hooks run.
+    """
+
+    def __init__(self, callbacks: Sequence[Any]) -> None:
+        self.callbacks = list(callbacks)
+        self._by_name: dict[str, list[Any]] = {}
+
+    def overriding(self, name: str) -> list[Any]:
+        """The callbacks that override hook ``name``, in order (resolved once)."""
+        found = self._by_name.get(name)
+        if found is None:
+            found = self._by_name[name] = [cb for cb in self.callbacks if _overrides(cb, name)]
+        return found
+
+    def wants(self, name: str) -> bool:
+        """Whether any callback overrides hook ``name``.
+
+        Example:
+            >>> Hooks([]).wants("on_train_batch_start")
+            False
+        """
+        return bool(self.overriding(name))
+
+    def __call__(self, name: str, state: Any, *args: Any) -> Any:
+        """Call hook ``name`` of every callback that has it; a returned state replaces the current one.
+
+        Example:
+            >>> Hooks([])("on_fit_start", "s")
+            's'
+        """
+        for cb in self.overriding(name):
+            out = getattr(cb, name)(state, *args)
+            if out is not None:
+                state = out
+        return state
+
+    def notify(self, name: str, *args: Any) -> None:
+        """Call hook ``name`` for its effects only (``on_exception``, ``on_log``); results are ignored.
+
+        Example:
+            >>> Hooks([]).notify("on_log", {"loss": 1.0}, 3)
+        """
+        for cb in self.overriding(name):
+            getattr(cb, name)(*args)
+
+    def save_metadata(self, state: Any, metadata: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint metadata after every ``on_save_checkpoint(state, metadata)``: each
+        callback may return a new dict (None keeps it).
+
+        Example:
+            >>> Hooks([]).save_metadata(None, {"val/loss": 0.5})
+            {'val/loss': 0.5}
+        """
+        for cb in self.overriding("on_save_checkpoint"):
+            out = cb.on_save_checkpoint(state, dict(metadata))
+            if out is not None:
+                metadata = dict(out)
+        return metadata
+
+    @contextlib.contextmanager
+    def on_failure(self, state: Any) -> Iterator[None]:
+        """Inside the block, an exception calls ``on_exception(state, exc)`` and propagates.
+
+        Example:
+            >>> with Hooks([]).on_failure(None):
+            ...     pass
+        """
+        try:
+            yield
+        except BaseException as exc:
+            self.notify("on_exception", state, exc)
+            raise
