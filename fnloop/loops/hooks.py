@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from fnloop.callbacks.base import Callback
+from fnloop.errors import StepError
 
 __all__ = ["Hooks"]
 
@@ -66,6 +67,11 @@ class Hooks:
         for cb in self.overriding(name):
             out = getattr(cb, name)(state, *args)
             if out is not None:
+                if not isinstance(out, type(state)):
+                    raise StepError(
+                        f"{type(cb).__name__}.{name} returned a {type(out).__name__}; a hook returns the state "
+                        f"(a {type(state).__name__}, e.g. state.replace(...)) or None"
+                    )
                 state = out
         return state
 

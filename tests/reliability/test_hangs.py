@@ -7,13 +7,16 @@ import os
 import subprocess
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fnloop as fl
+import fnloop.optim as flo
 from fnloop.cli.config_file import MAX_CONFIG_BYTES, MAX_CONFIG_NODES, read_config_text
 from fnloop.cli.run_folder import save_config
-from fnloop.errors import ConfigError
-from scenarios import ENV, PYTHON, within
+from fnloop.errors import ConfigError, FnloopError
+from scenarios import ENV, PYTHON, small_state, within
 
 
 def _bomb(width: int, depth: int) -> str:
@@ -65,3 +68,37 @@ def test_run_folder_config_that_is_a_fifo_is_refused(tmp_path):
     os.mkfifo(tmp_path / "config.yaml")
     with pytest.raises(ConfigError, match="FIFO"):
         within(lambda: save_config(str(tmp_path), "seed: 0\n"))
+
+
+def _fit_data(n: int):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(2, 4, generator=g), torch.randn(2, 2, generator=g)) for _ in range(n)]
+
+
+def _fit_state():
+    state = small_state(flo.sgd(lr=1e-2), step=0)
+    return state.replace(loop=state.loop.replace(global_step=0, epoch=0))
+
+
+def _mse(model, batch):
+    return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize(
+    ("flags", "n"),
+    [
+        ({"max_steps": 5, "max_epochs": None, "limit_train_batches": 0}, 4),
+        ({"max_steps": 5, "max_epochs": -1, "limit_train_batches": 0, "max_time": 30.0}, 4),
+        ({"max_steps": 5, "max_epochs": None}, 0),
+        ({"max_steps": -1, "max_epochs": 1000, "limit_train_batches": 0.0}, 4),
+    ],
+    ids=["limit-0", "limit-0-max_time", "empty-data", "limit-0.0-many-epochs"],
+)
+def test_fit_without_training_batches_stops_or_fails_by_name(flags, n):
+    trainer = fl.Trainer(enable_progress_bar=False, **flags)
+    try:
+        state = within(lambda: trainer.fit(_fit_state(), fl.train_step(_mse), _fit_data(n)))
+    except FnloopError as err:
+        assert "batch" in str(err)
+        return
+    assert state.loop.status == "finished" and state.loop.global_step == 0

@@ -109,3 +109,49 @@ def test_cli_config_of_invalid_utf8_exits_2_naming_the_file(tmp_path):
 def test_fnloop_errors_are_fnloop_errors():
     for cls in (fl.errors.ConfigError, fl.errors.CheckpointError, fl.errors.StepError):
         assert issubclass(cls, FnloopError)
+
+
+def _mse(model, batch):
+    return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+
+def _fit_state():
+    from scenarios import small_state
+
+    state = small_state(fl.optim.sgd(lr=1e-2), step=0)
+    return state.replace(loop=state.loop.replace(global_step=0, epoch=0))
+
+
+def test_wrong_shaped_batch_mid_epoch_names_the_batch_and_step():
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(2, 4, generator=g), torch.randn(2, 2, generator=g)) for _ in range(6)]
+    data[3] = (torch.randn(2, 5), torch.randn(2, 2))
+    trainer = fl.Trainer(max_epochs=1, enable_progress_bar=False)
+    with pytest.raises(fl.errors.StepError) as err:
+        trainer.fit(_fit_state(), fl.train_step(_mse), data)
+    assert "batch 3" in str(err.value) and "step 3" in str(err.value)
+    assert isinstance(err.value.__cause__, RuntimeError)
+
+
+class _ReturnsNumber(fl.Callback):
+    def on_train_batch_end(self, state, metrics):
+        return 5
+
+
+def test_hook_returning_something_else_than_a_state_is_named():
+    trainer = fl.Trainer(max_epochs=1, enable_progress_bar=False, callbacks=[_ReturnsNumber()])
+    with pytest.raises(FnloopError) as err:
+        trainer.fit(_fit_state(), fl.train_step(_mse), [(torch.randn(2, 4), torch.randn(2, 2))])
+    assert "_ReturnsNumber.on_train_batch_end" in str(err.value) and "int" in str(err.value)
+
+
+@pytest.mark.parametrize("url", ["ck\x00pt", "ck\ud800"])
+def test_bad_checkpoint_locations_are_checkpoint_errors(tmp_path, url):
+    target = str(tmp_path / url)
+    for call in (
+        lambda: save({"w": torch.ones(1)}, target),
+        lambda: restore(target),
+        lambda: fl.CheckpointManager(target),
+    ):
+        with pytest.raises(fl.errors.CheckpointError, match="not"):
+            call()
