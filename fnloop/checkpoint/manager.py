@@ -26,7 +26,11 @@ from fnloop.state import TrainState
 from fnloop.checkpoint.format import META_FILE, read_meta, restore, save
 from fnloop.errors import CheckpointError, ConfigError, FnloopError
 
-__all__ = ["CheckpointManager"]
+__all__ = ["CheckpointManager", "NonFiniteState"]
+
+
+class NonFiniteState(CheckpointError):
+    """``CheckpointManager.save`` refused a state holding nan or inf (``save_non_finite=False``)."""
 
 
 def _positive(name: str, value: Any, kind: type = int) -> None:
@@ -268,7 +272,7 @@ class CheckpointManager:
         tensors, _, _ = _leaves.split(state, self._url(name))
         bad = [] if self.save_non_finite else _leaves.non_finite(tensors)
         if bad:
-            raise CheckpointError(
+            raise NonFiniteState(
                 f"{self._url(name)}: not saved, the state at step {step} holds nan or inf in {bad}; the latest "
                 f"checkpoint ({self.latest() or 'none yet'}) stays the newest finite one. Pass "
                 "CheckpointManager(save_non_finite=True) to save such states"
