@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from fnloop.errors import ConfigError, FnloopError, StepError
 from fnloop.loops import rules
 from fnloop.loops.data import batches_on, data_seed, limited, make_source, require
 from fnloop.loops.evaluate import eval_loaders
+from fnloop.loops.hooks import guarded
 from fnloop.loops.ranks import params_dtype
 from fnloop.loops.run import FitRun, with_loop
 from fnloop.optim.grad_norms import grad_norms
@@ -106,21 +106,9 @@ def _with_flags(trainer: Trainer, train_step: StepFn, flags: Any) -> StepFn:
 
 def _fail(run: FitRun, state: Any, exc: BaseException) -> None:
     """Every ``on_exception`` handler, then the logger's finalize: each runs even when one before
-    it fails; such a failure is logged and noted on ``exc``, which fit then raises unchanged."""
-    failed = with_loop(state, status=Status.FAILED)
-    for cb in run.hooks.overriding("on_exception"):
-        _guarded(exc, f"{type(cb).__name__}.on_exception", cb.on_exception, failed, exc)
-    _guarded(exc, "the logger's finalize", run.logger.finalize, "failed")
-
-
-def _guarded(exc: BaseException, what: str, fn: Any, *args: Any) -> None:
-    try:
-        fn(*args)
-    except Exception as err:  # the original error is the one to report
-        note = f"fnloop: while handling this error, {what} raised {err!r}"
-        logging.getLogger("fnloop").error(note)
-        if hasattr(exc, "add_note"):  # Python 3.11+
-            exc.add_note(note)
+    it fails (noted on ``exc``, which fit then raises unchanged)."""
+    run.hooks.on_exception(with_loop(state, status=Status.FAILED), exc)
+    guarded(exc, "the logger's finalize", run.logger.finalize, "failed")
 
 
 def _step(step: Any, state: Any, batch: Any, batch_idx: int, epoch: int) -> Any:

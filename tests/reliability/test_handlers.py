@@ -113,3 +113,16 @@ def test_error_inside_on_exception_keeps_the_original_and_runs_every_finalizer()
     assert sink.finalized == ["failed"]
     notes = "\n".join(getattr(err.value, "__notes__", []))
     assert "the handler failed too" in notes or "the handler failed too" in repr(err.value.__context__)
+
+
+def test_error_inside_on_exception_during_validate_keeps_the_original():
+    witness = Witness()
+
+    def failing_eval(model, batch):
+        raise ValueError("original failure")
+
+    trainer = fl.Trainer(enable_progress_bar=False, callbacks=[BadHandler(), witness])
+    with pytest.raises(ValueError, match="original failure") as err:
+        trainer.validate(_fresh(), fl.eval_step(failing_eval), _data(2))
+    assert witness.seen == ["original failure"]
+    assert any("the handler failed too" in n for n in getattr(err.value, "__notes__", []))
