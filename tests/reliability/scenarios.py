@@ -144,3 +144,14 @@ def within(fn: Any, seconds: float = 60.0) -> Any:
     if "error" in out:
         raise out["error"]
     return out.get("value")
+
+
+def cli(args: list[str], cwd: Any, capsys: Any, monkeypatch: Any) -> tuple[int, str]:
+    """``fnloop ARGS`` run in this process from folder ``cwd``: ``(exit code, stderr)``."""
+    from fnloop.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # main() puts the folder on sys.path
+    capsys.readouterr()
+    code = main(args)
+    return code, capsys.readouterr().err

@@ -4,7 +4,6 @@ replaced checkpoint stays until its successor is committed, and a run folder bel
 from __future__ import annotations
 
 import os
-import subprocess
 import uuid
 
 import fsspec
@@ -15,7 +14,7 @@ from fnloop import registry
 from fnloop.checkpoint import format as ckformat
 from fnloop.checkpoint import restore, save
 from fnloop.errors import CheckpointError
-from scenarios import ENV, PYTHON, REPO, race_publish, race_save, run_two
+from scenarios import REPO, cli, race_publish, race_save, run_two
 
 
 def test_two_processes_saving_one_url_one_wins_and_keeps_its_weights(tmp_path):
@@ -110,14 +109,13 @@ def test_registry_publish_retries_past_a_version_folder_taken_without_the_lock(t
     assert registry.load(root, "m", "v3")["w"].item() == 3.0
 
 
-def test_second_fit_into_a_run_folder_with_checkpoints_is_refused(tmp_path):
+def test_second_fit_into_a_run_folder_with_checkpoints_is_refused(tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "run"
     save({"w": torch.ones(1)}, str(run_dir / "checkpoints" / "step-00000005"))
-    args = [PYTHON, "-m", "fnloop", "fit", "--config", str(REPO / "examples" / "digits.yaml"),
-            "--run_dir", str(run_dir), "--trainer.max_epochs", "1"]
-    done = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr
-    assert "earlier run" in done.stderr and "--ckpt_path last" in done.stderr and "Traceback" not in done.stderr
+    args = ["fit", "--config", str(REPO / "examples" / "digits.yaml"), "--run_dir", str(run_dir), "--trainer.max_epochs", "1"]
+    code, err = cli(args, tmp_path, capsys, monkeypatch)
+    assert code == 2, err
+    assert "earlier run" in err and "--ckpt_path last" in err and "Traceback" not in err
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step-00000005"]
 
 

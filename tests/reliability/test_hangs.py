@@ -4,7 +4,6 @@ before they are read, and the loops stop (or fail by name) when no batch arrives
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import fnloop.optim as flo
 from fnloop.cli.config_file import MAX_CONFIG_BYTES, MAX_CONFIG_NODES, read_config_text
 from fnloop.cli.run_folder import save_config
 from fnloop.errors import ConfigError, FnloopError
-from scenarios import ENV, PYTHON, small_state, within
+from scenarios import cli, small_state, within
 
 
 def _bomb(width: int, depth: int) -> str:
@@ -48,7 +47,7 @@ def test_alias_bombs_are_refused_unexpanded(tmp_path_factory, width, depth):
 
 
 @pytest.mark.parametrize("kind", ["fifo", "oversized", "deep", "bomb"])
-def test_cli_refuses_a_config_that_would_block_or_explode(tmp_path, kind):
+def test_cli_refuses_a_config_that_would_block_or_explode(tmp_path, capsys, monkeypatch, kind):
     path = tmp_path / "config.yaml"
     if kind == "fifo":
         os.mkfifo(path)
@@ -58,10 +57,8 @@ def test_cli_refuses_a_config_that_would_block_or_explode(tmp_path, kind):
         path.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
     else:
         path.write_text(_bomb(10, 9))
-    done = subprocess.run([PYTHON, "-m", "fnloop", "fit", "--config", str(path)], cwd=tmp_path, env=ENV,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr
-    assert "config.yaml" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    code, err = cli(["fit", "--config", str(path)], tmp_path, capsys, monkeypatch)
+    assert code == 2 and "config.yaml" in err and "Traceback" not in err, err
 
 
 def test_run_folder_config_that_is_a_fifo_is_refused(tmp_path):

@@ -4,7 +4,6 @@ a config error and 1 for any other, without a traceback."""
 from __future__ import annotations
 
 import signal
-import subprocess
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import fnloop as fl
 from fnloop import registry
 from fnloop.checkpoint import restore, restore_params, save
 from fnloop.errors import ConfigError, FnloopError
-from scenarios import ENV, PYTHON, REPO
+from scenarios import REPO, cli
 
 
 @pytest.mark.parametrize(
@@ -73,10 +72,6 @@ def test_bad_registry_names_are_config_errors(tmp_path_factory, name):
             call()
 
 
-def _fnloop(args, cwd, timeout=300):
-    return subprocess.run([PYTHON, "-m", "fnloop", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
 DIGITS = str(REPO / "examples" / "digits.yaml")
 
 
@@ -91,19 +86,18 @@ DIGITS = str(REPO / "examples" / "digits.yaml")
     ],
     ids=["value", "class", "one-argument", "donate", "stop_signals"],
 )
-def test_cli_bad_values_exit_2_naming_the_key(tmp_path, args, named):
-    done = _fnloop(["fit", "--config", DIGITS, "--trainer.default_root_dir", str(tmp_path / "runs"), *args], tmp_path)
-    assert done.returncode == 2, done.stderr
-    assert named in done.stderr and "Traceback" not in done.stderr, done.stderr
+def test_cli_bad_values_exit_2_naming_the_key(tmp_path, capsys, monkeypatch, args, named):
+    code, err = cli(["fit", "--config", DIGITS, "--trainer.default_root_dir", str(tmp_path / "runs"), *args], tmp_path, capsys, monkeypatch)
+    assert code == 2, err
+    assert named in err and "Traceback" not in err, err
     assert not (tmp_path / "runs").exists()
 
 
-def test_cli_config_of_invalid_utf8_exits_2_naming_the_file(tmp_path):
+def test_cli_config_of_invalid_utf8_exits_2_naming_the_file(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"seed: 1\nname: caf\xe9\n")
-    done = _fnloop(["fit", "--config", str(bad)], tmp_path)
-    assert done.returncode == 2 and "bad.yaml" in done.stderr and "UTF-8" in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr
+    code, err = cli(["fit", "--config", str(bad)], tmp_path, capsys, monkeypatch)
+    assert code == 2 and "bad.yaml" in err and "UTF-8" in err and "Traceback" not in err, err
 
 
 def test_fnloop_errors_are_fnloop_errors():

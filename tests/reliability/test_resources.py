@@ -13,7 +13,7 @@ import fnloop as fl
 from fnloop import registry
 from fnloop.checkpoint import CheckpointManager, _read, restore, save
 from fnloop.errors import CheckpointError
-from scenarios import deep_json, read_meta_json, small_state, within, write_meta_json
+from scenarios import REPO, cli, deep_json, read_meta_json, small_state, within, write_meta_json
 
 
 def _max_rss_mb() -> float:
@@ -110,21 +110,14 @@ def test_one_damaged_checkpoint_does_not_break_the_manager(tmp_path):
     mgr.close()
 
 
-def test_damaged_checkpoint_in_cli_is_a_message_not_a_traceback(tmp_path):
-    import subprocess
-
-    from scenarios import ENV, PYTHON, REPO
-
+def test_damaged_checkpoint_in_cli_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatch):
     run = tmp_path / "runs" / "digits" / "version_0"
     (run / "checkpoints" / "step-00000001").mkdir(parents=True)
     (run / "checkpoints" / "step-00000001" / "meta.json").write_bytes(deep_json(100_000))
-    done = subprocess.run(
-        [PYTHON, "-m", "fnloop", "test", "--config", str(REPO / "examples" / "digits.yaml"), "--ckpt_path", "last",
-         "--trainer.default_root_dir", str(tmp_path / "runs")],
-        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode in (1, 2), done.stderr
-    assert "Traceback" not in done.stderr and "nested too deeply" in done.stderr, done.stderr
+    args = ["test", "--config", str(REPO / "examples" / "digits.yaml"), "--ckpt_path", "last",
+            "--trainer.default_root_dir", str(tmp_path / "runs")]
+    code, err = cli(args, tmp_path, capsys, monkeypatch)
+    assert code in (1, 2) and "Traceback" not in err and "nested too deeply" in err, err
 
 
 def test_manager_listing_survives_a_fifo_sibling(tmp_path):
