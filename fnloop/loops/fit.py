@@ -111,17 +111,26 @@ def _fail(run: FitRun, state: Any, exc: BaseException) -> None:
     guarded(exc, "the logger's finalize", run.logger.finalize, "failed")
 
 
+_PLAIN = (RuntimeError, ValueError, TypeError, IndexError, KeyError)
+"""Errors of these exact classes raised by a step (a wrong-shaped batch, a dtype mismatch) become a
+StepError naming the batch; other exceptions (a user's own class, out of memory) keep their type."""
+
+
 def _step(step: Any, state: Any, batch: Any, batch_idx: int, epoch: int) -> Any:
-    """``step(state, batch)``; an error that is not fnloop's becomes a StepError naming the batch."""
+    """``step(state, batch)``; its failure names the batch, epoch and global step."""
     try:
         return step(state, batch)
     except FnloopError:
         raise
     except Exception as err:
-        raise StepError(
-            f"training batch {batch_idx} of epoch {epoch} (global step {state.loop.global_step}): "
-            f"{type(err).__name__}: {err}; check this batch's shapes, dtypes and devices against the model"
-        ) from err
+        where = f"training batch {batch_idx} of epoch {epoch} (global step {state.loop.global_step})"
+        if type(err) in _PLAIN:
+            raise StepError(
+                f"{where}: {type(err).__name__}: {err}; check this batch's shapes, dtypes and devices against the model"
+            ) from err
+        if hasattr(err, "add_note"):  # Python 3.11+
+            err.add_note(f"fnloop: raised by the train step at {where}")
+        raise
 
 
 @contextlib.contextmanager
