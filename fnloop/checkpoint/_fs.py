@@ -304,15 +304,19 @@ def open_regular(path: str, where: str) -> Any:
 
 
 def read_bounded(fs: Any, path: str, limit: int, where: str) -> bytes:
-    """The whole file ``path`` if it holds at most ``limit`` bytes; raise :class:`CheckpointError` if not.
+    """The whole file ``path`` if it holds at most ``limit`` bytes; raise :class:`CheckpointError`
+    if not (a larger file is refused by its size, unread).
 
     Example:
         >>> fs, p = resolve("memory://bounded/x"); fs.pipe_file(p, b"abc")
         >>> read_bounded(fs, p, 10, "x")
         b'abc'
     """
+    too_large = CheckpointError(f"{where}: larger than {limit} bytes; it is not a file fnloop wrote, or it is damaged")
     if is_local(fs):
         with open_regular(path, where) as f:
+            if os.fstat(f.fileno()).st_size > limit:
+                raise too_large
             data = f.read(limit + 1)
     else:
         info = fs.info(path)
@@ -320,12 +324,11 @@ def read_bounded(fs: Any, path: str, limit: int, where: str) -> bytes:
             raise CheckpointError(f"{where}: a {info.get('type')}, where a file is expected; replace it with the file")
         size = info.get("size")
         if isinstance(size, int) and size > limit:
-            data = b"x" * (limit + 1)
-        else:
-            with fs.open(path, "rb") as f:
-                data = f.read(limit + 1)
+            raise too_large
+        with fs.open(path, "rb") as f:
+            data = f.read(limit + 1)
     if len(data) > limit:
-        raise CheckpointError(f"{where}: larger than {limit} bytes; it is not a file fnloop wrote, or it is damaged")
+        raise too_large
     return data
 
 
