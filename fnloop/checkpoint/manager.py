@@ -62,10 +62,11 @@ class CheckpointManager:
             trees are copied first. One save in flight at most; a background error is raised by
             the next ``save``, ``wait`` or ``close``.
         filename: the folder name template, with one ``{step}`` field.
-        save_non_finite: save a state whose params or optimizer state hold nan or inf; by
-            default ``save`` raises :class:`CheckpointError` instead, so the last checkpoint
-            stays a finite one. Pruning never deletes the newest finite checkpoint.
+        save_non_finite: save nan/inf states too.
 
+    ``save`` refuses a state whose params or optimizer state hold nan or inf (a
+    :class:`NonFiniteState` error, unless ``save_non_finite``), so the last checkpoint stays a
+    finite one; pruning never deletes the newest finite checkpoint.
     Stale temporary folders left by a crashed save are removed at construction; a folder
     without ``meta.json`` is never listed. One writing process per directory is assumed.
 
