@@ -4,7 +4,9 @@ Layout: ``root/name/index.json`` lists the versions (metadata, creation time) an
 ``root/name/vN/`` holds each version in the checkpoint format (``state.safetensors`` +
 ``meta.json``, tree ``{"params": ..., "buffers": ...}``). A version is published by writing
 its folder first and then replacing ``index.json`` atomically, so a reader never sees a
-version whose weights are not all there. One publishing process per name is assumed.
+version whose weights are not all there. Publishers of one name take turns through a lock
+(``root/name/.lock``: ``flock`` on a local disk, an exclusively created file elsewhere), and each
+version folder is created only if it does not exist, so every version number is used once.
 
 Example:
     >>> import torch
@@ -16,10 +18,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -35,9 +40,24 @@ INDEX_FORMAT = "fnloop-registry"
 _VERSION = re.compile(r"v([0-9]+)\Z")
 
 
+MAX_NAME_BYTES = 255
+MAX_INDEX = 64 << 20
+LOCK_FILE = ".lock"
+LOCK_TIMEOUT_S = 120.0
+
+
 def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not name or "/" in name or name.startswith(".") or name == INDEX_FILE:
-        raise ConfigError(f"registry name {name!r}: use a non-empty folder name without '/' and no leading '.'")
+    ok = isinstance(name, str) and bool(name) and not name.startswith(".") and name != INDEX_FILE
+    if ok:
+        try:
+            ok = len(name.encode("utf-8")) <= MAX_NAME_BYTES
+        except UnicodeEncodeError:  # a lone surrogate
+            ok = False
+    if not ok or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ConfigError(
+            f"registry name {name!r}: use a non-empty folder name of at most {MAX_NAME_BYTES} UTF-8 bytes, "
+            "without '/', '\\', control characters (NUL, newline) or a leading '.'"
+        )
 
 
 def _index_url(root_url: str | os.PathLike[str], name: str) -> str:
@@ -48,14 +68,20 @@ def _read_index(root_url: str | os.PathLike[str], name: str) -> dict[str, Any] |
     url = _index_url(root_url, name)
     fs, path = _fs.resolve(url)
     try:
-        raw = fs.cat_file(path)
+        raw = _fs.read_bounded(fs, path, MAX_INDEX, url)
     except FileNotFoundError:
         return None
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"{url}: cannot read ({e})") from e
     try:
         index = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{url}: malformed JSON ({e}); the registry entry is damaged") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise CheckpointError(f"{url}: malformed JSON ({reason}); the registry entry is damaged") from None
     valid = isinstance(index, dict) and index.get("format") == INDEX_FORMAT and isinstance(index.get("versions"), list)
+    valid = valid and all(isinstance(e, dict) for e in index["versions"])
     if not valid:
         raise CheckpointError(f"{url}: not an fnloop registry index (format {INDEX_FORMAT!r} with a 'versions' list)")
     return index
@@ -88,13 +114,23 @@ def _index_or_raise(root_url: str | os.PathLike[str], name: str) -> dict[str, An
     return index
 
 
+def _confined(entry: dict[str, Any], root_url: str | os.PathLike[str], name: str) -> dict[str, Any]:
+    version = entry.get("version")
+    if not isinstance(version, str) or not _VERSION.match(version):
+        raise CheckpointError(
+            f"{_index_url(root_url, name)}: entry version {version!r} is not of the form 'v<N>' (a folder of this "
+            "model); the index is damaged or was edited, restore it or delete that entry"
+        )
+    return entry
+
+
 def _find(index: dict[str, Any], root_url: str | os.PathLike[str], name: str, version: str) -> dict[str, Any]:
     entries = index["versions"]
     if version == "latest" and entries:
-        return entries[-1]
+        return _confined(entries[-1], root_url, name)
     for entry in entries:
         if entry.get("version") == version:
-            return entry
+            return _confined(entry, root_url, name)
     raise CheckpointError(
         f"{_fs.join_url(root_url, name)}: model {name!r} has no version {version!r}; "
         f"versions: {[e.get('version') for e in entries]}"
@@ -145,16 +181,59 @@ def publish(
         json.dumps(metadata or {}, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"registry.publish(metadata=...): must be JSON-serializable without nan/inf ({e})") from None
-    index = _read_index(root_url, name) or {"format": INDEX_FORMAT, "name": name, "next_version": 1, "versions": []}
     fs, path = _fs.resolve(_fs.join_url(root_url, name))
-    on_disk = [int(m.group(1)) for n in _fs.list_names(fs, path) if (m := _VERSION.match(n))]
-    number = max([int(index.get("next_version", 1)), *(n + 1 for n in on_disk)])
-    version = f"v{number}"
-    save(weights, _fs.join_url(root_url, name, version))
-    index["versions"].append({"version": version, "created": time.time(), "metadata": metadata or {}})
-    index["next_version"] = number + 1
-    _write_index(root_url, name, index)
+    with _publish_lock(fs, path, _fs.join_url(root_url, name, LOCK_FILE)):
+        index = _read_index(root_url, name) or {"format": INDEX_FORMAT, "name": name, "next_version": 1, "versions": []}
+        on_disk = [int(m.group(1)) for n in _fs.list_names(fs, path) if (m := _VERSION.match(n))]
+        next_version = index.get("next_version", 1)
+        number = max([next_version if isinstance(next_version, int) else 1, *(n + 1 for n in on_disk)])
+        for _ in range(100):  # a writer without the lock (an older fnloop) may take a number meanwhile
+            version = f"v{number}"
+            try:
+                save(weights, _fs.join_url(root_url, name, version))
+                break
+            except CheckpointError:
+                if not fs.exists(f"{path}/{version}"):
+                    raise
+                number += 1
+        else:
+            raise CheckpointError(f"{_fs.join_url(root_url, name)}: could not claim a new version folder")
+        index["versions"].append({"version": version, "created": time.time(), "metadata": metadata or {}})
+        index["next_version"] = number + 1
+        _write_index(root_url, name, index)
     return version
+
+
+@contextlib.contextmanager
+def _publish_lock(fs: Any, path: str, where: str) -> Iterator[None]:
+    """Hold the lock of one model's folder: publishers and deleters of a name take turns."""
+    lock = f"{path}/{LOCK_FILE}"
+    if _fs.is_local(fs):
+        os.makedirs(path, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if this process dies
+            yield
+        finally:
+            os.close(fd)
+        return
+    fs.makedirs(path, exist_ok=True)
+    deadline = time.monotonic() + LOCK_TIMEOUT_S
+    while True:
+        try:
+            _fs.create_exclusive(fs, lock, f"{os.getpid()} {time.time()}".encode())
+            break
+        except FileExistsError:
+            if time.monotonic() > deadline:
+                raise CheckpointError(
+                    f"{where}: held by another publisher for over {LOCK_TIMEOUT_S:.0f} s; if none is running "
+                    "(one was killed), delete this file"
+                ) from None
+            time.sleep(0.05)
+    try:
+        yield
+    finally:
+        fs.rm_file(lock)
 
 
 def load(
@@ -196,9 +275,11 @@ def delete(root_url: str | os.PathLike[str], name: str, version: str) -> None:
         >>> delete("memory://doc/delete", "m", "v1"); versions("memory://doc/delete", "m")
         []
     """
-    index = _index_or_raise(root_url, name)
-    entry = _find(index, root_url, name, version)
-    index["versions"] = [e for e in index["versions"] if e is not entry]
-    _write_index(root_url, name, index)
-    fs, path = _fs.resolve(_fs.join_url(root_url, name, entry["version"]))
-    _fs.remove_tree(fs, path, marker="meta.json")
+    _check_name(name)
+    fs, folder = _fs.resolve(_fs.join_url(root_url, name))
+    with _publish_lock(fs, folder, _fs.join_url(root_url, name, LOCK_FILE)):
+        index = _index_or_raise(root_url, name)
+        entry = _find(index, root_url, name, version)
+        index["versions"] = [e for e in index["versions"] if e is not entry]
+        _write_index(root_url, name, index)
+        _fs.remove_tree(fs, f"{folder}/{entry['version']}", marker="meta.json")

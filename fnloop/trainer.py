@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fnloop.callbacks.base import Callback
 from fnloop.callbacks.misc import parse_duration
+from fnloop.connectors.signals import check_stop_signals
 from fnloop.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -78,16 +80,16 @@ class Trainer:
     ``enable_checkpointing`` keeps Lightning's name with a different default (below).
 
     Args:
-        max_epochs: stop after this many epochs (-1: no limit; default 1000 when no other limit).
-        min_epochs: do not stop early (EarlyStopping, requested stops) before this many epochs.
+        max_epochs: epochs to train (-1: no limit; 1000 when no limit is set).
+        min_epochs: no early stop before this many epochs.
         max_steps: stop after this many optimizer steps (-1: no limit).
         min_steps: do not stop early before this many optimizer steps.
-        max_time: stop after this wall time ("DD:HH:MM:SS", a dict of days/hours/... or seconds).
-        limit_train_batches: train batches per epoch (an int, or a float fraction of the epoch).
-        limit_val_batches: validation batches per run and per loader (int or fraction).
+        max_time: wall time limit ("DD:HH:MM:SS", a dict or seconds).
+        limit_train_batches: train batches per epoch (int or fraction).
+        limit_val_batches: val batches per loader (int or fraction).
         limit_test_batches: test batches per loader (int or fraction).
         limit_predict_batches: prediction batches per loader (int or fraction).
-        val_check_interval: validate every this many train batches (int) or fraction of an epoch (float).
+        val_check_interval: validate every n batches (int) or epoch fraction.
         check_val_every_n_epoch: validate in every n-th epoch only (None: count batches across epochs).
         num_sanity_val_steps: validation batches run before training (-1: all, 0: none).
         log_every_n_steps: log train metrics every this many optimizer steps.
@@ -107,8 +109,8 @@ class Trainer:
         donate: fit updates the given state in place and refuses it afterwards (False: keep a copy).
         enable_model_summary: print the model summary (ModelSummary) when fit starts.
         inference_mode: evaluate and predict under torch.inference_mode (False: torch.no_grad).
-        reload_dataloaders_every_n_epochs: ask the datamodule for new train and val data every n epochs (0: never).
-        log_window_spans_epochs: let a logging window run on into the next epoch (default: each epoch's end closes it).
+        reload_dataloaders_every_n_epochs: new train/val data from the datamodule every n epochs.
+        log_window_spans_epochs: logging windows may span epochs.
         enable_checkpointing: True adds the default ModelCheckpoint, False forbids one; None checkpoints only when asked.
         accelerator: "auto", "cpu", "cuda", "gpu" or "mps".
         devices: devices per node: an int, a list of device indices or "auto".
@@ -116,7 +118,7 @@ class Trainer:
         strategy: "auto", "ddp", "fsdp", or a fnloop.DDPStrategy / fnloop.FSDPStrategy for options.
         precision: "32-true", "64-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed" or a short alias.
         sync_batchnorm: synchronise BatchNorm statistics across ranks (DDP).
-        use_distributed_sampler: give each rank its share of every loader (False: every rank reads all the data).
+        use_distributed_sampler: each rank reads its share of every loader.
 
     ``on_nonfinite`` is checked at each logging boundary. With ``donate`` (default True) fit
     updates the state it is given in place, as a hand-written loop does, and that state is
@@ -181,7 +183,13 @@ class Trainer:
         _int_flag("min_epochs", self.min_epochs, low=0, allow_none=True)
         _int_flag("max_steps", self.max_steps, low=-1, extra=" (-1: no step limit)")
         _int_flag("min_steps", self.min_steps, low=0, allow_none=True)
-        parse_duration(self.max_time, flag="Trainer(max_time)")
+        max_time = parse_duration(self.max_time, flag="Trainer(max_time)")
+        if max_time is not None and math.isnan(max_time):
+            raise ConfigError(f"Trainer(max_time={self.max_time!r}): not a number; give seconds > 0, a timedelta or None")
+        for name in ("deterministic", "donate", "enable_progress_bar"):
+            if not isinstance(getattr(self, name), bool):  # "no" or "false" must not read as True
+                raise ConfigError(f"Trainer({name}={getattr(self, name)!r}): accepted values are True or False")
+        check_stop_signals(self.stop_signals)
         for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
             _limit_flag(name, getattr(self, name))
         vci = self.val_check_interval

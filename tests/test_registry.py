@@ -73,7 +73,7 @@ def test_index_is_json_and_folders_are_checkpoints(root):
     fs, path = fsspec.core.url_to_fs(root)
     index = json.loads(fs.cat_file(f"{path}/tiny/index.json"))
     assert index["format"] == "fnloop-registry" and index["versions"][0]["version"] == "v1"
-    assert sorted(n.rsplit("/", 1)[1] for n in fs.ls(f"{path}/tiny", detail=False)) == ["index.json", "v1"]
+    assert sorted(n.rsplit("/", 1)[1] for n in fs.ls(f"{path}/tiny", detail=False) if not n.rsplit("/", 1)[1].startswith(".")) == ["index.json", "v1"]
     files = sorted(n.rsplit("/", 1)[1] for n in fs.ls(f"{path}/tiny/v1", detail=False))
     assert files == ["meta.json", "state.safetensors"]
 

@@ -15,7 +15,8 @@ import torch
 
 from fnloop.checkpoint import _safetensors
 from fnloop.checkpoint._checksum import ALGORITHM, for_stream
-from fnloop.checkpoint._read import STATE_FILE
+from fnloop.checkpoint._read import STATE_NAME
+from fnloop.checkpoint._seal import seal
 from fnloop.errors import CheckpointError
 
 __all__ = ["refuse_existing", "write_state", "encode_meta"]
@@ -29,7 +30,7 @@ def refuse_existing(exists_meta: bool, names: list[str], url: str, overwrite: bo
         raise CheckpointError(
             f"{url}: a checkpoint already exists here; pass overwrite=True to replace it or pick another URL"
         )
-    other = [n for n in names if n != STATE_FILE]
+    other = [n for n in names if not STATE_NAME.fullmatch(n)]
     if other:
         raise CheckpointError(
             f"{url}: the folder exists and is not a checkpoint (it holds {sorted(other)[:5]}); "
@@ -48,4 +49,6 @@ def write_state(out: _safetensors.Writable, tensors: dict[str, torch.Tensor], me
 
 
 def encode_meta(meta: dict[str, Any]) -> bytes:
+    """``meta.json``'s bytes, sealed with its own checksum (``meta_checksum``)."""
+    seal(meta)
     return json.dumps(meta, indent=1, allow_nan=False, ensure_ascii=False).encode("utf-8")

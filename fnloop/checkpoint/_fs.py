@@ -15,10 +15,14 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import hashlib
 import os
 import shutil
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -42,6 +46,11 @@ __all__ = [
     "remove_tree",
     "write_durable",
     "write_file_atomic",
+    "open_regular",
+    "rename_noreplace",
+    "exchange",
+    "create_exclusive",
+    "read_bounded",
 ]
 
 TMP_PREFIX = ".tmp-"
@@ -59,8 +68,15 @@ def resolve(url: str | os.PathLike[str]) -> tuple[Any, str]:
         >>> path
         '/a/b'
     """
+    text = os.fspath(url)
+    if not isinstance(text, str) or "\x00" in text:
+        raise CheckpointError(f"{text!r}: not a usable checkpoint location (a NUL character or bytes); use a path or an fsspec URL")
     try:
-        return fsspec.core.url_to_fs(os.fspath(url))
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(f"{text!r}: not valid UTF-8 (a lone surrogate); use a path or an fsspec URL") from None
+    try:
+        return fsspec.core.url_to_fs(text)
     except (ValueError, ImportError) as e:
         raise CheckpointError(f"{os.fspath(url)}: cannot open this location ({e}); use a path or an fsspec URL") from e
 
@@ -261,3 +277,146 @@ def write_file_atomic(fs: Any, path: str, data: bytes) -> None:
     fs.makedirs(parent, exist_ok=True)
     fs.pipe_file(tmp, data)
     fs.mv(tmp, path)
+
+
+def open_regular(path: str, where: str) -> Any:
+    """The local file ``path`` opened for binary reading, refusing anything but a regular file.
+
+    A FIFO, socket or device where a checkpoint or config file is expected would block or never
+    end: it is opened without blocking, checked, and refused with a :class:`CheckpointError`.
+
+    Example:
+        >>> import os, tempfile
+        >>> p = os.path.join(tempfile.mkdtemp(), "f"); write_durable(p, b"x")
+        >>> with open_regular(p, p) as f: f.read()
+        b'x'
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise CheckpointError(f"{where}: {kind}, where a regular file is expected; replace it with the file")
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_bounded(fs: Any, path: str, limit: int, where: str) -> bytes:
+    """The whole file ``path`` if it holds at most ``limit`` bytes; raise :class:`CheckpointError`
+    if not (a larger file is refused by its size, unread).
+
+    Example:
+        >>> fs, p = resolve("memory://bounded/x"); fs.pipe_file(p, b"abc")
+        >>> read_bounded(fs, p, 10, "x")
+        b'abc'
+    """
+    too_large = CheckpointError(f"{where}: larger than {limit} bytes; it is not a file fnloop wrote, or it is damaged")
+    if is_local(fs):
+        with open_regular(path, where) as f:
+            if os.fstat(f.fileno()).st_size > limit:
+                raise too_large
+            data = f.read(limit + 1)
+    else:
+        info = fs.info(path)
+        if info.get("type", "file") != "file":
+            raise CheckpointError(f"{where}: a {info.get('type')}, where a file is expected; replace it with the file")
+        size = info.get("size")
+        if isinstance(size, int) and size > limit:
+            raise too_large
+        with fs.open(path, "rb") as f:
+            data = f.read(limit + 1)
+    if len(data) > limit:
+        raise too_large
+    return data
+
+
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_libc: list[Any] = []
+
+
+def _renameat2() -> Any:
+    if not _libc:
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _libc.append(getattr(lib, "renameat2", None))
+        except OSError:
+            _libc.append(None)
+    return _libc[0]
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Rename the local folder ``src`` to ``dst``, raising ``FileExistsError`` if ``dst`` exists.
+
+    Atomic with ``renameat2(RENAME_NOREPLACE)`` (Linux); elsewhere ``dst`` is first claimed with
+    an exclusive ``mkdir`` and the empty folder then replaced, so of two writers exactly one wins.
+
+    Example:
+        >>> import os, tempfile
+        >>> d = tempfile.mkdtemp(); os.mkdir(d + "/a"); os.mkdir(d + "/b")
+        >>> try:
+        ...     rename_noreplace(d + "/a", d + "/b")
+        ... except FileExistsError:
+        ...     print("b exists")
+        b exists
+    """
+    fn = _renameat2()
+    if fn is not None:
+        if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), dst)
+    os.mkdir(dst)
+    os.rename(src, dst)
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swap the local entries ``a`` and ``b`` in one atomic step (``renameat2(RENAME_EXCHANGE)``);
+    False where the platform or filesystem cannot, and nothing changed.
+
+    Example:
+        >>> import os, tempfile
+        >>> d = tempfile.mkdtemp(); os.mkdir(d + "/a"); os.mkdir(d + "/b"); open(d + "/a/x", "w").close()
+        >>> exchange(d + "/a", d + "/b") and os.listdir(d + "/b")
+        ['x']
+    """
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def create_exclusive(fs: Any, path: str, data: bytes | None = None) -> Any:
+    """Create the file ``path`` only if it does not exist (``FileExistsError`` otherwise).
+
+    Returns the open binary file when ``data`` is None (the caller writes and closes it).
+    Object stores get a conditional write (``mode="xb"``) where the fsspec backend has one.
+
+    Example:
+        >>> fs, p = resolve("memory://excl/a"); create_exclusive(fs, p, b"1")
+        >>> try:
+        ...     create_exclusive(fs, p, b"2")
+        ... except FileExistsError:
+        ...     print("taken")
+        taken
+    """
+    try:
+        f = fs.open(path, "xb")
+    except (ValueError, NotImplementedError, TypeError):  # a backend without conditional writes
+        if fs.exists(path):
+            raise FileExistsError(errno.EEXIST, "File exists", path) from None
+        f = fs.open(path, "wb")
+    if data is None:
+        return f
+    with f:
+        f.write(data)
+    return None

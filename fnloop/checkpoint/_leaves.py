@@ -38,6 +38,7 @@ __all__ = [
     "decode_metrics",
     "split",
     "stored_tensors",
+    "non_finite",
     "describe",
     "rebuild",
 ]
@@ -100,7 +101,7 @@ def decode_value(value: Any, type_name: str) -> Any:
     if type_name == "callbacks" and isinstance(value, str):
         try:
             decoded = json.loads(value)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise ValueError(f"callback states are not valid JSON: {e}") from None
         if isinstance(decoded, dict):
             return CallbackStates(decoded)
@@ -194,6 +195,28 @@ def split(tree: Any, where: str) -> tuple[dict[str, torch.Tensor], list[dict[str
     if problems:
         raise CheckpointError(f"{where}: cannot save this tree:\n" + "\n".join(problems))
     return tensors, entries, spec
+
+
+def non_finite(tensors: dict[str, torch.Tensor], limit: int = 5) -> list[str]:
+    """Key paths (at most ``limit``) of the floating tensors holding nan or inf; ``buffers/``
+    are left out (masks hold -inf on purpose).
+
+    Example:
+        >>> import torch
+        >>> non_finite({"params/w": torch.tensor([1.0, float("nan")]), "buffers/m": torch.tensor([-float("inf")])})
+        ['params/w']
+    """
+    checked = [
+        (p, t.to_local() if hasattr(t, "to_local") else t)  # a sharded (DTensor) leaf: this rank's shard
+        for p, t in tensors.items()
+        if (t.is_floating_point() or t.is_complex()) and not p.startswith("buffers/")
+    ]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for _, t in checked:
+        by_device.setdefault(t.device, []).append(torch.isfinite(t.detach()).all())
+    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        return []
+    return [p for p, t in checked if not bool(torch.isfinite(t.detach()).all())][:limit]
 
 
 def stored_tensors(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -325,7 +348,7 @@ def rebuild(
             want_type = encode_value(ref)[1]
         except TypeError:
             want_type = type(ref).__name__
-        numeric = {want_type, entry.get("type")} <= {"int", "float"}
+        numeric = want_type == "float" and entry.get("type") == "int"  # never a float into an int leaf
         if entry["kind"] != "value" or not (entry["type"] == want_type or numeric):
             problems.append(f"  {path}: expected {_show_leaf(ref)}, found {_show(entry)}")
             continue

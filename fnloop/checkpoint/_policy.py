@@ -55,6 +55,7 @@ class Checkpoint:
     step: int
     name: str
     metric: float | None = None
+    finite: bool = True
 
 
 def save_due(
@@ -108,8 +109,8 @@ def rank_best(checkpoints: Sequence[Checkpoint], mode: str) -> list[str]:
 def to_delete(checkpoints: Sequence[Checkpoint], policy: KeepPolicy, *, protect: str | None = None) -> list[str]:
     """Names of the checkpoints that no keep rule (last n, best n, multiple of n steps) protects.
 
-    With no keep option set nothing is deleted. The newest checkpoint and ``protect`` (the one
-    just written) are always kept.
+    With no keep option set nothing is deleted. The newest checkpoint, the newest finite one
+    (saved from a state without nan or inf) and ``protect`` (the one just written) are always kept.
 
     Example:
         >>> cks = [Checkpoint(s, f"s{s}") for s in (1, 2, 3, 4)]
@@ -122,6 +123,9 @@ def to_delete(checkpoints: Sequence[Checkpoint], policy: KeepPolicy, *, protect:
     keep = {protect} if protect is not None else set()
     if by_step:
         keep.add(by_step[-1].name)
+    finite = [c for c in by_step if c.finite]
+    if finite:
+        keep.add(finite[-1].name)
     if policy.keep_last:
         keep.update(c.name for c in by_step[-policy.keep_last :])
     if policy.keep_best:

@@ -24,6 +24,7 @@ import torch
 
 from fnloop.checkpoint._checksum import Checksum
 from fnloop.checkpoint._safetensors import Malformed, Span, header_length, layout, views
+from fnloop.errors import CheckpointError
 
 __all__ = ["GROUP", "CHUNK", "UNCHECKED_CHUNK", "read_tensors"]
 
@@ -92,13 +93,34 @@ def _groups(spans: list[Span]) -> Iterator[list[Span]]:
         yield group
 
 
-def _buffer(n: int) -> tuple[torch.Tensor, memoryview]:
-    buf = torch.empty(n, dtype=torch.uint8)
+def _buffer(n: int, where: str) -> tuple[torch.Tensor, memoryview]:
+    try:
+        buf = torch.empty(n, dtype=torch.uint8)
+    except (RuntimeError, MemoryError) as e:
+        raise CheckpointError(f"{where}: cannot allocate {n} bytes to read a tensor ({e}); free memory or restore elsewhere") from None
     return buf, memoryview(buf.numpy()) if n else memoryview(b"")
 
 
-def read_tensors(readinto: ReadInto, size: int, where: str, checksum: Checksum | None = None) -> dict[str, torch.Tensor]:
+def _agree(spans: list[Span], want: dict[str, dict[str, Any]], where: str) -> None:
+    """Raise :class:`Malformed` unless the header describes exactly the tensors ``want`` declares."""
+    found = {name: {"dtype": str(dtype).removeprefix("torch."), "shape": shape} for _, _, name, dtype, shape in spans}
+    bad = sorted(set(found) ^ set(want))
+    bad += [n for n in found if n in want and (want[n]["dtype"], want[n]["shape"]) != (found[n]["dtype"], found[n]["shape"])]
+    if bad:
+        raise Malformed(f"{where}: does not agree with meta.json on {bad[:10]}; the checkpoint is damaged")
+
+
+def read_tensors(
+    readinto: ReadInto,
+    size: int,
+    where: str,
+    checksum: Checksum | None = None,
+    want: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, torch.Tensor]:
     """The tensors of the safetensors file of ``size`` bytes that ``readinto`` reads, in new CPU memory.
+
+    With ``want`` (``{name: {"dtype", "shape"}}``, what ``meta.json`` declares), the header must
+    describe exactly those tensors before any tensor memory is allocated.
 
     Raises:
         Malformed: a header that does not describe the file, or a file shorter than ``size``;
@@ -119,10 +141,12 @@ def read_tensors(readinto: ReadInto, size: int, where: str, checksum: Checksum |
         raw = bytearray(n)
         source.exact(memoryview(raw), size)
         spans = layout(bytes(raw), size - 8 - n, where)
+        if want is not None:
+            _agree(spans, want, where)
         out: dict[str, Any] = {}
         for group in _groups(spans):
             begin = group[0][0]
-            buf, view = _buffer(group[-1][1] - begin)
+            buf, view = _buffer(group[-1][1] - begin, where)
             source.exact(view, size)
             out.update(views(buf, group, -begin))
         return out

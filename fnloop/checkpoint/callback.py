@@ -21,7 +21,7 @@ import torch
 from fnloop.callbacks.base import Callback, callback_state, with_callback_state
 from fnloop.checkpoint import _sharded
 from fnloop.checkpoint.format import restore
-from fnloop.checkpoint.manager import CheckpointManager
+from fnloop.checkpoint.manager import CheckpointManager, NonFiniteState
 from fnloop.errors import CheckpointError, ConfigError
 
 __all__ = ["ModelCheckpoint", "resume_from", "default_checkpoint", "check_enable_checkpointing", "checkpoint_of_fit"]
@@ -78,7 +78,11 @@ class ModelCheckpoint(Callback):
         t0 = time.perf_counter()
         if self.metadata_hook is not None:
             metrics = self.metadata_hook(state, metrics)
-        self.manager.save(state, metrics=metrics, step=step, epoch=epoch)
+        try:
+            self.manager.save(state, metrics=metrics, step=step, epoch=epoch)
+        except NonFiniteState as err:  # training diverged: the finite checkpoints stay, the loop decides
+            _log.warning("fnloop: ModelCheckpoint skipped a save: %s", err)
+            return
         self._saved_at = _position(state.loop)
         self.seconds += time.perf_counter() - t0
 

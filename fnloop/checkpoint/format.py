@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from typing import Any
 
 import torch
@@ -32,17 +33,19 @@ from fnloop.checkpoint import _direct, _fs, _leaves, _sharded
 from fnloop.checkpoint._files import encode_meta as _encode_meta
 from fnloop.checkpoint._files import refuse_existing as _refuse_existing
 from fnloop.checkpoint._files import write_state as _write_state
+from fnloop.checkpoint._seal import compare_optimizer, describe_optimizer
 from fnloop.checkpoint._read import (
     FORMAT,
     FORMAT_VERSION,
     META_FILE,
     SHARDED_FORMAT_VERSION,
     STATE_FILE,
+    STATE_NAME,
     load_tensors,
     own,
     read_meta,
 )
-from fnloop.errors import CheckpointError
+from fnloop.errors import CheckpointError, ConfigError
 
 __all__ = [
     "FORMAT",
@@ -95,34 +98,68 @@ def _save_local(
             _write_state(f, tensors, meta)
         _fs.write_durable(os.path.join(tmp, META_FILE), _encode_meta(meta))
         _fs.fsync_path(tmp)
-        if os.path.exists(final):  # overwrite: move the old folder aside, then swap the new one in
-            old = os.path.join(parent, _fs.tmp_name(name))
+        if os.path.exists(final):  # overwrite, or a leftover without meta.json
+            _refuse_existing(os.path.exists(os.path.join(final, META_FILE)), [], url, overwrite)
+            if _fs.exchange(tmp, final):  # one atomic swap: a checkpoint is at `final` at every moment
+                old, tmp = tmp, os.path.join(parent, _fs.tmp_name(name))
+                _fs.fsync_path(parent)
+                shutil.rmtree(old, ignore_errors=True)
+                return
+            old = os.path.join(parent, _fs.tmp_name(name))  # no atomic swap here: move it aside
             os.rename(final, old)
-        os.rename(tmp, final)
+        try:
+            _fs.rename_noreplace(tmp, final)  # never over a checkpoint another writer committed meanwhile
+        except FileExistsError:
+            raise _taken(url) from None
         _fs.fsync_path(parent)
     except BaseException:
         if old is not None and not os.path.exists(final):
             os.rename(old, final)
             old = None
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:  # another writer's checkpoint is in place: it stays
+            shutil.rmtree(old, ignore_errors=True)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _taken(url: str) -> CheckpointError:
+    return CheckpointError(
+        f"{url}: another writer committed a checkpoint here while this one was being written; it is kept. "
+        "Pick another URL, or pass overwrite=True to replace it"
+    )
+
+
 def _save_remote(
     fs: Any, path: str, url: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], overwrite: bool
 ) -> None:
+    """Object stores have no folder rename: a new checkpoint claims its files with conditional
+    writes; a replaced one gets a new tensor file, and the old files go once the new
+    ``meta.json`` (naming its tensor file) is in place, so a failed save leaves the old one."""
     meta_path = f"{path}/{META_FILE}"
     fs.invalidate_cache(path)
     has_meta = fs.exists(meta_path)
-    _refuse_existing(has_meta, list(_fs.list_names(fs, path)), url, overwrite)
-    if has_meta:
-        fs.rm_file(meta_path)
+    names = list(_fs.list_names(fs, path))
+    _refuse_existing(has_meta, names, url, overwrite)
     fs.makedirs(path, exist_ok=True)
-    with fs.open(f"{path}/{STATE_FILE}", "wb") as f:
-        _write_state(f, tensors, meta)
-    fs.pipe_file(meta_path, _encode_meta(meta))
+    state_name = f"state.{uuid.uuid4().hex}.safetensors" if has_meta else STATE_FILE
+    if state_name != STATE_FILE:
+        meta["state_file"] = state_name
+    elif STATE_FILE in names:  # a leftover of a save that never committed
+        fs.rm_file(f"{path}/{STATE_FILE}")
+    try:
+        with _fs.create_exclusive(fs, f"{path}/{state_name}") as f:
+            _write_state(f, tensors, meta)
+        if overwrite:
+            fs.pipe_file(meta_path, _encode_meta(meta))
+        else:
+            _fs.create_exclusive(fs, meta_path, _encode_meta(meta))
+    except FileExistsError:
+        raise _taken(url) from None
+    for stale in names:
+        if stale != state_name and STATE_NAME.fullmatch(stale):
+            fs.rm_file(f"{path}/{stale}")
 
 
 def save(
@@ -166,7 +203,10 @@ def save(
         "state_bytes": 0,
         "leaves": entries,
         "treespec": _leaves.describe(spec),
+        "finite": not _leaves.non_finite(tensors, limit=1),
     }
+    if getattr(tree, "tx", None) is not None:
+        meta["optimizer"] = describe_optimizer(tree.tx)
     if _sharded.is_sharded(tree):  # every rank writes its shard, rank 0 the commit marker
         _sharded.save_sharded(tensors, meta, url, overwrite)
         return url
@@ -181,6 +221,20 @@ def save(
     except OSError as e:
         raise CheckpointError(f"{url}: cannot write the checkpoint ({e})") from e
     return url
+
+
+def _device(map_location: Any) -> Any:
+    """``map_location`` checked: None, a ``torch.device`` or a device string such as ``"cuda:0"``."""
+    if map_location is None:
+        return None
+    try:
+        if isinstance(map_location, bool) or not isinstance(map_location, (str, torch.device, int)):
+            raise TypeError
+        return torch.device(map_location)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            f"map_location={map_location!r}: not a device; pass None, a torch.device or a string such as 'cpu' or 'cuda:0'"
+        ) from None
 
 
 def restore(
@@ -210,12 +264,14 @@ def restore(
         {'w': tensor([1., 1.])}
     """
     url = os.fspath(url)
+    map_location = _device(map_location)
     meta = read_meta(url)
     sharded_like = like is not None and _sharded.is_sharded(like)
     tensors = _load(url, meta, verify, _sharded.rows_of(like) if sharded_like else None)
     if like is None:
         order = [e["path"] for e in meta["leaves"] if e["kind"] == "tensor"]
         return {p: tensors[p].to(map_location) if map_location is not None else tensors[p] for p in order}
+    compare_optimizer(meta.get("optimizer"), getattr(like, "tx", None), _fs.join_url(url, META_FILE))
     stored_tree = meta.get("treespec", "")
     tree = _leaves.rebuild(like, meta["leaves"], tensors, url, map_location=map_location, stored_tree=stored_tree)
     return _sharded.place_like(tree, like) if sharded_like else tree
@@ -243,6 +299,7 @@ def restore_params(url: str | os.PathLike[str], *, map_location: Any = None) -> 
         {'w': tensor([1.])}
     """
     url = os.fspath(url)
+    map_location = _device(map_location)
     meta = read_meta(url)
     tensors = _load(url, meta, verify=True)
     paths = [e["path"] for e in meta["leaves"] if e["kind"] == "tensor"]
@@ -268,6 +325,7 @@ def restore_weights(url: str | os.PathLike[str], like: Any, *, map_location: Any
         0
     """
     url = os.fspath(url)
+    map_location = _device(map_location)
     meta = read_meta(url)
     tensors = _load(url, meta, verify=True)
     entries = [e for e in meta["leaves"] if e["path"].startswith(("params/", "buffers/"))]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -25,7 +26,11 @@ from fnloop.state import TrainState
 from fnloop.checkpoint.format import META_FILE, read_meta, restore, save
 from fnloop.errors import CheckpointError, ConfigError, FnloopError
 
-__all__ = ["CheckpointManager"]
+__all__ = ["CheckpointManager", "NonFiniteState"]
+
+
+class NonFiniteState(CheckpointError):
+    """``CheckpointManager.save`` refused a state holding nan or inf (``save_non_finite=False``)."""
 
 
 def _positive(name: str, value: Any, kind: type = int) -> None:
@@ -57,7 +62,11 @@ class CheckpointManager:
             trees are copied first. One save in flight at most; a background error is raised by
             the next ``save``, ``wait`` or ``close``.
         filename: the folder name template, with one ``{step}`` field.
+        save_non_finite: save nan/inf states too.
 
+    ``save`` refuses a state whose params or optimizer state hold nan or inf (a
+    :class:`NonFiniteState` error, unless ``save_non_finite``), so the last checkpoint stays a
+    finite one; pruning never deletes the newest finite checkpoint.
     Stale temporary folders left by a crashed save are removed at construction; a folder
     without ``meta.json`` is never listed. One writing process per directory is assumed.
 
@@ -84,6 +93,7 @@ class CheckpointManager:
         save_last: bool = True,
         async_save: bool = False,
         filename: str = "step-{step:08d}",
+        save_non_finite: bool = False,
     ) -> None:
         counts = {
             "keep_last": keep_last,
@@ -95,6 +105,9 @@ class CheckpointManager:
         for name, value in counts.items():
             _positive(name, value)
         _positive("every_n_seconds", every_n_seconds, float)
+        if not isinstance(save_non_finite, bool):
+            raise ConfigError(f"CheckpointManager(save_non_finite={save_non_finite!r}): accepted values are True or False")
+        self.save_non_finite = save_non_finite
         if mode not in ("min", "max"):
             raise ConfigError(f"CheckpointManager(mode={mode!r}): must be 'min' or 'max'")
         if monitor is not None and not isinstance(monitor, str):
@@ -110,7 +123,7 @@ class CheckpointManager:
         self._fs, self._path = _fs.resolve(self.directory)
         if _fs.is_local(self._fs):
             _fs.remove_stale_tmp(self._path)
-        self._metrics: dict[str, float | None] = {}
+        self._metrics: dict[str, tuple[float | None, bool]] = {}
         self._background = BackgroundWriter() if self.async_save else None
         self._closed = False
         listed = self._list()
@@ -177,21 +190,21 @@ class CheckpointManager:
         listed = self._list()
         return self._url(listed[-1][1]) if listed else None
 
-    def _metric(self, name: str) -> float | None:
+    def _info(self, name: str) -> tuple[float | None, bool]:
+        """``(monitored value, finite)`` from the checkpoint's ``meta.json``, read once."""
         if name not in self._metrics:
             try:
-                value = read_meta(self._url(name))["metrics"].get(self.monitor)
-            except CheckpointError:
-                value = None
+                meta = read_meta(self._url(name))
+                value, finite = meta["metrics"].get(self.monitor), meta.get("finite", True) is not False
+            except CheckpointError as err:  # a damaged sibling is skipped, not fatal to the others
+                warnings.warn(f"CheckpointManager: skipping a damaged checkpoint: {err}", UserWarning, stacklevel=3)
+                value, finite = None, False
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            self._metrics[name] = float(value) if ok else None
+            self._metrics[name] = (float(value) if ok else None, finite)
         return self._metrics[name]
 
     def _checkpoints(self) -> list[_policy.Checkpoint]:
-        listed = self._list()
-        if self.monitor is None:
-            return [_policy.Checkpoint(s, n) for s, n in listed]
-        return [_policy.Checkpoint(s, n, self._metric(n)) for s, n in listed]
+        return [_policy.Checkpoint(s, n, *self._info(n)) for s, n in self._list()]
 
     def best(self) -> str | None:
         """URL of the best checkpoint by ``monitor`` and ``mode``, or None if none has the metric.
@@ -215,7 +228,9 @@ class CheckpointManager:
         self._metrics.pop(name, None)
         if _sharded.is_follower(tree):  # a sharded save: rank 0 prunes
             return
-        for doomed in _policy.to_delete(self._checkpoints(), self._keep_policy, protect=name):
+        keep = self._keep_policy
+        pruning = (keep.keep_last, keep.keep_best, keep.keep_every_n_steps) != (None, None, None)
+        for doomed in _policy.to_delete(self._checkpoints() if pruning else [], keep, protect=name):
             _fs.remove_tree(self._fs, f"{self._path}/{doomed}", marker=META_FILE)
             self._metrics.pop(doomed, None)
 
@@ -257,7 +272,14 @@ class CheckpointManager:
             epoch = getattr(getattr(state, "loop", None), "epoch", None)
         name = self._format_name(int(step))
         plain = _leaves.decode_metrics(_leaves.encode_metrics(metrics))
-        _leaves.split(state, self._url(name))
+        tensors, _, _ = _leaves.split(state, self._url(name))
+        bad = [] if self.save_non_finite else _leaves.non_finite(tensors)
+        if bad:
+            raise NonFiniteState(
+                f"{self._url(name)}: not saved, the state at step {step} holds nan or inf in {bad}; the latest "
+                f"checkpoint ({self.latest() or 'none yet'}) stays the newest finite one. Pass "
+                "CheckpointManager(save_non_finite=True) to save such states"
+            )
         last = _policy.LastSave(step=int(step), epoch=epoch, time=time.monotonic())
         if self._background is None or _sharded.is_sharded(state):  # every rank saves a sharded state together
             self._write(state, name, plain)

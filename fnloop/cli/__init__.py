@@ -68,10 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     stage = next((a for a in argv if not a.startswith("-")), "")
     label = f"fnloop {stage}" if stage in ("fit", "validate", "test", "predict") else "fnloop"
     try:
+        from fnloop.cli.config_file import check_config_args
         from fnloop.cli.job import build_job
         from fnloop.cli.parser import build_parser
         from fnloop.cli.run import run_job
 
+        check_config_args(argv)  # a FIFO, a huge file, bad UTF-8 or an alias bomb is refused unread
         parser = build_parser()
         stage, cfg = parser.parse(argv)
         label = f"fnloop {stage}"

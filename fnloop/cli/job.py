@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -114,6 +115,25 @@ def _named(section: str, err: ConfigError) -> ConfigError:
     return ConfigError(f"{section}.{m.group(1) if m else ''}: {err}".replace(".: ", ": "))
 
 
+def _check_function(key: str, fn: Any, named: Any) -> None:
+    """A ``loss_fn``/``metric_fn``/``predict_fn`` must name a function (not a class, module or value)."""
+    if fn is None:
+        return
+    problem = None
+    if isinstance(fn, (type, torch.nn.Module)) or not callable(fn):
+        problem = f"names {'a class' if isinstance(fn, (type, torch.nn.Module)) else 'a ' + type(fn).__name__}, not a function"
+    else:
+        try:
+            inspect.signature(fn).bind(None, None)
+        except TypeError:
+            problem = "names a function that does not take (model, batch)"
+        except ValueError:  # a builtin without a signature: it is called as given
+            pass
+    if problem is not None:
+        named = getattr(named, "class_path", named)
+        raise ConfigError(f"{key}: {named!r} {problem}; give the import path of a function f(model, batch)")
+
+
 def _plain(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else dict(vars(value))
 
@@ -149,6 +169,8 @@ def build_job(stage: str, cfg: Any, parser: Any) -> Job:
         if found is None:
             raise
         raise ConfigError(f"building the objects of the config: {found}") from None
+    for key in ("loss_fn", "metric_fn", "predict_fn"):
+        _check_function(key, getattr(objs, key, None), cfg.get(key))
     tx = build_optimizer(cfg.optimizer, cfg.schedule.name, cfg.schedule.init_args)
     flags = {k: v for k, v in _plain(objs.trainer).items() if k != "loggers"}
     if cfg.checkpoint is None:  # `checkpoint: null` turns checkpointing off

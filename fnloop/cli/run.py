@@ -189,6 +189,26 @@ def _test_after_fit(job: Job, trainer: Any, state: TrainState, best: str | None)
     _accuracy_line(trainer.test(state, eval_step(job.metric_fn), datamodule=job.data), "test")
 
 
+def _check_fresh(job: Job, run_dir: str) -> None:
+    """A fit without ``--ckpt_path`` starts a new run: it refuses a run folder that holds the
+    checkpoints of an earlier run (they would stay "last" and mix two runs' steps)."""
+    if job.ckpt_path is not None or job.checkpoint_args is None:
+        return
+    with job.manager(run_dir) as manager:
+        latest = manager.latest()
+    if latest is not None:
+        raise ConfigError(
+            f"--run_dir {run_dir}: holds checkpoints of an earlier run (latest {os.path.basename(latest)}); pass "
+            "--ckpt_path last to continue that run, or pick a new --run_dir"
+        )
+
+
+def _fresh_run_dir(job: Job) -> str:
+    run_dir = choose_run_dir("fit", root=job.root, name=job.name, run_dir=job.run_dir, ckpt_path=job.ckpt_path)
+    _check_fresh(job, run_dir)
+    return run_dir
+
+
 def fit(job: Job) -> int:
     """Train in the run folder, save checkpoints and logs there; then test (``test_after_fit``)
     the best checkpoint if there is one, else the final state.
@@ -204,7 +224,7 @@ def fit(job: Job) -> int:
     check_ckpt_path(job)
     parallel = connect(job.trainer)  # a distributed run: join it, or start its other ranks (this process is rank 0)
     lead = parallel.is_global_zero
-    run_dir = parallel.broadcast(choose_run_dir("fit", root=job.root, name=job.name, run_dir=job.run_dir, ckpt_path=job.ckpt_path) if lead else None)
+    run_dir = parallel.broadcast(_fresh_run_dir(job) if lead else None)
     config_path = save_config(run_dir, job.config_text, overwrite=job.overwrite_config) if lead else os.path.join(run_dir, CONFIG_FILE)
     sinks = make_sinks(job.loggers if lead else [], run_dir)
     last = _LastMetrics()

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from fnloop._atomic import replacing
+from fnloop.cli.config_file import read_config_text
 from fnloop.errors import ConfigError
 from fnloop.loggers import next_version, resolve_run_dir
 
@@ -150,8 +151,7 @@ def save_config(run_dir: str, text: str, *, overwrite: bool = False, only_if_mis
     if os.path.exists(path):
         if only_if_missing:
             return path
-        with open(path, encoding="utf-8") as f:
-            old = yaml.safe_load(f) or {}
+        old = yaml.safe_load(read_config_text(path)) or {}
         new = yaml.safe_load(text) or {}
         changed = differences(_comparable(old), _comparable(new))
         if not changed:

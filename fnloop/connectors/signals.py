@@ -21,7 +21,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-__all__ = ["StopRequest", "stop_signals", "last_received", "DEFAULT_SIGNALS"]
+from fnloop.errors import ConfigError
+
+__all__ = ["StopRequest", "stop_signals", "check_stop_signals", "last_received", "DEFAULT_SIGNALS"]
 
 DEFAULT_SIGNALS: tuple[int, ...] = tuple(
     s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None), signal.SIGINT) if s is not None
@@ -29,6 +31,35 @@ DEFAULT_SIGNALS: tuple[int, ...] = tuple(
 
 
 _last_received: list[int | None] = [None]
+_UNCATCHABLE = {getattr(signal, n) for n in ("SIGKILL", "SIGSTOP") if hasattr(signal, n)}
+
+
+def check_stop_signals(signals: Any) -> tuple[int, ...] | None:
+    """``signals`` as a tuple of signal numbers, or raise :class:`ConfigError` naming the bad entry.
+
+    Example:
+        >>> check_stop_signals(["SIGTERM", 10])
+        (<Signals.SIGTERM: 15>, <Signals.SIGUSR1: 10>)
+    """
+    if signals is None:
+        return None
+    if isinstance(signals, (str, bytes)) or not isinstance(signals, Sequence):
+        raise ConfigError(f"Trainer(stop_signals={signals!r}): accepted values are a list of signals (e.g. [signal.SIGTERM]) or None")
+    out = []
+    for i, value in enumerate(signals):
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            sig = signal.Signals[value] if isinstance(value, str) else signal.Signals(value)
+        except (KeyError, ValueError, TypeError):
+            sig = None
+        if sig is None or sig in _UNCATCHABLE:
+            raise ConfigError(
+                f"Trainer(stop_signals[{i}]={value!r}): not a signal this process can catch; use signal numbers or "
+                "names such as signal.SIGTERM, 'SIGUSR1'"
+            )
+        out.append(sig)
+    return tuple(out)
 
 
 def last_received() -> int | None:
@@ -75,7 +106,7 @@ def stop_signals(signals: Sequence[int] | None = None) -> Iterator[StopRequest]:
     """
     request = StopRequest()
     _last_received[0] = None
-    chosen = DEFAULT_SIGNALS if signals is None else tuple(signals)
+    chosen = DEFAULT_SIGNALS if signals is None else check_stop_signals(signals) or ()
     if threading.current_thread() is not threading.main_thread():
         yield request
         return

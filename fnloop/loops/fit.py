@@ -16,10 +16,11 @@ import torch
 
 from fnloop.connectors.datamodule import resolve_datamodule
 from fnloop.connectors.device import device_of
-from fnloop.errors import ConfigError
+from fnloop.errors import ConfigError, FnloopError, StepError
 from fnloop.loops import rules
 from fnloop.loops.data import batches_on, data_seed, limited, make_source, require
 from fnloop.loops.evaluate import eval_loaders
+from fnloop.loops.hooks import guarded
 from fnloop.loops.ranks import params_dtype
 from fnloop.loops.run import FitRun, with_loop
 from fnloop.optim.grad_norms import grad_norms
@@ -104,9 +105,32 @@ def _with_flags(trainer: Trainer, train_step: StepFn, flags: Any) -> StepFn:
 
 
 def _fail(run: FitRun, state: Any, exc: BaseException) -> None:
-    failed = with_loop(state, status=Status.FAILED)
-    run.hooks.notify("on_exception", failed, exc)
-    run.logger.finalize("failed")
+    """Every ``on_exception`` handler, then the logger's finalize: each runs even when one before
+    it fails (noted on ``exc``, which fit then raises unchanged)."""
+    run.hooks.on_exception(with_loop(state, status=Status.FAILED), exc)
+    guarded(exc, "the logger's finalize", run.logger.finalize, "failed")
+
+
+_PLAIN = (RuntimeError, ValueError, TypeError, IndexError, KeyError)
+"""Errors of these exact classes raised by a step (a wrong-shaped batch, a dtype mismatch) become a
+StepError naming the batch; other exceptions (a user's own class, out of memory) keep their type."""
+
+
+def _step(step: Any, state: Any, batch: Any, batch_idx: int, epoch: int) -> Any:
+    """``step(state, batch)``; its failure names the batch, epoch and global step."""
+    try:
+        return step(state, batch)
+    except FnloopError:
+        raise
+    except Exception as err:
+        where = f"training batch {batch_idx} of epoch {epoch} (global step {state.loop.global_step})"
+        if type(err) in _PLAIN:
+            raise StepError(
+                f"{where}: {type(err).__name__}: {err}; check this batch's shapes, dtypes and devices against the model"
+            ) from err
+        if hasattr(err, "add_note"):  # Python 3.11+
+            err.add_note(f"fnloop: raised by the train step at {where}")
+        raise
 
 
 @contextlib.contextmanager
@@ -199,7 +223,7 @@ def _fit(run: FitRun, state: Any, signals: Any, ckpt_path: str | None) -> Any:
             if run.bar is not None:
                 run.bar.total = n
             state = hooks("on_train_epoch_start", state)
-            batch_idx = state.loop.batch_idx
+            batch_idx = first = state.loop.batch_idx
             times = run.times
             t0 = time.perf_counter()
             for batch in batches_on(src, epoch, batch_idx, n, device, dtype):
@@ -207,7 +231,7 @@ def _fit(run: FitRun, state: Any, signals: Any, ckpt_path: str | None) -> Any:
                 if batch_start:
                     state = hooks("on_train_batch_start", state, batch, batch_idx)
                 signals.defer = donating  # a Ctrl-C must not cut an in-place update short
-                state, metrics = step(state, batch)
+                state, metrics = _step(step, state, batch, batch_idx, epoch)
                 signals.defer = False
                 if unmarked is not None:
                     mark_donated(unmarked)
@@ -237,7 +261,11 @@ def _fit(run: FitRun, state: Any, signals: Any, ckpt_path: str | None) -> Any:
                 if signals.deferred_interrupt:  # a second Ctrl-C arrived during the in-place step
                     raise KeyboardInterrupt
                 run.window.add(metrics, batch_size, loop.global_step, epoch)
+                signals.defer = True  # the batch counts as done: a second Ctrl-C waits for its hooks
                 state = hooks("on_train_batch_end", state, metrics)
+                signals.defer = False
+                if signals.deferred_interrupt:
+                    raise KeyboardInterrupt
                 if stepped and state.loop.global_step % trainer.log_every_n_steps == 0:
                     state = run.flush_window(state)
                 if validate:
@@ -257,6 +285,10 @@ def _fit(run: FitRun, state: Any, signals: Any, ckpt_path: str | None) -> Any:
                 state = run.flush_window(state, epoch_end=True)
                 state = hooks("on_train_epoch_end", state)
                 state = with_loop(state, epoch=epoch + 1, batch_idx=0)
+            if batch_idx == first == 0 and not stopped:  # an epoch without batches: no epoch makes progress
+                if signals.requested:
+                    return _finish(run, with_loop(state, status=Status.INTERRUPTED))
+                break
         state = hooks("on_train_end", with_loop(state, status=Status.FINISHED))
         return _finish(run, state)
     except KeyboardInterrupt:

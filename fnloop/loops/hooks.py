@@ -16,12 +16,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from fnloop.callbacks.base import Callback
+from fnloop.errors import StepError
 
-__all__ = ["Hooks"]
+__all__ = ["Hooks", "guarded"]
 
 
 def _overrides(cb: Any, name: str) -> bool:
@@ -66,6 +68,11 @@ class Hooks:
         for cb in self.overriding(name):
             out = getattr(cb, name)(state, *args)
             if out is not None:
+                if not isinstance(out, type(state)):
+                    raise StepError(
+                        f"{type(cb).__name__}.{name} returned a {type(out).__name__}; a hook returns the state "
+                        f"(a {type(state).__name__}, e.g. state.replace(...)) or None"
+                    )
                 state = out
         return state
 
@@ -103,5 +110,32 @@ class Hooks:
         try:
             yield
         except BaseException as exc:
-            self.notify("on_exception", state, exc)
+            self.on_exception(state, exc)
             raise
+
+    def on_exception(self, state: Any, exc: BaseException) -> None:
+        """Every ``on_exception(state, exc)``, each one run even when one before it fails; such a
+        failure is logged and noted on ``exc`` (the error to report stays the original).
+
+        Example:
+            >>> Hooks([]).on_exception(None, ValueError("x"))
+        """
+        for cb in self.overriding("on_exception"):
+            guarded(exc, f"{type(cb).__name__}.on_exception", cb.on_exception, state, exc)
+
+
+def guarded(exc: BaseException, what: str, fn: Any, *args: Any) -> None:
+    """``fn(*args)`` while handling ``exc``: an error it raises is logged and noted on ``exc``.
+
+    Example:
+        >>> err = ValueError("first")
+        >>> guarded(err, "cleanup", int, "x"); "cleanup raised" in err.__notes__[0]
+        True
+    """
+    try:
+        fn(*args)
+    except Exception as err:  # the original error is the one to report
+        note = f"fnloop: while handling this error, {what} raised {err!r}"
+        logging.getLogger("fnloop").error(note)
+        if hasattr(exc, "add_note"):  # Python 3.11+
+            exc.add_note(note)

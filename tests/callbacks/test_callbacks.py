@@ -91,7 +91,7 @@ def test_on_exception_replaces_on_fit_end_when_fit_raises():
     trainer = sc.quiet_trainer(max_epochs=2, callbacks=[statuses], logger=sink)
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(sc.linear_state(), fl.train_step(loss), sc.batches(2))
-    assert statuses.seen == [("exception", "failed", "RuntimeError")]
+    assert statuses.seen == [("exception", "failed", "StepError")]  # the step error names its batch
     assert sink.statuses == ["failed"]
 
 

@@ -13,6 +13,7 @@ import torch
 import xxhash
 
 from fnloop.checkpoint import restore, restore_params, save
+from fnloop.checkpoint._seal import seal
 from fnloop.errors import CheckpointError, FnloopError
 
 
@@ -36,6 +37,7 @@ def _edit_meta(fs, path, *, drop=(), **changes):
     meta.update(changes)
     for key in drop:
         del meta[key]
+    seal(meta)  # a self-consistent meta.json: what is checked next is its content
     fs.pipe_file(f"{path}/meta.json", json.dumps(meta).encode())
 
 
@@ -94,6 +96,7 @@ def test_malformed_leaf_entries(ckpt):
     url, fs, path, tree = ckpt
     meta = json.loads(fs.cat_file(f"{path}/meta.json"))
     meta["leaves"][0] = {"path": "w", "kind": "tensor", "dtype": "float33", "shape": [1]}
+    seal(meta)
     fs.pipe_file(f"{path}/meta.json", json.dumps(meta).encode())
     _raises(url, tree, "malformed leaf entry", file="meta.json")
 
@@ -158,7 +161,7 @@ def test_pickle_renamed_to_state_file_is_rejected_without_running(ckpt, tmp_path
     data = local.read_bytes()
     fs.pipe_file(f"{path}/state.safetensors", data)
     _edit_meta(fs, path, checksum=_checksum(data), state_bytes=len(data))
-    _raises(url, tree, "not a valid safetensors file")
+    _raises(url, tree, "replaced", "bytes of tensors meta.json declares")  # refused before it is parsed
     with pytest.raises(CheckpointError):
         restore_params(url)
     assert not marker.exists()

@@ -207,7 +207,7 @@ def test_train_state_round_trip_and_meta(base):
     fs, path = fsspec.core.url_to_fs(url)
     data = fs.cat_file(path + "/state.safetensors")
     assert meta["checksum"] == "xxh3_128:" + xxhash.xxh3_128(data).hexdigest()
-    assert meta["format_version"] == 2 and meta["state_bytes"] == len(data)
+    assert meta["format_version"] == 3 and meta["state_bytes"] == len(data)
     leaves = {e["path"]: e for e in meta["leaves"]}
     mu = {"path": "opt_state/1/0/mu/0.weight", "kind": "tensor", "dtype": "float32", "shape": [4, 3]}
     assert leaves["opt_state/1/0/mu/0.weight"] == mu

@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("run_dir")
     parser.add_argument("--sleep", type=float, default=0.02)
+    parser.add_argument("--async_save", action="store_true", help="save checkpoints in the background")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     log = EventLog(os.path.join(args.run_dir, "events.log"))
@@ -139,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         enable_progress_bar=False,
         callbacks=[Progress(dataset, log, args.sleep)],
     )
-    manager = fl.CheckpointManager(os.path.join(args.run_dir, "ckpt"), keep_last=2, every_n_steps=EVERY_N_STEPS)
+    manager = fl.CheckpointManager(
+        os.path.join(args.run_dir, "ckpt"), keep_last=2, every_n_steps=EVERY_N_STEPS, async_save=args.async_save
+    )
     loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"ckpt_path='last': no checkpoint", category=UserWarning)
