@@ -24,6 +24,8 @@ Example:
 
 from __future__ import annotations
 
+import itertools
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -247,6 +249,17 @@ class CoreCache:
         return core
 
 
+_COMPILED = itertools.count()
+
+
+def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with a code object of its own. Dynamo keeps its compiled graphs per code object and
+    gives up after ``recompile_limit`` (8) of them: without this, every compiled step of a process
+    (each closure of one ``def``) would count against one shared limit."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_COMPILED)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
 class FlatCompiled:
     """``torch.compile(fullgraph=True)`` of a core, called with a flat tuple of tensors.
 
@@ -286,7 +299,7 @@ class FlatCompiled:
                 return core(*torch_pytree.tree_unflatten(list(xs), torch_spec))
 
             n_batch = spec.children()[-1].num_leaves if spec.num_children else 0
-            entry = self.by_spec[spec] = (torch.compile(flat, **self.compile_kwargs), list(order), n_batch)
+            entry = self.by_spec[spec] = (torch.compile(_own_code(flat), **self.compile_kwargs), list(order), n_batch)
         return entry  # type: ignore[no-any-return]
 
     def run(self, seed: Callable[[], tuple[int | None, list[int]]], *args: Any) -> Any:

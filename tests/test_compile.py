@@ -169,3 +169,15 @@ def test_compiled_adam_computes_its_bias_corrections_once_per_call_not_per_eleme
     assert len(with_pow) == 1, f"{len(with_pow)} kernels compute pow"
     assert with_pow[0].count("std::pow") == 2  # beta1 ** count and beta2 ** count, once each
     torch._dynamo.reset()
+
+
+def test_more_compiled_steps_than_dynamos_recompile_limit_in_one_process():
+    """Dynamo keeps at most ``recompile_limit`` graphs per code object; every compiled step has a
+    code object of its own, so a process may compile more steps than that."""
+    limit = torch._dynamo.config.recompile_limit
+    for i in range(limit + 2):
+        model = torch.nn.Linear(2 + i, 1)
+        state = fl.TrainState.create(model, flo.sgd(lr=0.1))
+        step = fl.compile(fl.train_step(lambda m, b: m(b).square().mean()), backend="eager")
+        new, _ = step(state, torch.ones(3, 2 + i))
+        assert int(new.step) == 1
