@@ -2,8 +2,8 @@
 file with its checksum, encoding ``meta.json``.
 
 Example:
-    >>> encode_meta({"step": 1})
-    b'{\\n "step": 1\\n}'
+    >>> encode_meta({"step": 1}).decode().splitlines()[1:3]
+    [' "step": 1,', ' "meta_checksum": "xxh3_128:35df05822a140f87e1042a6e8647677a"']
 """
 
 from __future__ import annotations
