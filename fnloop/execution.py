@@ -421,37 +421,27 @@ class TrainExecutor:
         wrapped_tx = options.key is not None
         spec = options.spec_of({n: p for n, p in template.named_parameters() if p.requires_grad})
         shapes = {n: p.shape for n, p in template.named_parameters()}
-        # the precision and distribution hooks, decided once: a plain fp32 single-process step skips them
-        plain = options.precision == "32-true" and options.grad_reduce is None
-        reducer = options.grad_reduce
 
         def core(params: Any, buffers: Any, opt_state: Any, carried: Any, batch: Any, donate: bool) -> Any:
             # BatchNorm & co update buffers in place: always on copies (small), so an exception in
             # loss_fn leaves even a donated state intact; only the optimizer apply works in place
             buffers = {k: v.clone() for k, v in buffers.items()}
+            batch = options.batch(batch)
             trainable = {n: params[n] for n in names} if frozen else params
             wrapped = options.join(carried, opt_state, trainable, spec) if wrapped_tx else opt_state
-            if plain:
-                full, scale, overlap = params, None, None
-            else:
-                batch = options.batch(batch)
-                scale = options.scale(wrapped)
-                full = options.gather(params, shapes)  # a sharded state's params, all-gathered
+            scale = options.scale(wrapped)
+            full = options.gather(params, shapes)  # a sharded state's params, all-gathered
             with torch.enable_grad():
                 leaves = {k: full[k].detach().requires_grad_(True) for k in trainable}
                 # a distributed step all-reduces each bucket as soon as backward has produced it
-                overlap = reducer.overlapped(leaves) if reducer is not None else None
+                overlap = options.grad_reduce.overlapped(leaves) if options.grad_reduce is not None else None
                 with bind(working_copy(template, True), {**full, **leaves} if frozen else leaves, buffers) as model:
-                    if plain:
+                    with options.forward(_device(params)):
                         loss, aux = split_loss(loss_fn(model, batch), "train_step")
-                    else:
-                        with options.forward(_device(params)):
-                            loss, aux = split_loss(loss_fn(model, batch), "train_step")
                 grads_list = torch.autograd.grad(loss if scale is None else loss * scale, list(leaves.values()), allow_unused=True)
             grads = {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, grads_list)}
             del grads_list  # the grads dict holds the only references: the optimizer frees each gradient early
-            if reducer is not None:
-                grads = overlap.finish(grads) if overlap is not None else options.reduce(grads)
+            grads = overlap.finish(grads) if overlap is not None else options.reduce(grads)
             # the grads dict is the step's own: the optimizer may free each gradient after its last read
             new, wrapped = apply(grads, wrapped, trainable, donate=donate, consume=True)
             carried, opt_state = options.split(wrapped, trainable, spec) if wrapped_tx else (carried, wrapped)

@@ -209,24 +209,14 @@ def non_finite(tensors: dict[str, torch.Tensor], limit: int = 5) -> list[str]:
     checked = [
         (p, t.to_local() if hasattr(t, "to_local") else t)  # a sharded (DTensor) leaf: this rank's shard
         for p, t in tensors.items()
-        if (t.is_floating_point() or t.is_complex()) and not p.startswith("buffers/") and t.numel()
+        if (t.is_floating_point() or t.is_complex()) and not p.startswith("buffers/")
     ]
-    key = tuple((p, id(t), t._version) for p, t in checked)
-    if _LAST_CHECK[0] == key:  # the manager and save() check the same tensors one after the other
-        bad = _LAST_CHECK[1]
-        _LAST_CHECK[:] = [None, [], ()]  # used once: drop the references that keep those ids unique
-        return bad[:limit]
     by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for _, t in checked:  # min and max: one pass, no tensor-sized temporary; a nan propagates to both
-        by_device.setdefault(t.device, []).extend(torch.aminmax(t.detach().reshape(-1) if not t.is_complex() else torch.view_as_real(t.detach()).reshape(-1)))
-    bad: list[str] = []
-    if not all(bool(torch.isfinite(torch.stack(v)).all()) for v in by_device.values()):
-        bad = [p for p, t in checked if not bool(torch.isfinite(t.detach()).all())]
-    _LAST_CHECK[:] = [key, bad, [t for _, t in checked]]  # the tensors held: their ids stay theirs
-    return bad[:limit]
-
-
-_LAST_CHECK: list[Any] = [None, [], ()]
+    for _, t in checked:
+        by_device.setdefault(t.device, []).append(torch.isfinite(t.detach()).all())
+    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        return []
+    return [p for p, t in checked if not bool(torch.isfinite(t.detach()).all())][:limit]
 
 
 def stored_tensors(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
