@@ -206,17 +206,27 @@ def non_finite(tensors: dict[str, torch.Tensor], limit: int = 5) -> list[str]:
         >>> non_finite({"params/w": torch.tensor([1.0, float("nan")]), "buffers/m": torch.tensor([-float("inf")])})
         ['params/w']
     """
+    local = ((p, t.to_local() if hasattr(t, "to_local") else t) for p, t in tensors.items())  # DTensor: this rank's shard
     checked = [
-        (p, t.to_local() if hasattr(t, "to_local") else t)  # a sharded (DTensor) leaf: this rank's shard
-        for p, t in tensors.items()
-        if (t.is_floating_point() or t.is_complex()) and not p.startswith("buffers/")
+        (p, t) for p, t in local if (t.is_floating_point() or t.is_complex()) and not p.startswith("buffers/") and t.numel()
     ]
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for _, t in checked:
-        by_device.setdefault(t.device, []).append(torch.isfinite(t.detach()).all())
-    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        by_device.setdefault(t.device, []).extend(_extremes(t.detach()))
+    if all(bool(torch.isfinite(torch.stack(v)).all()) for v in by_device.values()):
         return []
-    return [p for p, t in checked if not bool(torch.isfinite(t.detach()).all())][:limit]
+    return [p for p, t in checked if not bool(torch.isfinite(torch.stack(_extremes(t.detach()))).all())][:limit]
+
+
+def _extremes(t: torch.Tensor) -> list[torch.Tensor]:
+    """Values of ``t`` that are finite exactly when all of ``t`` is: its min and max (one pass, no
+    tensor-sized temporary; a nan propagates to both), as float64 0-d tensors."""
+    flat = torch.view_as_real(t.resolve_conj()) if t.is_complex() else t  # no reshape: expanded views stay views
+    try:
+        low, high = torch.aminmax(flat)
+    except (RuntimeError, NotImplementedError):  # a dtype without aminmax (float8): through float32
+        low, high = torch.aminmax(flat.float())
+    return [low.double(), high.double()]
 
 
 def stored_tensors(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

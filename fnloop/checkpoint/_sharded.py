@@ -59,6 +59,11 @@ def _all(value: Any) -> list[Any]:
     return out
 
 
+def everywhere(paths: list[str]) -> list[str]:
+    """The union of every rank's ``paths`` (in rank order), so that all ranks decide alike."""
+    return list(dict.fromkeys(p for mine in _all(paths) for p in mine))
+
+
 def _from_zero(value: Any) -> Any:
     import torch.distributed as dist
 

@@ -187,11 +187,18 @@ def save(
         >>> save({"w": torch.zeros(3)}, "memory://doc/save-example", overwrite=True)
         'memory://doc/save-example'
     """
+    return write(tree, url, metrics=metrics, overwrite=overwrite)
+
+
+def write(tree: Any, url: str | os.PathLike[str], *, metrics: Any = None, overwrite: bool = False, finite: bool | None = None) -> str:
+    """:func:`save`, with ``finite`` (no tensor holds nan or inf) given when the caller checked already."""
     from fnloop.execution import check_not_donated
 
     check_not_donated(tree, "save")
     url = os.fspath(url)
     tensors, entries, spec = _leaves.split(tree, url)
+    if finite is None:
+        finite = not non_finite(tree, tensors, limit=1)
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -203,7 +210,7 @@ def save(
         "state_bytes": 0,
         "leaves": entries,
         "treespec": _leaves.describe(spec),
-        "finite": not _leaves.non_finite(tensors, limit=1),
+        "finite": finite,
     }
     if getattr(tree, "tx", None) is not None:
         meta["optimizer"] = describe_optimizer(tree.tx)
@@ -221,6 +228,13 @@ def save(
     except OSError as e:
         raise CheckpointError(f"{url}: cannot write the checkpoint ({e})") from e
     return url
+
+
+def non_finite(tree: Any, tensors: dict[str, torch.Tensor], limit: int = 5) -> list[str]:
+    """Key paths of ``tree``'s tensors (``tensors``, split from it) that hold nan or inf; for a
+    sharded state, of every rank's shard (all ranks get the same answer: they save together)."""
+    bad = _leaves.non_finite(tensors, limit)
+    return _sharded.everywhere(bad)[:limit] if _sharded.is_sharded(tree) else bad
 
 
 def _device(map_location: Any) -> Any:

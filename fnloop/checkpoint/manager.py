@@ -23,7 +23,7 @@ from fnloop.checkpoint import _fs, _leaves, _policy, _sharded
 from fnloop.checkpoint._background import BackgroundWriter
 from fnloop.execution import pin
 from fnloop.state import TrainState
-from fnloop.checkpoint.format import META_FILE, read_meta, restore, save
+from fnloop.checkpoint.format import META_FILE, non_finite, read_meta, restore, write
 from fnloop.errors import CheckpointError, ConfigError, FnloopError
 
 __all__ = ["CheckpointManager", "NonFiniteState"]
@@ -223,8 +223,8 @@ class CheckpointManager:
         if self._closed:
             raise FnloopError(f"CheckpointManager({self.directory!r}) is closed; create a new one")
 
-    def _write(self, tree: Any, name: str, metrics: dict[str, Any]) -> None:
-        save(tree, self._url(name), metrics=metrics, overwrite=True)
+    def _write(self, tree: Any, name: str, metrics: dict[str, Any], finite: bool | None) -> None:
+        write(tree, self._url(name), metrics=metrics, overwrite=True, finite=finite)
         self._metrics.pop(name, None)
         if _sharded.is_follower(tree):  # a sharded save: rank 0 prunes
             return
@@ -273,28 +273,29 @@ class CheckpointManager:
         name = self._format_name(int(step))
         plain = _leaves.decode_metrics(_leaves.encode_metrics(metrics))
         tensors, _, _ = _leaves.split(state, self._url(name))
-        bad = [] if self.save_non_finite else _leaves.non_finite(tensors)
+        bad = [] if self.save_non_finite else non_finite(state, tensors)
         if bad:
             raise NonFiniteState(
                 f"{self._url(name)}: not saved, the state at step {step} holds nan or inf in {bad}; the latest "
                 f"checkpoint ({self.latest() or 'none yet'}) stays the newest finite one. Pass "
                 "CheckpointManager(save_non_finite=True) to save such states"
             )
+        finite = None if self.save_non_finite else True  # checked just now; else the writer checks
         last = _policy.LastSave(step=int(step), epoch=epoch, time=time.monotonic())
         if self._background is None or _sharded.is_sharded(state):  # every rank saves a sharded state together
-            self._write(state, name, plain)
+            self._write(state, name, plain, finite)
             self._last = last
             return self._url(name)
         self._last = last
         if isinstance(state, TrainState):  # immutable: written as it is, kept from in-place updates
-            self._background.submit(self._write_pinned, state, pin(state), name, plain)
+            self._background.submit(self._write_pinned, state, pin(state), name, plain, finite)
         else:  # any other tree may be changed in place by its owner: copied first
-            self._background.submit(self._write, self._background.snapshot(state), name, plain)
+            self._background.submit(self._write, self._background.snapshot(state), name, plain, finite)
         return self._url(name)
 
-    def _write_pinned(self, state: Any, unpin: Any, name: str, metrics: dict[str, Any]) -> None:
+    def _write_pinned(self, state: Any, unpin: Any, name: str, metrics: dict[str, Any], finite: bool | None) -> None:
         try:
-            self._write(state, name, metrics)
+            self._write(state, name, metrics, finite)
         finally:
             unpin()
 

@@ -241,7 +241,7 @@ def test_async_snapshot_is_independent_of_the_source(base):
 
 def test_async_runs_one_save_at_a_time(base, monkeypatch):
     active, peak, lock = [0], [0], threading.Lock()
-    real_save = manager_module.save
+    real_save = manager_module.write
 
     def tracked(*args, **kwargs):
         with lock:
@@ -253,7 +253,7 @@ def test_async_runs_one_save_at_a_time(base, monkeypatch):
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(manager_module, "save", tracked)
+    monkeypatch.setattr(manager_module, "write", tracked)
     with CheckpointManager(base, async_save=True, keep_last=2) as mgr:
         for step in range(1, 9):
             mgr.save({"w": torch.randn(128, 128)}, step=step)
@@ -266,7 +266,7 @@ def test_async_errors_are_raised_later_never_swallowed(base, monkeypatch, where)
         raise CheckpointError("disk on fire")
 
     mgr = CheckpointManager(base, async_save=True)
-    monkeypatch.setattr(manager_module, "save", broken)
+    monkeypatch.setattr(manager_module, "write", broken)
     mgr.save({"w": torch.ones(2)}, step=1)
     monkeypatch.undo()
     calls = {"wait": mgr.wait, "close": mgr.close, "save": lambda: mgr.save({"w": torch.ones(2)}, step=2)}
