@@ -107,8 +107,8 @@ def update_bn(
     source = as_source(data, seed=int(state.rng), name="update_bn(data)")
     run = forward or default_bn_forward
     device, dtype = device_of(state.params), params_dtype(state)
-    seed = execution.state_seed(state.rng, state.step)
-    with torch.no_grad(), rng.seeded(seed, execution.cuda_devices(state.params)), bind(work, state.params, buffers) as model:
+    seeded = rng.seeded(execution.state_seed(state.rng, state.step), execution.cuda_devices(state.params))
+    with torch.no_grad(), seeded, bind(work, state.params, buffers) as model:
         for batch in batches_on(source, epoch, 0, None, device, dtype):
             run(model, batch)
     return state.replace(buffers=buffers)

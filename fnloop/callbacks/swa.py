@@ -25,18 +25,23 @@ def _positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def _check(swa_lrs: Any, swa_epoch_start: Any, annealing_epochs: Any, annealing_strategy: Any, avg_fn: Any, bn_forward: Any) -> None:
+def _check(
+    swa_lrs: Any, swa_epoch_start: Any, annealing_epochs: Any, annealing_strategy: Any, avg_fn: Any, bn_forward: Any
+) -> None:
     where = "StochasticWeightAveraging"
     lrs = list(swa_lrs) if isinstance(swa_lrs, (list, tuple)) else [swa_lrs]
     if not lrs or not all(_positive(lr) for lr in lrs):
-        raise ConfigError(f"{where}(swa_lrs={swa_lrs!r}): accepted values are a positive float, or a list of positive floats (one per learning rate of the optimizer)")
+        raise ConfigError(
+            f"{where}(swa_lrs={swa_lrs!r}): accepted values are a positive float, or a list of positive floats "
+            "(one per learning rate of the optimizer)"
+        )
     start_ok = (
         isinstance(swa_epoch_start, int) and not isinstance(swa_epoch_start, bool) and swa_epoch_start >= 1
     ) or (isinstance(swa_epoch_start, float) and 0.0 <= swa_epoch_start <= 1.0)
     if not start_ok:
         raise ConfigError(
-            f"{where}(swa_epoch_start={swa_epoch_start!r}): accepted values are an int >= 1 (the epoch, counted from 1) "
-            "or a float in [0, 1] (a fraction of max_epochs)"
+            f"{where}(swa_epoch_start={swa_epoch_start!r}): accepted values are an int >= 1 "
+            "(the epoch, counted from 1) or a float in [0, 1] (a fraction of max_epochs)"
         )
     if isinstance(annealing_epochs, bool) or not isinstance(annealing_epochs, int) or annealing_epochs < 0:
         raise ConfigError(f"{where}(annealing_epochs={annealing_epochs!r}): accepted values are an int >= 0")
@@ -120,8 +125,8 @@ class StochasticWeightAveraging(Callback):
         if isinstance(start, float):
             if max_epochs is None or max_epochs < 0:
                 raise ConfigError(
-                    f"StochasticWeightAveraging(swa_epoch_start={start!r}): a fraction of max_epochs needs Trainer(max_epochs=...); "
-                    "give the epoch as an int instead"
+                    f"StochasticWeightAveraging(swa_epoch_start={start!r}): a fraction of max_epochs needs "
+                    "Trainer(max_epochs=...); give the epoch as an int instead"
                 )
             start = int(max_epochs * start)
         return max(start - 1, 0)

@@ -78,6 +78,7 @@ def averaged_params(opt_state: Any) -> Any:
     found = find_state(opt_state, (EmaParamsState, SwaParamsState))
     if found is None:
         raise ConfigError(
-            "averaged_params: this optimizer state holds no average (build the optimizer with flo.ema_params or flo.swa_params)"
+            "averaged_params: this optimizer state holds no average "
+            "(build the optimizer with flo.ema_params or flo.swa_params)"
         )
     return found.ema if isinstance(found, EmaParamsState) else found.avg

@@ -72,7 +72,8 @@ def swa_params(inner: GradientTransformation) -> GradientTransformation:
         (0, {'w': tensor([1., 1.])})
     """
     if not isinstance(inner, GradientTransformation):
-        raise ConfigError(f"swa_params(inner=...): expected a GradientTransformation (flo.sgd(...)), got {type(inner).__name__}")
+        got = type(inner).__name__
+        raise ConfigError(f"swa_params(inner=...): expected a GradientTransformation (flo.sgd(...)), got {got}")
     inner_apply = fused_apply(inner)
 
     def init(params: Any) -> SwaParamsState:
@@ -83,7 +84,9 @@ def swa_params(inner: GradientTransformation) -> GradientTransformation:
         updates, inner_state = inner.update(updates, state.inner_state, params)
         return updates, state._replace(inner_state=inner_state)
 
-    def fused(grads: Any, state: SwaParamsState, params: Any, *, donate: bool = False, consume: bool = False) -> tuple[Any, Any]:
+    def fused(
+        grads: Any, state: SwaParamsState, params: Any, *, donate: bool = False, consume: bool = False
+    ) -> tuple[Any, Any]:
         new_params, inner_state = inner_apply(grads, state.inner_state, params, donate=donate, consume=consume)
         return new_params, state._replace(inner_state=inner_state)
 
@@ -167,7 +170,8 @@ def swa_average(opt_state: Any, params: Any, *, avg_fn: AvgFn | None = None) -> 
 
     def fold(node: SwaParamsState) -> SwaParamsState:
         mine = {k: params[k] for k in node.avg} if isinstance(node.avg, dict) and isinstance(params, dict) else params
-        return SwaParamsState(node.n_averaged + 1, swa_update(node.avg, mine, node.n_averaged, avg_fn=avg_fn), node.inner_state)
+        avg = swa_update(node.avg, mine, node.n_averaged, avg_fn=avg_fn)
+        return SwaParamsState(node.n_averaged + 1, avg, node.inner_state)
 
     return _map_nodes(opt_state, lambda n: isinstance(n, SwaParamsState), fold)
 
@@ -183,7 +187,8 @@ def swalr(lr: float, swa_lr: float, step: int, *, anneal_epochs: int = 10, annea
     float arithmetic as torch, so the values are equal bitwise.
 
     Example:
-        >>> [round(swalr(lr, 0.05, k, anneal_epochs=2, anneal_strategy="linear"), 6) for lr, k in [(0.1, 0), (0.1, 1), (0.075, 2)]]
+        >>> steps = [(0.1, 0), (0.1, 1), (0.075, 2)]  # (the LR in force, SWALR's step)
+        >>> [round(swalr(lr, 0.05, k, anneal_epochs=2, anneal_strategy="linear"), 6) for lr, k in steps]
         [0.1, 0.075, 0.05]
     """
     anneal = _cos if anneal_strategy == "cos" else (lambda t: t)
@@ -196,7 +201,8 @@ def swalr(lr: float, swa_lr: float, step: int, *, anneal_epochs: int = 10, annea
 
 
 def _has_lr(node: Any) -> bool:
-    return isinstance(node, tuple) and hasattr(node, "_fields") and "lr" in node._fields and isinstance(node.lr, torch.Tensor)
+    named = isinstance(node, tuple) and hasattr(node, "_fields") and "lr" in node._fields
+    return named and isinstance(node.lr, torch.Tensor)
 
 
 def learning_rates(opt_state: Any) -> list[torch.Tensor]:
