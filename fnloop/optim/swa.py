@@ -214,9 +214,13 @@ def learning_rates(opt_state: Any) -> list[torch.Tensor]:
         >>> flo.learning_rates(flo.sgd(lr=0.5).init({"w": torch.ones(1)}))
         [tensor(0.5000, dtype=torch.float64)]
     """
-    found: list[torch.Tensor] = []
-    _map_nodes(opt_state, _has_lr, lambda node: found.append(node.lr))
-    return found
+    if _has_lr(opt_state):
+        return [opt_state.lr]
+    if isinstance(opt_state, dict):
+        children: Any = opt_state.values()
+    else:
+        children = opt_state if isinstance(opt_state, (list, tuple)) else ()
+    return [lr for child in children if not isinstance(child, torch.Tensor) for lr in learning_rates(child)]
 
 
 def with_learning_rates(opt_state: Any, lrs: Sequence[float]) -> Any:

@@ -131,6 +131,15 @@ def test_swa_params_leaves_the_optimizer_unchanged():
     assert int(flo.swa_state(wrapped.opt_state).n_averaged) == 0
 
 
+def test_swa_params_compiles():
+    step = fl.compile(STEP, backend="aot_eager")
+    plain, compiled = swa_state(), swa_state()
+    for batch in DATA[:2]:
+        plain, _ = STEP(plain, batch)
+        compiled, _ = step(compiled, batch)
+    assert_trees_close(compiled.params, plain.params, rtol=1e-6, atol=1e-7)
+
+
 # --- (2) the learning rate: SWALR ------------------------------------------------------------------
 
 
@@ -171,6 +180,31 @@ def test_scheduled_learning_rate_is_replaced_by_swalr():
     )
     assert record.lrs == lrs
     assert_trees_close(state.params, dict(model.named_parameters()), rtol=1e-6, atol=1e-6)
+
+
+class RecordAll(fl.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_epoch_start(self, state):
+        self.lrs.append([float(lr) for lr in flo.learning_rates(state.opt_state)])
+
+
+def test_one_swa_lr_per_group():
+    """``flo.multi_transform`` groups, each with its LR and SWA LR: torch's SWALR over param groups."""
+    labels = lambda params: {k: "head" if k.startswith("3.") else "body" for k in params}  # noqa: E731
+    tx = flo.swa_params(flo.multi_transform({"body": flo.sgd(lr=0.1), "head": flo.sgd(lr=0.01)}, labels))
+    record = RecordAll()
+    cb = fl.StochasticWeightAveraging([0.05, 0.005], swa_epoch_start=2, annealing_epochs=2)
+    trainer(cb, record, max_epochs=5).fit(fl.TrainState.create(make_bn_mlp(), tx), STEP, DATA)
+    opt = torch.optim.SGD([{"params": [torch.zeros(1)], "lr": 0.1}, {"params": [torch.zeros(1)], "lr": 0.01}])
+    expected = [[0.1, 0.01]]
+    sched = SWALR(opt, swa_lr=[0.05, 0.005], anneal_epochs=2)
+    for _ in range(4):
+        expected.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert record.lrs == expected
 
 
 # --- (3) BatchNorm statistics: update_bn -------------------------------------------------------------
