@@ -49,7 +49,7 @@ def trainer(*callbacks, **flags) -> fl.Trainer:
     return fl.Trainer(callbacks=list(callbacks), **quiet, **flags)
 
 
-def swa_state(model=None, lr=LR):
+def make_state(model=None, lr=LR):
     return fl.TrainState.create(model or make_bn_mlp(), flo.swa_params(flo.sgd(lr=lr, momentum=0.9)), seed=3)
 
 
@@ -123,7 +123,7 @@ def test_swa_update_is_pure_and_copies_first():
 
 
 def test_swa_params_leaves_the_optimizer_unchanged():
-    plain, wrapped = fl.TrainState.create(make_bn_mlp(), flo.sgd(lr=LR, momentum=0.9)), swa_state()
+    plain, wrapped = fl.TrainState.create(make_bn_mlp(), flo.sgd(lr=LR, momentum=0.9)), make_state()
     for batch in DATA:
         plain, _ = STEP(plain, batch)
         wrapped, _ = STEP(wrapped, batch)
@@ -133,7 +133,7 @@ def test_swa_params_leaves_the_optimizer_unchanged():
 
 def test_swa_params_compiles():
     step = fl.compile(STEP, backend="aot_eager")
-    plain, compiled = swa_state(), swa_state()
+    plain, compiled = make_state(), make_state()
     for batch in DATA[:2]:
         plain, _ = STEP(plain, batch)
         compiled, _ = step(compiled, batch)
@@ -162,7 +162,7 @@ def test_swalr_values_equal_torch(strategy, anneal_epochs):
 def test_learning_rate_in_the_state_follows_swalr(strategy):
     record = Record()
     cb = fl.StochasticWeightAveraging(SWA_LR, swa_epoch_start=3, annealing_epochs=2, annealing_strategy=strategy)
-    trainer(cb, record).fit(swa_state(), STEP, DATA)
+    trainer(cb, record).fit(make_state(), STEP, DATA)
     _, lrs, _ = torch_swa(make_bn_mlp(), swa_start=2, strategy=strategy)
     assert record.lrs == lrs  # bitwise, at every batch
     assert lrs[-1] == SWA_LR and len(set(lrs[:2 * N_BATCHES])) == 1
@@ -242,7 +242,7 @@ def test_update_bn_with_a_forward_and_without_batch_norm():
 def test_fit_equals_the_torch_recipe(strategy, start):
     record = Record()
     cb = fl.StochasticWeightAveraging(SWA_LR, swa_epoch_start=start, annealing_epochs=2, annealing_strategy=strategy)
-    state = trainer(cb, record).fit(swa_state(), STEP, DATA)
+    state = trainer(cb, record).fit(make_state(), STEP, DATA)
     model, lrs, averages = torch_swa(make_bn_mlp(), swa_start=2, strategy=strategy)
     assert record.lrs == lrs
     for epoch in range(2, EPOCHS):  # (1) the average after each SWA epoch, bitwise
@@ -254,8 +254,8 @@ def test_fit_equals_the_torch_recipe(strategy, start):
 
 
 def test_no_swa_epoch_reached_leaves_the_weights():
-    plain = trainer(max_epochs=2).fit(swa_state(), STEP, DATA)
-    state = trainer(fl.StochasticWeightAveraging(SWA_LR, swa_epoch_start=3), max_epochs=2).fit(swa_state(), STEP, DATA)
+    plain = trainer(max_epochs=2).fit(make_state(), STEP, DATA)
+    state = trainer(fl.StochasticWeightAveraging(SWA_LR, swa_epoch_start=3), max_epochs=2).fit(make_state(), STEP, DATA)
     assert_trees_equal(state.params, plain.params)
     assert_trees_equal(state.buffers, plain.buffers)
 
@@ -320,18 +320,18 @@ def _swa_trainer(*callbacks):
 def test_interrupted_fit_resumes_bitwise(scheduled):
     lr = flo.step_lr(LR, step_size=3, gamma=0.5) if scheduled else LR
     final = assert_resume_equivalent(
-        _swa_trainer(), lambda: swa_state(lr=lr), STEP, DATA,
+        _swa_trainer(), lambda: make_state(lr=lr), STEP, DATA,
         interrupt_at=[5, 2 * N_BATCHES, 2 * N_BATCHES + 1, 4 * N_BATCHES - 1, EPOCHS * N_BATCHES - 1],
     )
     assert int(flo.swa_state(final.opt_state).n_averaged) == EPOCHS - 2
 
 
 def test_resume_from_a_checkpoint_is_bitwise(tmp_path):
-    reference = _swa_trainer().fit(swa_state(), STEP, DATA)
+    reference = _swa_trainer().fit(make_state(), STEP, DATA)
     ckpt = fl.ModelCheckpoint(str(tmp_path))
-    stopped = _swa_trainer(ckpt, InterruptAt(3 * N_BATCHES + 2)).fit(swa_state(), STEP, DATA)
+    stopped = _swa_trainer(ckpt, InterruptAt(3 * N_BATCHES + 2)).fit(make_state(), STEP, DATA)
     assert stopped.loop.status == "interrupted"
-    resumed = _swa_trainer(fl.ModelCheckpoint(str(tmp_path))).fit(swa_state(), STEP, DATA, ckpt_path="last")
+    resumed = _swa_trainer(fl.ModelCheckpoint(str(tmp_path))).fit(make_state(), STEP, DATA, ckpt_path="last")
     for name in ("step", "params", "buffers", "opt_state", "rng"):
         assert_trees_equal(getattr(resumed, name), getattr(reference, name), msg=name)
     key = "StochasticWeightAveraging"
@@ -379,10 +379,10 @@ def test_errors_at_fit_start():
     with pytest.raises(fl.ConfigError, match=r"StochasticWeightAveraging: .*flo\.swa_params"):
         trainer(cb).fit(plain, STEP, DATA)
     with pytest.raises(fl.ConfigError, match=r"swa_epoch_start=0\.8.*max_epochs"):
-        trainer(cb, max_epochs=None, max_steps=5).fit(swa_state(), STEP, DATA)
+        trainer(cb, max_epochs=None, max_steps=5).fit(make_state(), STEP, DATA)
     with pytest.raises(fl.ConfigError, match=r"swa_lrs=\[0\.1, 0\.2\].*1 learning rate"):
-        trainer(fl.StochasticWeightAveraging([0.1, 0.2])).fit(swa_state(), STEP, DATA)
+        trainer(fl.StochasticWeightAveraging([0.1, 0.2])).fit(make_state(), STEP, DATA)
     with pytest.raises(fl.ConfigError, match="forward="):
-        fl.update_bn(swa_state(), DATA, forward=3)
+        fl.update_bn(make_state(), DATA, forward=3)
     with pytest.raises(fl.ConfigError, match="2 learning rate"):
-        flo.with_learning_rates(swa_state().opt_state, [0.1, 0.2])
+        flo.with_learning_rates(make_state().opt_state, [0.1, 0.2])
