@@ -15,6 +15,7 @@ from fnloop.callbacks import ModelSummary as ModelSummary
 from fnloop.callbacks import PredictionWriter as PredictionWriter
 from fnloop.callbacks import ProgressBar as ProgressBar
 from fnloop.callbacks import ReduceLROnPlateau as ReduceLROnPlateau
+from fnloop.callbacks import StochasticWeightAveraging as StochasticWeightAveraging
 from fnloop.callbacks import Timer as Timer
 from fnloop.callbacks import request_stop as request_stop
 from fnloop.checkpoint import CheckpointManager as CheckpointManager
@@ -32,6 +33,7 @@ from fnloop.loggers import JSONLLogger as JSONLLogger
 from fnloop.loggers import MLFlowLogger as MLFlowLogger
 from fnloop.loggers import TensorBoardLogger as TensorBoardLogger
 from fnloop.bind import bind as bind
+from fnloop.batch_norm import update_bn as update_bn
 from fnloop.errors import CheckpointError as CheckpointError
 from fnloop.errors import ConfigError as ConfigError
 from fnloop.errors import FnloopError as FnloopError

@@ -14,3 +14,4 @@ from fnloop.callbacks.plateau import ReduceLROnPlateau as ReduceLROnPlateau
 from fnloop.callbacks.prediction_writer import PredictionWriter as PredictionWriter
 from fnloop.callbacks.prediction_writer import read_predictions as read_predictions
 from fnloop.callbacks.progress import ProgressBar as ProgressBar
+from fnloop.callbacks.swa import StochasticWeightAveraging as StochasticWeightAveraging

@@ -176,6 +176,7 @@ def _fit(run: FitRun, state: Any, signals: Any, ckpt_path: str | None) -> Any:
 
     trainer, src, hooks = run.trainer, run.train_src, run.hooks
     caller = state if ckpt_path is None else None  # a donating fit updates the caller's tensors in place
+    hooks.notify("on_fit_configured", run.max_epochs, src)  # what StochasticWeightAveraging needs of the fit
     state = hooks("setup", state, "fit")
     if ckpt_path is not None:
         from fnloop.checkpoint.callback import resume_from

@@ -59,6 +59,15 @@ from fnloop.optim.schedules import multistep as multistep
 from fnloop.optim.schedules import one_cycle as one_cycle
 from fnloop.optim.schedules import step_lr as step_lr
 from fnloop.optim.schedules import warmup_cosine as warmup_cosine
+from fnloop.optim.swa import SwaParamsState as SwaParamsState
+from fnloop.optim.swa import learning_rates as learning_rates
+from fnloop.optim.swa import swa_average as swa_average
+from fnloop.optim.swa import swa_avg_fn as swa_avg_fn
+from fnloop.optim.swa import swa_params as swa_params
+from fnloop.optim.swa import swa_state as swa_state
+from fnloop.optim.swa import swa_update as swa_update
+from fnloop.optim.swa import swalr as swalr
+from fnloop.optim.swa import with_learning_rates as with_learning_rates
 from fnloop.optim.transforms import MaskedState as MaskedState
 from fnloop.optim.transforms import add_decayed_weights as add_decayed_weights
 from fnloop.optim.transforms import clip as clip

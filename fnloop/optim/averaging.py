@@ -24,6 +24,7 @@ from fnloop.errors import ConfigError
 from fnloop.optim import _foreach as fe
 from fnloop.optim._find import find_state
 from fnloop.optim.base import GradientTransformation, from_apply, fused_apply, host, leaves_like
+from fnloop.optim.swa import SwaParamsState
 from fnloop.tree import tree_leaves
 
 __all__ = ["EmaParamsState", "ema_params", "averaged_params"]
@@ -66,14 +67,18 @@ def ema_params(inner: GradientTransformation, decay: float) -> GradientTransform
 
 
 def averaged_params(opt_state: Any) -> Any:
-    """The averaged params kept by :func:`ema_params` inside ``opt_state``.
+    """The averaged params kept inside ``opt_state`` by :func:`ema_params` or by
+    :func:`fnloop.optim.swa_params` (the first one found).
 
     Example:
         >>> import torch, fnloop.optim as flo
         >>> flo.averaged_params(flo.ema_params(flo.sgd(lr=0.1), 0.9).init({"w": torch.ones(1)}))
         {'w': tensor([1.])}
     """
-    found = find_state(opt_state, EmaParamsState)
+    found = find_state(opt_state, (EmaParamsState, SwaParamsState))
     if found is None:
-        raise ConfigError("averaged_params: this optimizer state holds no average (build the optimizer with flo.ema_params)")
-    return found.ema
+        raise ConfigError(
+            "averaged_params: this optimizer state holds no average "
+            "(build the optimizer with flo.ema_params or flo.swa_params)"
+        )
+    return found.ema if isinstance(found, EmaParamsState) else found.avg
