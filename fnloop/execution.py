@@ -142,8 +142,13 @@ def cuda_devices(params: Mapping[str, torch.Tensor]) -> list[int]:
 
 
 def _batch_leaves(batch: Any) -> Any:
-    # the common (inputs, targets) tuple without a tree walk
-    return batch if type(batch) in (tuple, list) and all(type(b) is torch.Tensor for b in batch) else tree_leaves(batch)
+    # the common (inputs, targets) tuple without a tree walk (a plain loop: this runs every step)
+    if type(batch) not in (tuple, list):
+        return tree_leaves(batch)
+    for b in batch:
+        if type(b) is not torch.Tensor:
+            return tree_leaves(batch)
+    return batch
 
 
 def _check_batch_device(leaves: Any, device: torch.device | None, name: str) -> None:
@@ -186,9 +191,14 @@ def _wants_graph(trees: tuple[Any, ...], batch_leaves: Any) -> bool:
     """Grad mode is on and some input requires grad: the caller differentiates through the step."""
     if not torch.is_grad_enabled():
         return False
-    if any(isinstance(x, torch.Tensor) and x.requires_grad for x in batch_leaves):
-        return True
-    return any(isinstance(x, torch.Tensor) and x.requires_grad for t in trees for x in tree_leaves(t))
+    for x in batch_leaves:  # plain loops: this runs every step
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            return True
+    for t in trees:
+        for x in tree_leaves(t):
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                return True
+    return False
 
 
 # --- seeds -----------------------------------------------------------------------------------
@@ -422,28 +432,41 @@ class TrainExecutor:
         spec = options.spec_of({n: p for n, p in template.named_parameters() if p.requires_grad})
         shapes = {n: p.shape for n, p in template.named_parameters()}
 
+        # precision, sharding and gradient reduction, decided once: a plain fp32 single-process
+        # step (the common case) calls none of their hooks, each of which is the identity there
+        plain = options.precision == "32-true" and options.grad_reduce is None and not options.sharded
+        reducer = options.grad_reduce
+
         def core(params: Any, buffers: Any, opt_state: Any, carried: Any, batch: Any, donate: bool) -> Any:
             # BatchNorm & co update buffers in place: always on copies (small), so an exception in
             # loss_fn leaves even a donated state intact; only the optimizer apply works in place
-            buffers = {k: v.clone() for k, v in buffers.items()}
-            batch = options.batch(batch)
+            buffers = {k: v.clone() for k, v in buffers.items()} if buffers else buffers
             trainable = {n: params[n] for n in names} if frozen else params
             wrapped = options.join(carried, opt_state, trainable, spec) if wrapped_tx else opt_state
-            scale = options.scale(wrapped)
-            full = options.gather(params, shapes)  # a sharded state's params, all-gathered
+            if plain:
+                scale, full, overlap = None, params, None
+            else:
+                batch = options.batch(batch)
+                scale = options.scale(wrapped)
+                full = options.gather(params, shapes)  # a sharded state's params, all-gathered
             with torch.enable_grad():
                 leaves = {k: full[k].detach().requires_grad_(True) for k in trainable}
                 # a distributed step all-reduces each bucket as soon as backward has produced it
-                overlap = options.grad_reduce.overlapped(leaves) if options.grad_reduce is not None else None
+                overlap = reducer.overlapped(leaves) if reducer is not None else None
                 with bind(working_copy(template, True), {**full, **leaves} if frozen else leaves, buffers) as model:
-                    with options.forward(_device(params)):
+                    if plain:
                         loss, aux = split_loss(loss_fn(model, batch), "train_step")
+                    else:
+                        with options.forward(_device(params)):
+                            loss, aux = split_loss(loss_fn(model, batch), "train_step")
                 grads_list = torch.autograd.grad(loss if scale is None else loss * scale, list(leaves.values()), allow_unused=True)
             grads = {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, grads_list)}
             del grads_list  # the grads dict holds the only references: the optimizer frees each gradient early
-            grads = overlap.finish(grads) if overlap is not None else options.reduce(grads)
+            if not plain:
+                grads = overlap.finish(grads) if overlap is not None else options.reduce(grads)
             # the grads dict is the step's own: the optimizer may free each gradient after its last read
-            new, wrapped = apply(grads, wrapped, trainable, donate=donate, consume=True)
+            with torch.no_grad():  # as torch.optim steps: nothing here is differentiated
+                new, wrapped = apply(grads, wrapped, trainable, donate=donate, consume=True)
             carried, opt_state = options.split(wrapped, trainable, spec) if wrapped_tx else (carried, wrapped)
             metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
             return {**params, **new} if frozen else new, buffers, opt_state, carried, metrics
@@ -477,7 +500,7 @@ class TrainExecutor:
             out = _seeded_call(self._seeds, state, devices, core, *args, fold=options.seed)
         else:
             core = self._fast.get((template, tx), lambda: self._fast_core(template, tx))
-            out = _seeded_call(self._seeds, state, devices, core, *args, donate, fold=options.seed)
+            out = _seeded_call(self._seeds, state, devices, core, *args, donate, fold=options.seed if options.grad_reduce is not None else None)
             if donate:
                 mark_donated(state)
         params, buffers, opt_state, carried, metrics = out
