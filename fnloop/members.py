@@ -45,6 +45,7 @@ __all__ = [
     "renamed",
     "expand",
     "member_values",
+    "member_metrics",
     "member_state",
 ]
 
@@ -168,8 +169,8 @@ def renamed(name: str, change: Any) -> str:
 
 
 def expand(values: Mapping[str, Any]) -> dict[str, float]:
-    """Tensors (0-d, or ``[N]`` for a stacked run) as floats, in one transfer to the host: a
-    ``[N]`` value under its name (the mean over members) and under each member's name.
+    """Tensors (0-d, or ``[N]`` for a stacked run, N >= 1) as floats, in one transfer to the host:
+    a ``[N]`` value under its name (the mean over members) and under each member's name.
 
     Example:
         >>> expand({"loss": torch.tensor(2.0), "acc": torch.tensor([0.5, 1.0])})
@@ -179,8 +180,8 @@ def expand(values: Mapping[str, Any]) -> dict[str, float]:
         return {}
     parts = []
     for v in values.values():
-        v = torch.as_tensor(v).detach().to(torch.float64).reshape(-1)
-        parts.append(v if v.numel() == 1 else torch.cat([v.mean().reshape(1), v]))
+        v = torch.as_tensor(v).detach().to(torch.float64)
+        parts.append(torch.cat([v.mean().reshape(1), v]) if v.ndim == 1 else v.reshape(1))
     flat = torch.cat([p.to("cpu") for p in parts]).tolist()
     out: dict[str, float] = {}
     at = 0
@@ -200,6 +201,21 @@ def member_values(metrics: Mapping[str, float], name: str, n: int) -> list[float
     """
     keys = [member_key(name, i) for i in range(n)]
     return [float(metrics[k]) for k in keys] if all(k in metrics for k in keys) else None
+
+
+def member_metrics(metrics: Mapping[str, float], i: int) -> dict[str, float]:
+    """Member i's metrics under the names a run of it alone logs: ``<name>/member_<i>`` becomes
+    ``<name>``; the other members' values and the means over members are dropped.
+
+    Example:
+        >>> member_metrics({"val/loss": 2.0, "val/loss/member_0": 1.0, "val/loss/member_1": 3.0, "lr": 0.1}, 1)
+        {'lr': 0.1, 'val/loss': 3.0}
+    """
+    split = {k: split_key(k) for k in metrics}
+    stacked = {base for base, j in split.values() if j is not None}
+    out = {k: v for k, v in metrics.items() if split[k][1] is None and k not in stacked}
+    out.update({split[k][0]: v for k, v in metrics.items() if split[k][1] == i})
+    return out
 
 
 def _local(record: Any, i: int) -> Any:

@@ -84,9 +84,10 @@ class Window:
             keys.extend(k for k in metrics if k not in keys)
         if not entries or not keys:
             return {}, None, seconds, samples
-        widths: dict[str, int] = {}  # 1, or N for a stacked run's [N] values
+        members: dict[str, int | None] = {}  # N for a stacked run's [N] values, None for a 0-d value
         for metrics, _ in entries:
-            widths.update({k: metrics[k].numel() for k in metrics if k not in widths})
+            members.update({k: metrics[k].shape[0] if metrics[k].ndim == 1 else None for k in metrics if k not in members})
+        widths = {k: 1 if n is None else n for k, n in members.items()}
         rows = []
         for m, _ in entries:  # concatenated where the values live, then one transfer
             device = next(iter(m.values())).device
@@ -100,7 +101,7 @@ class Window:
         sizes = torch.tensor([bs for _, bs in entries], dtype=torch.float64)
         columns = dict(zip(keys, table.split([widths[k] for k in keys], dim=1)))
         states = {
-            k: _reduce_column(self.acc.metric_for(k), columns[k] if widths[k] > 1 else columns[k][:, 0], present[:, j], sizes)
+            k: _reduce_column(self.acc.metric_for(k), columns[k] if members[k] is not None else columns[k][:, 0], present[:, j], sizes)
             for j, k in enumerate(keys)
         }
         bad = None
