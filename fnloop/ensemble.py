@@ -55,7 +55,7 @@ from fnloop.eval_steps import EvalLike, eval_core
 from fnloop.optim import _foreach as fe
 from fnloop.member_random import MemberRandom, Streams
 from fnloop.members import keep_stopped
-from fnloop.stacking import num_members
+from fnloop.stacking import num_members, stack, unstack
 from fnloop.state import OptionsState, TrainState
 from fnloop.step import TrainStep, train_core
 from fnloop.tree import tree_leaves, tree_structure
@@ -117,6 +117,17 @@ class VmappedStep:
         if options == self.options:
             return self
         return VmappedStep(self.step.with_options(options), batch_dim=self.batch_dim, compile_kwargs=self.compile_kwargs)
+
+    def flush(self, state: TrainState) -> TrainState:
+        """Apply each training member's open accumulation window now (what the train step's
+        ``flush`` does to a state alone, at the end of an epoch); the state unchanged when none is open."""
+        if not isinstance(self.step, TrainStep):
+            return state
+        members = unstack(state)
+        flushed = [self.step.flush(m) for m in members]
+        if all(f is m for f, m in zip(flushed, members)):
+            return state
+        return keep_stopped(state, stack(flushed))
 
     def compiled(self, **torch_compile_kwargs: Any) -> VmappedStep:
         """The same batched step under ``torch.compile(fullgraph=True)`` (see :func:`fnloop.compile`)."""

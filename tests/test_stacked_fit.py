@@ -129,6 +129,27 @@ def test_a_step_that_cannot_run_over_members_is_refused():
         sc.quiet_trainer().validate(stacked, lambda state, batch: {}, VAL)
 
 
+def test_trainer_flags_apply_to_every_member():
+    """Accumulation over a partial window at each epoch's end (6 batches, windows of 4) and clipping."""
+
+    def fit(state):
+        trainer = sc.quiet_trainer(max_epochs=2, seed=0, accumulate_grad_batches=4, gradient_clip_val=0.5)
+        return trainer.fit(state, STEP, TRAIN, val_step=EVAL, val_data=VAL)
+
+    stacked = fit(fl.stack(_states()))
+    assert stacked.loop.global_step == 4 and stacked.step.tolist() == [12] * N
+    for i in range(N):
+        _assert_equal(fl.unstack(stacked)[i], fl.unstack(fit(fl.stack([_states()[i]])))[0])
+        _assert_close(fl.unstack(stacked)[i], fit(_states()[i]))
+
+
+def test_a_compiled_stacked_fit_matches_the_eager_one():
+    compiled = _fit(fl.stack(_states()), step=fl.compile(fl.vmap(STEP)), callbacks=[_stopper()], max_epochs=3)
+    eager = _fit(fl.stack(_states()), callbacks=[_stopper()], max_epochs=3)
+    assert compiled.step.tolist() == eager.step.tolist() == [N_BATCHES, 3 * N_BATCHES, 3 * N_BATCHES]
+    _assert_close(compiled, eager)
+
+
 # --- logging -----------------------------------------------------------------------------------
 
 
