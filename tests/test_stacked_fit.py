@@ -188,6 +188,18 @@ def test_validate_and_test_report_every_member():
         assert metrics[f"{prefix}/loss"] == pytest.approx(sum(metrics[f"{prefix}/loss/member_{i}"] for i in range(N)) / N)
 
 
+def test_predict_runs_every_member_and_the_lr_monitor_logs_each():
+    states = _states()
+    predict = fl.predict_step(lambda model, batch: model(batch[0]))
+    outputs = sc.quiet_trainer().predict(fl.stack(states), predict, VAL)
+    assert outputs[0].shape == (N, 8, 2)
+    for i, state in enumerate(states):
+        torch.testing.assert_close(outputs[1][i], sc.quiet_trainer().predict(state, predict, VAL)[1])
+    logger = _Logger()
+    sc.quiet_trainer(max_epochs=1, seed=0, logger=logger, callbacks=[fl.LearningRateMonitor()]).fit(fl.stack(states), STEP, TRAIN)
+    assert [logger.values(f"lr/member_{i}")[0][1] for i in range(N)] == pytest.approx([0.05] * N)
+
+
 def test_the_progress_bar_shows_the_mean_over_members():
     shown = {}
 
