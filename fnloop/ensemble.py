@@ -116,7 +116,8 @@ class VmappedStep:
         """The same batched step over a train step with other options (what ``Trainer.fit`` sets)."""
         if options == self.options:
             return self
-        return VmappedStep(self.step.with_options(options), batch_dim=self.batch_dim, compile_kwargs=self.compile_kwargs)
+        step = self.step.with_options(options)
+        return VmappedStep(step, batch_dim=self.batch_dim, compile_kwargs=self.compile_kwargs)
 
     def flush(self, state: TrainState) -> TrainState:
         """Apply each training member's open accumulation window now (what the train step's

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -97,13 +98,17 @@ def stop_members(state: Any, members: Iterable[int]) -> Any:
     return with_callback_state(state, MEMBERS_KEY, {"active": mask})
 
 
-def _keep(mask: list[bool], old: Any, new: Any, cache: dict[torch.device, torch.Tensor]) -> Any:
+@functools.lru_cache(maxsize=64)
+def _mask_on(mask: tuple[bool, ...], device: torch.device) -> torch.Tensor:
+    """The mask as a tensor on ``device``, made once per mask (no host-to-device copy per step);
+    never written to."""
+    return torch.tensor(mask, device=device)
+
+
+def _keep(mask: tuple[bool, ...], old: Any, new: Any) -> Any:
     if not isinstance(new, torch.Tensor):
         return new
-    keep = cache.get(new.device)
-    if keep is None:
-        keep = cache[new.device] = torch.tensor(mask, device=new.device)
-    return torch.where(keep.reshape(-1, *([1] * (new.ndim - 1))), new, old)
+    return torch.where(_mask_on(mask, new.device).reshape(-1, *([1] * (new.ndim - 1))), new, old)
 
 
 def keep_stopped(old: Any, new: Any) -> Any:
@@ -116,20 +121,20 @@ def keep_stopped(old: Any, new: Any) -> Any:
         >>> keep_stopped(s, s.replace(step=s.step + 1)).step.tolist()
         [1, 0]
     """
-    mask = active(old)
-    if mask is None or all(mask):
+    found = active(old)
+    if found is None or all(found):
         return new
-    cache: dict[torch.device, torch.Tensor] = {}
+    mask = tuple(found)
 
     def keep(a: Any, b: Any) -> Any:
-        return tree_map(lambda x, y: _keep(mask, x, y, cache), a, b)
+        return tree_map(lambda x, y: _keep(mask, x, y), a, b)
 
     options = new.loop.options
     if options.tensors and old.loop.options.key == options.key:
-        kept = tuple(_keep(mask, x, y, cache) for x, y in zip(old.loop.options.tensors, options.tensors))
+        kept = tuple(_keep(mask, x, y) for x, y in zip(old.loop.options.tensors, options.tensors))
         new = new.replace(loop=new.loop.replace(options=type(options)(options.key, kept)))
     return new.replace(
-        step=_keep(mask, old.step, new.step, cache),
+        step=_keep(mask, old.step, new.step),
         params=keep(old.params, new.params),
         buffers=keep(old.buffers, new.buffers),
         opt_state=keep(old.opt_state, new.opt_state),

@@ -87,7 +87,9 @@ class ModelCheckpoint(Callback):
             fnloop.errors.CheckpointError: memory://doc/rm/member_0: no 'best' checkpoint here (0 checkpoints found)
         """
         if not self.members.enabled:
-            raise ConfigError("ModelCheckpoint.restore_member: needs monitor= and keep_best= (each member keeps its k best)")
+            raise ConfigError(
+                "ModelCheckpoint.restore_member: needs monitor= and keep_best= (each member keeps its k best)"
+            )
         return self.members.manager(i).restore(which, like=like)
 
     def _metrics(self, state: Any) -> dict[str, float]:

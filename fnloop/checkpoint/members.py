@@ -62,7 +62,8 @@ class MemberBest:
     def manager(self, i: int) -> CheckpointManager:
         """Member i's manager (it keeps the ``keep_best`` best by ``monitor``)."""
         if i not in self._managers:
-            self._managers[i] = CheckpointManager(self.directory(i), keep_best=self.keep, monitor=self.monitor, mode=self.mode)
+            folder = self.directory(i)
+            self._managers[i] = CheckpointManager(folder, keep_best=self.keep, monitor=self.monitor, mode=self.mode)
         return self._managers[i]
 
     def _better(self, a: float, b: float) -> bool:
@@ -85,7 +86,8 @@ class MemberBest:
             if len(best) >= self.keep and not self._better(value, best[-1][0]):
                 continue
             try:
-                self.manager(i).save(member_state(state, i), metrics=member_metrics(metrics, i), step=step, epoch=state.loop.epoch)
+                alone, its_metrics = member_state(state, i), member_metrics(metrics, i)
+                self.manager(i).save(alone, metrics=its_metrics, step=step, epoch=state.loop.epoch)
             except NonFiniteState:  # this member diverged: its finite checkpoints stay
                 continue
             best.append([value, step])

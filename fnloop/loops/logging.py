@@ -86,7 +86,7 @@ class Window:
             return {}, None, seconds, samples
         members: dict[str, int | None] = {}  # N for a stacked run's [N] values, None for a 0-d value
         for metrics, _ in entries:
-            members.update({k: metrics[k].shape[0] if metrics[k].ndim == 1 else None for k in metrics if k not in members})
+            members.update({k: v.shape[0] if v.ndim == 1 else None for k, v in metrics.items() if k not in members})
         widths = {k: 1 if n is None else n for k, n in members.items()}
         rows = []
         for m, _ in entries:  # concatenated where the values live, then one transfer
@@ -100,13 +100,12 @@ class Window:
         present = torch.tensor([[k in m for k in keys] for m, _ in entries])
         sizes = torch.tensor([bs for _, bs in entries], dtype=torch.float64)
         columns = dict(zip(keys, table.split([widths[k] for k in keys], dim=1)))
-        states = {
-            k: _reduce_column(self.acc.metric_for(k), columns[k] if members[k] is not None else columns[k][:, 0], present[:, j], sizes)
-            for j, k in enumerate(keys)
-        }
+        columns = {k: c if members[k] is not None else c[:, 0] for k, c in columns.items()}
+        states = {k: _reduce_column(self.acc.metric_for(k), columns[k], present[:, j], sizes) for j, k in enumerate(keys)}
         bad = None
         if "loss" in keys:
-            finite = torch.isfinite(columns["loss"]).all(dim=1)
+            finite = torch.isfinite(columns["loss"])
+            finite = finite if finite.ndim == 1 else finite.all(dim=1)
             if not bool(finite.all()):
                 bad = start + int((~finite).nonzero()[0, 0])
         return states, bad, seconds, samples
