@@ -218,7 +218,7 @@ def load_tensors(url: str, meta: dict[str, Any], verify: bool, *, file: str = ST
                 f"{where}: truncated or replaced, {size} bytes for the {declared} bytes of tensors meta.json declares"
             )
         algorithm = recorded.partition(":")[0]
-        checksum = for_stream(algorithm, size) if verify else None
+        checksum = for_stream(algorithm, size, reading=True) if verify else None
         try:
             tensors = _read_file(fs, state_path, size, where, checksum, want)
         except Malformed:

@@ -2,8 +2,9 @@
 
 The header is read and checked first; then each tensor's bytes are read into that tensor's
 own memory (tensors under ``GROUP`` bytes share one buffer with their neighbours), in chunks
-of ``CHUNK`` bytes, each added to the checksum as soon as it lands, while it is still in the
-CPU cache (a sha256 checksum hashes it on a worker thread during the next read). Every byte
+of the checksum's ``chunk`` bytes, each added to the checksum as soon as it lands: inline,
+while it is still in the CPU cache, or on a worker thread during the next read (see
+:func:`fnloop.checkpoint._checksum.for_stream`). Every byte
 of the file goes through the checksum even when the file turns out malformed or short, so a
 caller can tell corruption (the checksum differs) from a file another writer got wrong.
 
@@ -26,12 +27,10 @@ from fnloop.checkpoint._checksum import Checksum
 from fnloop.checkpoint._safetensors import Malformed, Span, header_length, layout, views
 from fnloop.errors import CheckpointError
 
-__all__ = ["GROUP", "CHUNK", "UNCHECKED_CHUNK", "read_tensors"]
+__all__ = ["GROUP", "UNCHECKED_CHUNK", "read_tensors"]
 
 GROUP = 1 << 20
 """Tensors smaller than this are read together into one buffer (one allocation, one read)."""
-CHUNK = 256 << 10
-"""Bytes per read call when checksumming: each chunk is hashed while it is still in the CPU cache."""
 UNCHECKED_CHUNK = 64 << 20
 """Bytes per read call without a checksum (fewer calls; the kernel reads ahead either way)."""
 
@@ -50,7 +49,7 @@ class _Source:
     def fill(self, view: memoryview) -> int:
         """Fill ``view`` (stops early at the end of the file); return the bytes read."""
         filled = 0
-        step = CHUNK if self._checksum is not None else UNCHECKED_CHUNK
+        step = self._checksum.chunk if self._checksum is not None else UNCHECKED_CHUNK
         while filled < len(view):
             got = self._readinto(view[filled : min(filled + step, len(view))]) or 0
             if got <= 0:
@@ -72,9 +71,10 @@ class _Source:
         """Read (and checksum) the rest of the file, through two buffers used in turn."""
         if self._checksum is None:
             return
-        scratch = [memoryview(bytearray(CHUNK)), memoryview(bytearray(CHUNK))]
+        n = self._checksum.chunk
+        scratch = [memoryview(bytearray(n)), memoryview(bytearray(n))]
         turn = 0
-        while self.fill(scratch[turn]) == CHUNK:
+        while self.fill(scratch[turn]) == n:
             turn ^= 1
 
 

@@ -12,6 +12,7 @@ import safetensors.torch
 import torch
 import xxhash
 
+from fnloop.checkpoint import _checksum as checksum_module
 from fnloop.checkpoint import _safetensors as codec
 from fnloop.checkpoint import _stream as stream
 from fnloop.checkpoint._checksum import Checksum
@@ -123,7 +124,8 @@ def test_bad_lengths_and_duplicate_keys():
 
 @pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
 def test_streamed_read_checksums_every_byte_in_chunks(monkeypatch, algorithm):
-    monkeypatch.setattr(stream, "CHUNK", 1000)
+    monkeypatch.setattr(checksum_module, "INLINE_CHUNK", 1000)
+    monkeypatch.setattr(checksum_module, "PARALLEL_CHUNK", 1000)
     monkeypatch.setattr(stream, "GROUP", 3000)
     tensors = {f"t{i}": torch.randn(777 * (i + 1)) for i in range(4)}
     tensors["small"] = torch.arange(5, dtype=torch.int16)
