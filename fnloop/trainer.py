@@ -27,6 +27,7 @@ from fnloop.connectors.signals import check_stop_signals
 from fnloop.errors import ConfigError
 
 if TYPE_CHECKING:
+    from fnloop.loops.config import LoopConfig
     from fnloop.state import TrainState
     from fnloop.types import EvalStepFn, PredictStepFn, StepFn
 
@@ -258,6 +259,50 @@ class Trainer:
 
         return make_logger(self.logger, self.default_root_dir)
 
+    @functools.cached_property
+    def config(self) -> LoopConfig:
+        """The values the loops read, resolved once from the flags (see
+        :class:`fnloop.loops.config.LoopConfig`); ``fit``, ``validate``, ``test`` and ``predict``
+        hand it to the loops in place of the Trainer.
+
+        Example:
+            >>> import fnloop as fl
+            >>> fl.Trainer(max_steps=10, overfit_batches=3, logger=False).config.limit("val")
+            3
+        """
+        from fnloop.connectors.precision import resolve_precision
+        from fnloop.loops.config import LoopConfig
+        from fnloop.options import StepOptions
+
+        interval, every_n_epochs = self.resolved_val_check
+        step = StepOptions(
+            self.accumulate_grad_batches, self.gradient_clip_val, self.gradient_clip_algorithm,
+            self.on_nonfinite == "skip", resolve_precision(self.precision),
+        )
+        skip = {"callbacks", "logger", "stop_signals"}  # not hyperparameters (callbacks: by name, with the run's own)
+        return LoopConfig(
+            max_epochs=self.resolved_max_epochs, max_steps=self.resolved_max_steps, min_epochs=self.min_epochs,
+            min_steps=self.min_steps, max_time=parse_duration(self.max_time),
+            **{f"limit_{stage}_batches": self.limit(stage) for stage in ("train", "val", "test", "predict")},
+            val_check_interval=interval, check_val_every_n_epoch=every_n_epochs,
+            num_sanity_val_steps=0 if self.dev_batches else self.num_sanity_val_steps,
+            log_every_n_steps=self.log_every_n_steps, log_window_spans_epochs=self.log_window_spans_epochs,
+            on_nonfinite=self.on_nonfinite, step=step, seed=self.seed, use_distributed_sampler=self.use_distributed_sampler,
+            overfit_batches=self.overfit_batches, reload_dataloaders_every_n_epochs=self.reload_dataloaders_every_n_epochs,
+            callbacks=tuple(self.callback_list), loggers=self.loggers, enable_model_summary=self.enable_model_summary,
+            enable_progress_bar=self.enable_progress_bar, enable_checkpointing=self.enable_checkpointing,
+            checkpoint_root=self._checkpoint_root(), deterministic=self.deterministic, stop_signals=self.stop_signals,
+            donate=self.donate, inference_mode=self.inference_mode, accelerator=self.accelerator, devices=self.devices,
+            num_nodes=self.num_nodes, strategy=self.strategy, sync_batchnorm=self.sync_batchnorm,
+            flags={f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip},
+        )
+
+    def _checkpoint_root(self) -> str | None:
+        """Where ``enable_checkpointing=True`` puts its default checkpoint: the logger's folder or ``default_root_dir``."""
+        if not self.enable_checkpointing:
+            return None
+        return getattr(self.logger, "log_dir", None) or self.default_root_dir
+
     @property
     def callback_list(self) -> list[Callback]:
         """The callbacks as a list."""
@@ -333,7 +378,7 @@ class Trainer:
         from fnloop.loops.fit import run_fit
 
         return run_fit(
-            self, state, train_step, train_data, val_step=val_step, val_data=val_data,
+            self.config, state, train_step, train_data, val_step=val_step, val_data=val_data,
             datamodule=datamodule, ckpt_path=ckpt_path, checkpoint=checkpoint,
         )
 
@@ -354,7 +399,7 @@ class Trainer:
         """
         from fnloop.loops.evaluate import run_stage
 
-        return run_stage(self, state, eval_step, data, stage="val", datamodule=datamodule, verbose=verbose)
+        return run_stage(self.config, state, eval_step, data, stage="val", datamodule=datamodule, verbose=verbose)
 
     def test(
         self,
@@ -368,7 +413,7 @@ class Trainer:
         """Run ``eval_step`` over ``data``; metrics reduced over the loader (``test/...``); see :meth:`validate`."""
         from fnloop.loops.evaluate import run_stage
 
-        return run_stage(self, state, eval_step, data, stage="test", datamodule=datamodule, verbose=verbose)
+        return run_stage(self.config, state, eval_step, data, stage="test", datamodule=datamodule, verbose=verbose)
 
     def predict(
         self,
@@ -387,4 +432,4 @@ class Trainer:
         """
         from fnloop.loops.predict import run_predict
 
-        return run_predict(self, state, predict_step, data, datamodule=datamodule, return_predictions=return_predictions)
+        return run_predict(self.config, state, predict_step, data, datamodule=datamodule, return_predictions=return_predictions)
