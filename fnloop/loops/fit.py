@@ -6,10 +6,7 @@ files, signals) happen here and nowhere else; the steps stay pure.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -22,6 +19,7 @@ from fnloop.loops import rules
 from fnloop.loops.data import batches_on, data_seed, limited, make_source, require
 from fnloop.loops.evaluate import eval_loaders
 from fnloop.loops.hooks import guarded
+from fnloop.loops.prepare import checkpoint_of, deterministic, restore, with_flags
 from fnloop.loops.ranks import params_dtype
 from fnloop.loops.run import FitRun, with_loop
 from fnloop.optim.grad_norms import grad_norms
@@ -31,7 +29,6 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from fnloop.loops.config import LoopConfig
-    from fnloop.options import StepOptions
     from fnloop.state import TrainState
     from fnloop.types import EvalStepFn, StepFn
 
@@ -63,7 +60,7 @@ def run_fit(
         raise ConfigError(f"Trainer.fit: state must be a fnloop.TrainState, got {type(state).__name__}")
     check_not_donated(state, "Trainer.fit")
     parallel, state, options = setup(config, state, train_step)
-    train_step = _with_flags(train_step, options)
+    train_step = with_flags(train_step, options)
     seed = data_seed(config.seed, state)
 
     def sources() -> tuple[Any, list[Any]]:
@@ -80,168 +77,11 @@ def run_fit(
         return train_src, (eval_loaders(val, val_step, seed=seed, stage="val", **shard) if val is not None else [])
 
     train_src, val_loaders = sources()
-    run = FitRun(config, train_step, val_loaders, train_src, _checkpoint_of(config, checkpoint), parallel)
+    run = FitRun(config, train_step, val_loaders, train_src, checkpoint_of(config, checkpoint), parallel)
     reloadable = datamodule is not None and train_data is None and config.reload_dataloaders_every_n_epochs > 0
     run.reload = sources if reloadable else None
-    with stop_signals(config.stop_signals) as signals, _deterministic(config.deterministic):
+    with stop_signals(config.stop_signals) as signals, deterministic(config.deterministic):
         return _fit(run, state, signals, ckpt_path)
-
-
-def _with_flags(train_step: StepFn, flags: StepOptions) -> StepFn:
-    """The train step with the Trainer's flags as its options (see fnloop.options); a step built
-    with its own optimizer options keeps them when the Trainer sets none."""
-    own = getattr(train_step, "options", None)
-    if own is not None and dataclasses.replace(flags, precision="32-true", grad_reduce=None).key is None:
-        flags = dataclasses.replace(own, precision=flags.precision, grad_reduce=flags.grad_reduce)
-    if own == flags or (own is None and flags == type(flags)()):
-        return train_step
-    if not hasattr(train_step, "with_options"):
-        raise ConfigError(
-            "Trainer(accumulate_grad_batches / gradient_clip_val / on_nonfinite='skip' / precision / strategy): these "
-            f"flags need a step from fnloop.train_step, got {type(train_step).__name__}"
-        )
-    if own is not None and own.key is not None and dataclasses.replace(own, precision=flags.precision, grad_reduce=flags.grad_reduce) != flags:
-        raise ConfigError(
-            f"Trainer.fit: the train step was built with {own} but the Trainer flags ask for {flags}; set them in one place"
-        )
-    return train_step.with_options(flags)
-
-
-def _fail(run: FitRun, state: Any, exc: BaseException) -> None:
-    """Every ``on_exception`` handler, then the logger's finalize: each runs even when one before
-    it fails (noted on ``exc``, which fit then raises unchanged)."""
-    run.hooks.on_exception(with_loop(state, status=Status.FAILED), exc)
-    guarded(exc, "the logger's finalize", run.logger.finalize, "failed")
-
-
-_PLAIN = (RuntimeError, ValueError, TypeError, IndexError, KeyError)
-"""Errors of these exact classes raised by a step (a wrong-shaped batch, a dtype mismatch) become a
-StepError naming the batch; other exceptions (a user's own class, out of memory) keep their type."""
-
-
-def _step(step: StepFn, state: Any, batch: Any, batch_idx: int, epoch: int) -> tuple[Any, Any]:
-    """``step(state, batch)``; its failure names the batch, epoch and global step."""
-    try:
-        return step(state, batch)
-    except FnloopError:
-        raise
-    except Exception as err:
-        where = f"training batch {batch_idx} of epoch {epoch} (global step {state.loop.global_step})"
-        if type(err) in _PLAIN:
-            raise StepError(
-                f"{where}: {type(err).__name__}: {err}; check this batch's shapes, dtypes and devices against the model"
-            ) from err
-        if hasattr(err, "add_note"):  # Python 3.11+
-            err.add_note(f"fnloop: raised by the train step at {where}")
-        raise
-
-
-@contextlib.contextmanager
-def _deterministic(enabled: bool) -> Iterator[None]:
-    """``torch.use_deterministic_algorithms(True)`` inside the block when ``enabled``."""
-    if not enabled:
-        yield
-        return
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
-def _checkpoint_of(config: LoopConfig, checkpoint: Any) -> Any:
-    """The ModelCheckpoint of this fit: from ``checkpoint=`` or among the callbacks."""
-    from fnloop.checkpoint.callback import ModelCheckpoint, checkpoint_of_fit
-
-    if checkpoint is None:
-        found = [c for c in config.callbacks if isinstance(c, ModelCheckpoint)]
-        chosen = found[-1] if found else None  # enable_checkpointing decides
-    else:
-        chosen = checkpoint if isinstance(checkpoint, ModelCheckpoint) else ModelCheckpoint(checkpoint)
-    return checkpoint_of_fit(chosen, enable_checkpointing=config.enable_checkpointing, root_dir=config.checkpoint_root)
-
-
-def _restore(run: FitRun, state: Any, ckpt_path: str | None) -> Any:
-    """``state``, or the checkpoint at ``ckpt_path`` (``"last"``, ``"best"``, a URL) restored into
-    it and handed to the callbacks' ``on_load_checkpoint`` with its metrics."""
-    if ckpt_path is None:
-        return state
-    from fnloop.checkpoint._read import read_meta
-    from fnloop.checkpoint.callback import resume_from
-
-    manager = run.checkpoint.manager if run.checkpoint is not None else None
-    restored = resume_from(ckpt_path, state, manager)
-    if restored is not state and run.hooks.wants("on_load_checkpoint"):
-        url = manager.resolve(ckpt_path) if manager is not None else ckpt_path
-        restored = run.hooks("on_load_checkpoint", restored, read_meta(url).get("metrics", {}))
-    return restored
-
-
-def _finish(run: FitRun, state: Any) -> Any:
-    """Close the logging window, ``on_fit_end`` (which saves), the profile, ``teardown``."""
-    state = run.flush_window(state)
-    state = run.hooks("on_fit_end", state)
-    last = run.checkpoint.manager.latest() if run.checkpoint is not None and run.parallel.is_global_zero else None
-    if last is not None:
-        run.logger.log_checkpoint(last)
-    run.logger.log_metrics(run.profile(), step=state.loop.global_step)
-    state = run.hooks("teardown", state, "fit")
-    run.logger.finalize(state.loop.status if state.loop.status in ("finished", "interrupted") else "finished")
-    return state
-
-
-class _Train(NamedTuple):
-    """What every training batch of one fit uses, resolved once."""
-
-    step: StepFn  # the train step; its in-place form when the fit donates
-    donating: bool
-    caller: Any  # the caller's state, refused once a donated step updated its tensors (None: nothing to refuse)
-    flush: Any  # closes a partial accumulation window (None: the step accumulates nothing)
-    device: torch.device
-    dtype: torch.dtype | None
-    batch_start: bool  # a callback has on_train_batch_start
-    before_opt: bool  # a callback has on_before_optimizer_step
-
-
-def _train_of(run: FitRun, state: Any, caller: Any) -> _Train:
-    """The batches' step (donating under ``Trainer(donate=True)``) and what they look up."""
-    donating = run.config.donate and hasattr(run.train_step, "donated")
-    # the first donated step updates the tensors the caller's state holds: refuse that object afterwards
-    refused = caller if donating and caller is not None and caller.params is state.params else None
-    return _Train(
-        run.train_step.donated if donating else run.train_step, donating, refused, getattr(run.train_step, "flush", None),
-        device_of(state.params), params_dtype(state),
-        run.hooks.wants("on_train_batch_start"), run.hooks.wants("on_before_optimizer_step"),
-    )
-
-
-class _Plan(NamedTuple):
-    """One epoch's batches and when validation runs in it."""
-
-    epoch: int
-    n: int | None  # batches of the epoch (None: until the data ends)
-    check: int | float | None  # training batches between validation runs (None: no validation)
-    every_n_epochs: int | None  # check_val_every_n_epoch
-
-    def validates_after(self, batch_idx: int, total_batch_idx: int) -> bool:
-        return self.check is not None and rules.should_validate(
-            batch_idx, total_batch_idx=total_batch_idx, epoch=self.epoch, n_batches=self.n,
-            check_batch=self.check, check_val_every_n_epoch=self.every_n_epochs,
-        )
-
-
-def _plan(run: FitRun, epoch: int) -> _Plan:
-    """The plan of ``epoch``, on new data when ``reload_dataloaders_every_n_epochs`` asks."""
-    config = run.config
-    if run.reload is not None and epoch > 0 and epoch % config.reload_dataloaders_every_n_epochs == 0:
-        run.train_src, run.val_loaders = run.reload()
-    n = limited(run.train_src, epoch, config.limit("train"), "train")
-    every = config.check_val_every_n_epoch
-    check = rules.val_check_batch(n, config.val_check_interval, check_val_every_n_epoch=every) if run.val_batches(epoch) != 0 else None
-    if run.bar is not None:
-        run.bar.total = n
-    return _Plan(epoch, n, check, every)
 
 
 def _fit(run: FitRun, state: Any, signals: Any, ckpt_path: str | None) -> Any:
@@ -249,7 +89,7 @@ def _fit(run: FitRun, state: Any, signals: Any, ckpt_path: str | None) -> Any:
     (``on_fit_end`` saves), a failure calls ``on_exception`` with the last state reached."""
     hooks = run.hooks
     caller = state if ckpt_path is None else None  # a donating fit updates the caller's tensors in place
-    state = _restore(run, hooks("setup", state, "fit"), ckpt_path)
+    state = restore(hooks("setup", state, "fit"), ckpt_path, run.checkpoint, hooks)
     train = _train_of(run, state, caller)
     fresh = state.loop.global_step == 0 and state.loop.batch_idx == 0 and state.loop.epoch == 0
     try:
@@ -267,7 +107,7 @@ def _fit(run: FitRun, state: Any, signals: Any, ckpt_path: str | None) -> Any:
             state, end = _epoch(run, train, state, signals)
             if isinstance(end, BaseException):
                 raise end  # here, where the handlers below hold the state the epoch reached
-            if end == _INTERRUPT:  # the step is done: save (ModelCheckpoint.on_fit_end) and return
+            if end is _INTERRUPT:  # the step is done: save (ModelCheckpoint.on_fit_end) and return
                 return _finish(run, with_loop(state, status=Status.INTERRUPTED))
             if end is not None:  # a stop, or an epoch without batches (no epoch would make progress)
                 break
@@ -294,7 +134,7 @@ def _epoch(run: FitRun, train: _Train, state: Any, signals: Any) -> tuple[Any, A
             run.times["data"] += time.perf_counter() - t0
             state, end = _batch(run, train, plan, state, batch, batch_idx, signals)
             batch_idx += 1
-            if end == _STOP:
+            if end is _STOP:
                 break
             if end is not None:
                 return state, end
@@ -365,3 +205,98 @@ def _agreed(run: FitRun, state: Any, signals: Any, epoch: int) -> tuple[Any, str
     if budget or (state.loop.stop and run.can_stop(state, epoch)):
         return state, _STOP
     return state, None
+
+
+class _Train(NamedTuple):
+    """What every training batch of one fit uses, resolved once."""
+
+    step: StepFn  # the train step; its in-place form when the fit donates
+    donating: bool
+    caller: Any  # the caller's state, refused once a donated step updated its tensors (None: nothing to refuse)
+    flush: Any  # closes a partial accumulation window (None: the step accumulates nothing)
+    device: torch.device
+    dtype: torch.dtype | None
+    batch_start: bool  # a callback has on_train_batch_start
+    before_opt: bool  # a callback has on_before_optimizer_step
+
+
+def _train_of(run: FitRun, state: Any, caller: Any) -> _Train:
+    """The batches' step (donating under ``Trainer(donate=True)``) and what they look up."""
+    donating = run.config.donate and hasattr(run.train_step, "donated")
+    # the first donated step updates the tensors the caller's state holds: refuse that object afterwards
+    refused = caller if donating and caller is not None and caller.params is state.params else None
+    return _Train(
+        run.train_step.donated if donating else run.train_step, donating, refused, getattr(run.train_step, "flush", None),
+        device_of(state.params), params_dtype(state),
+        run.hooks.wants("on_train_batch_start"), run.hooks.wants("on_before_optimizer_step"),
+    )
+
+
+class _Plan(NamedTuple):
+    """One epoch's batches and when validation runs in it."""
+
+    epoch: int
+    n: int | None  # batches of the epoch (None: until the data ends)
+    check: int | float | None  # training batches between validation runs (None: no validation)
+    every_n_epochs: int | None  # check_val_every_n_epoch
+
+    def validates_after(self, batch_idx: int, total_batch_idx: int) -> bool:
+        return self.check is not None and rules.should_validate(
+            batch_idx, total_batch_idx=total_batch_idx, epoch=self.epoch, n_batches=self.n,
+            check_batch=self.check, check_val_every_n_epoch=self.every_n_epochs,
+        )
+
+
+def _plan(run: FitRun, epoch: int) -> _Plan:
+    """The plan of ``epoch``, on new data when ``reload_dataloaders_every_n_epochs`` asks."""
+    config = run.config
+    if run.reload is not None and epoch > 0 and epoch % config.reload_dataloaders_every_n_epochs == 0:
+        run.train_src, run.val_loaders = run.reload()
+    n = limited(run.train_src, epoch, config.limit("train"), "train")
+    every = config.check_val_every_n_epoch
+    check = rules.val_check_batch(n, config.val_check_interval, check_val_every_n_epoch=every) if run.val_batches(epoch) != 0 else None
+    if run.bar is not None:
+        run.bar.total = n
+    return _Plan(epoch, n, check, every)
+
+
+_PLAIN = (RuntimeError, ValueError, TypeError, IndexError, KeyError)
+"""Errors of these exact classes raised by a step (a wrong-shaped batch, a dtype mismatch) become a
+StepError naming the batch; other exceptions (a user's own class, out of memory) keep their type."""
+
+
+def _step(step: StepFn, state: Any, batch: Any, batch_idx: int, epoch: int) -> tuple[Any, Any]:
+    """``step(state, batch)``; its failure names the batch, epoch and global step."""
+    try:
+        return step(state, batch)
+    except FnloopError:
+        raise
+    except Exception as err:
+        where = f"training batch {batch_idx} of epoch {epoch} (global step {state.loop.global_step})"
+        if type(err) in _PLAIN:
+            raise StepError(
+                f"{where}: {type(err).__name__}: {err}; check this batch's shapes, dtypes and devices against the model"
+            ) from err
+        if hasattr(err, "add_note"):  # Python 3.11+
+            err.add_note(f"fnloop: raised by the train step at {where}")
+        raise
+
+
+def _finish(run: FitRun, state: Any) -> Any:
+    """Close the logging window, ``on_fit_end`` (which saves), the profile, ``teardown``."""
+    state = run.flush_window(state)
+    state = run.hooks("on_fit_end", state)
+    last = run.checkpoint.manager.latest() if run.checkpoint is not None and run.parallel.is_global_zero else None
+    if last is not None:
+        run.logger.log_checkpoint(last)
+    run.logger.log_metrics(run.profile(), step=state.loop.global_step)
+    state = run.hooks("teardown", state, "fit")
+    run.logger.finalize(state.loop.status if state.loop.status in ("finished", "interrupted") else "finished")
+    return state
+
+
+def _fail(run: FitRun, state: Any, exc: BaseException) -> None:
+    """Every ``on_exception`` handler, then the logger's finalize: each runs even when one before
+    it fails (noted on ``exc``, which fit then raises unchanged)."""
+    run.hooks.on_exception(with_loop(state, status=Status.FAILED), exc)
+    guarded(exc, "the logger's finalize", run.logger.finalize, "failed")
