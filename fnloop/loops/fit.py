@@ -1,7 +1,13 @@
 """The fit loop: pure steps composed with Lightning's loop rules; every counter in ``state.loop``.
 
-The loop reads top to bottom like a hand-written one. Effects (logging, progress, checkpoint
-files, signals) happen here and nowhere else; the steps stay pure.
+The loop reads top to bottom like a hand-written one: ``run_fit`` resolves the run, ``_fit``
+runs epochs between the fit's hooks, ``_epoch`` runs batches, ``_batch`` runs one step between
+its hooks, ``_agreed`` decides with the other ranks whether to go on. Effects (logging, progress,
+checkpoint files, signals) happen here and nowhere else; the steps stay pure.
+
+The state flows as a value: ``_epoch`` and ``_batch`` return the last state they reached with how
+they ended (an exception included), so that ``_fit``'s one handler finishes an interrupted fit,
+or reports a failure to ``on_exception``, with the newest state.
 """
 
 from __future__ import annotations
@@ -161,7 +167,7 @@ def _batch(run: FitRun, train: _Train, plan: _Plan, state: Any, batch: Any, batc
         signals.defer = train.donating  # a Ctrl-C must not cut an in-place update short
         state, metrics = _step(train.step, state, batch, batch_idx, plan.epoch)
         signals.defer = False
-        if train.caller is not None:
+        if train.caller is not None:  # its tensors now belong to the new state
             mark_donated(train.caller)
         run.times["step"] += time.perf_counter() - t1
         size = run.train_src.batch_size_of(batch)
