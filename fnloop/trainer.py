@@ -16,59 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fnloop.callbacks.base import Callback
 from fnloop.callbacks.misc import parse_duration
-from fnloop.connectors.signals import check_stop_signals
 from fnloop.errors import ConfigError
+from fnloop.trainer_flags import check_flags
 
 if TYPE_CHECKING:
+    from fnloop.loops.config import LoopConfig
     from fnloop.state import TrainState
     from fnloop.types import EvalStepFn, PredictStepFn, StepFn
 
 __all__ = ["Trainer"]
-
-_NONFINITE = ("raise", "skip", "stop")
-_CLIP = ("norm", "value")
-
-
-def _int_flag(name: str, value: Any, *, low: int, allow_none: bool = False, extra: str = "") -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        accepted = f"an int >= {low}" + (" or None" if allow_none else "") + extra
-        raise ConfigError(f"Trainer({name}={value!r}): accepted values are {accepted}")
-
-
-def _limit_flag(name: str, value: Any) -> None:
-    if value is None:
-        return
-    ok = (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0) or (
-        isinstance(value, float) and 0.0 <= value <= 1.0
-    )
-    if not ok:
-        raise ConfigError(
-            f"Trainer({name}={value!r}): accepted values are an int >= 0 (batches) or a float in [0.0, 1.0] (a fraction)"
-        )
-
-
-def _distribution_flags(trainer: Any) -> None:
-    """Check accelerator, devices, num_nodes, strategy, precision and the two booleans."""
-    from fnloop.connectors.device import parse_devices, resolve_accelerator
-    from fnloop.connectors.precision import resolve_precision
-    from fnloop.connectors.strategy import resolve_strategy
-
-    parse_devices(trainer.devices, resolve_accelerator(trainer.accelerator))
-    _int_flag("num_nodes", trainer.num_nodes, low=1)
-    resolve_strategy(trainer.strategy)
-    resolve_precision(trainer.precision)
-    for name in ("sync_batchnorm", "use_distributed_sampler"):
-        if not isinstance(getattr(trainer, name), bool):
-            raise ConfigError(f"Trainer({name}={getattr(trainer, name)!r}): accepted values are True or False")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,67 +140,7 @@ class Trainer:
     log_window_spans_epochs: bool = False
 
     def __post_init__(self) -> None:
-        _int_flag("max_epochs", self.max_epochs, low=-1, allow_none=True)
-        _int_flag("min_epochs", self.min_epochs, low=0, allow_none=True)
-        _int_flag("max_steps", self.max_steps, low=-1, extra=" (-1: no step limit)")
-        _int_flag("min_steps", self.min_steps, low=0, allow_none=True)
-        max_time = parse_duration(self.max_time, flag="Trainer(max_time)")
-        if max_time is not None and math.isnan(max_time):
-            raise ConfigError(f"Trainer(max_time={self.max_time!r}): not a number; give seconds > 0, a timedelta or None")
-        for name in ("deterministic", "donate", "enable_progress_bar"):
-            if not isinstance(getattr(self, name), bool):  # "no" or "false" must not read as True
-                raise ConfigError(f"Trainer({name}={getattr(self, name)!r}): accepted values are True or False")
-        check_stop_signals(self.stop_signals)
-        for name in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
-            _limit_flag(name, getattr(self, name))
-        vci = self.val_check_interval
-        if vci is not None and not (
-            (isinstance(vci, numbers.Integral) and not isinstance(vci, bool) and vci >= 1)
-            or (isinstance(vci, float) and 0.0 < vci <= 1.0)
-        ):
-            raise ConfigError(
-                f"Trainer(val_check_interval={vci!r}): accepted values are an int >= 1 (batches) or a float in (0.0, 1.0] (a fraction of the epoch)"
-            )
-        _int_flag("check_val_every_n_epoch", self.check_val_every_n_epoch, low=1, allow_none=True)
-        _int_flag("num_sanity_val_steps", self.num_sanity_val_steps, low=-1, extra=" (-1: all batches)")
-        _int_flag("log_every_n_steps", self.log_every_n_steps, low=1)
-        _int_flag("accumulate_grad_batches", self.accumulate_grad_batches, low=1)
-        clip = self.gradient_clip_val
-        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, numbers.Real) or clip < 0):
-            raise ConfigError(f"Trainer(gradient_clip_val={clip!r}): accepted values are a number >= 0 or None")
-        if self.gradient_clip_algorithm not in (None, *_CLIP):
-            raise ConfigError(
-                f"Trainer(gradient_clip_algorithm={self.gradient_clip_algorithm!r}): accepted values are 'norm', 'value' or None"
-            )
-        fdr = self.fast_dev_run
-        if not isinstance(fdr, (bool, numbers.Integral)) or (not isinstance(fdr, bool) and fdr < 0):
-            raise ConfigError(f"Trainer(fast_dev_run={fdr!r}): accepted values are True/False or an int >= 0 (batches)")
-        ob = self.overfit_batches
-        if isinstance(ob, bool) or not isinstance(ob, numbers.Real) or ob < 0 or (isinstance(ob, float) and ob > 1.0):
-            raise ConfigError(
-                f"Trainer(overfit_batches={ob!r}): accepted values are an int >= 0 (batches) or a float in [0.0, 1.0]"
-            )
-        if self.on_nonfinite not in _NONFINITE:
-            raise ConfigError(f"Trainer(on_nonfinite={self.on_nonfinite!r}): accepted values are 'raise', 'skip', 'stop'")
-        for i, cb in enumerate(self.callback_list):
-            if not isinstance(cb, Callback):
-                raise ConfigError(
-                    f"Trainer(callbacks[{i}]={cb!r}): callbacks must be fnloop.Callback instances (subclass fnloop.Callback)"
-                )
-        if self.seed is not None:
-            _int_flag("seed", self.seed, low=0, allow_none=True)
-        for name in ("enable_model_summary", "inference_mode", "log_window_spans_epochs"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"Trainer({name}={getattr(self, name)!r}): accepted values are True or False")
-        _int_flag("reload_dataloaders_every_n_epochs", self.reload_dataloaders_every_n_epochs, low=0, extra=" (0: never)")
-        from fnloop.checkpoint.callback import check_enable_checkpointing
-
-        check_enable_checkpointing(self.enable_checkpointing, self.callback_list)
-        _distribution_flags(self)
-        if self.min_epochs is not None and self.max_epochs not in (None, -1) and self.min_epochs > self.max_epochs:
-            raise ConfigError(
-                f"Trainer(min_epochs={self.min_epochs}, max_epochs={self.max_epochs}): min_epochs must be <= max_epochs"
-            )
+        check_flags(self)
 
     # --- resolved values -------------------------------------------------------------------
 
@@ -257,6 +158,50 @@ class Trainer:
         from fnloop.loops.logging import make_logger
 
         return make_logger(self.logger, self.default_root_dir)
+
+    @functools.cached_property
+    def config(self) -> LoopConfig:
+        """The values the loops read, resolved once from the flags (see
+        :class:`fnloop.loops.config.LoopConfig`); ``fit``, ``validate``, ``test`` and ``predict``
+        hand it to the loops in place of the Trainer.
+
+        Example:
+            >>> import fnloop as fl
+            >>> fl.Trainer(max_steps=10, overfit_batches=3, logger=False).config.limit("val")
+            3
+        """
+        from fnloop.connectors.precision import resolve_precision
+        from fnloop.loops.config import LoopConfig
+        from fnloop.options import StepOptions
+
+        interval, every_n_epochs = self.resolved_val_check
+        step = StepOptions(
+            self.accumulate_grad_batches, self.gradient_clip_val, self.gradient_clip_algorithm,
+            self.on_nonfinite == "skip", resolve_precision(self.precision),
+        )
+        skip = {"callbacks", "logger", "stop_signals"}  # not hyperparameters (callbacks: by name, with the run's own)
+        return LoopConfig(
+            max_epochs=self.resolved_max_epochs, max_steps=self.resolved_max_steps, min_epochs=self.min_epochs,
+            min_steps=self.min_steps, max_time=parse_duration(self.max_time),
+            **{f"limit_{stage}_batches": self.limit(stage) for stage in ("train", "val", "test", "predict")},
+            val_check_interval=interval, check_val_every_n_epoch=every_n_epochs,
+            num_sanity_val_steps=0 if self.dev_batches else self.num_sanity_val_steps,
+            log_every_n_steps=self.log_every_n_steps, log_window_spans_epochs=self.log_window_spans_epochs,
+            on_nonfinite=self.on_nonfinite, step=step, seed=self.seed, use_distributed_sampler=self.use_distributed_sampler,
+            overfit_batches=self.overfit_batches, reload_dataloaders_every_n_epochs=self.reload_dataloaders_every_n_epochs,
+            callbacks=tuple(self.callback_list), loggers=self.loggers, enable_model_summary=self.enable_model_summary,
+            enable_progress_bar=self.enable_progress_bar, enable_checkpointing=self.enable_checkpointing,
+            checkpoint_root=self._checkpoint_root(), deterministic=self.deterministic, stop_signals=self.stop_signals,
+            donate=self.donate, inference_mode=self.inference_mode, accelerator=self.accelerator, devices=self.devices,
+            num_nodes=self.num_nodes, strategy=self.strategy, sync_batchnorm=self.sync_batchnorm,
+            flags={f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip},
+        )
+
+    def _checkpoint_root(self) -> str | None:
+        """Where ``enable_checkpointing=True`` puts its default checkpoint: the logger's folder or ``default_root_dir``."""
+        if not self.enable_checkpointing:
+            return None
+        return getattr(self.logger, "log_dir", None) or self.default_root_dir
 
     @property
     def callback_list(self) -> list[Callback]:
@@ -333,7 +278,7 @@ class Trainer:
         from fnloop.loops.fit import run_fit
 
         return run_fit(
-            self, state, train_step, train_data, val_step=val_step, val_data=val_data,
+            self.config, state, train_step, train_data, val_step=val_step, val_data=val_data,
             datamodule=datamodule, ckpt_path=ckpt_path, checkpoint=checkpoint,
         )
 
@@ -354,7 +299,7 @@ class Trainer:
         """
         from fnloop.loops.evaluate import run_stage
 
-        return run_stage(self, state, eval_step, data, stage="val", datamodule=datamodule, verbose=verbose)
+        return run_stage(self.config, state, eval_step, data, stage="val", datamodule=datamodule, verbose=verbose)
 
     def test(
         self,
@@ -368,7 +313,7 @@ class Trainer:
         """Run ``eval_step`` over ``data``; metrics reduced over the loader (``test/...``); see :meth:`validate`."""
         from fnloop.loops.evaluate import run_stage
 
-        return run_stage(self, state, eval_step, data, stage="test", datamodule=datamodule, verbose=verbose)
+        return run_stage(self.config, state, eval_step, data, stage="test", datamodule=datamodule, verbose=verbose)
 
     def predict(
         self,
@@ -387,4 +332,4 @@ class Trainer:
         """
         from fnloop.loops.predict import run_predict
 
-        return run_predict(self, state, predict_step, data, datamodule=datamodule, return_predictions=return_predictions)
+        return run_predict(self.config, state, predict_step, data, datamodule=datamodule, return_predictions=return_predictions)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol, TypeAlias, runtime_checkable
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import torch
 
@@ -64,10 +64,3 @@ class PredictStepFn(Protocol):
     """A predict step: ``(state, batch) -> outputs`` (any pytree)."""
 
     def __call__(self, state: Any, batch: Any) -> Any: ...
-
-
-class Batch(NamedTuple):
-    """A convenience (inputs, targets) pair; any pytree works as a batch."""
-
-    inputs: Any
-    targets: Any

@@ -187,8 +187,12 @@ def default_checkpoint(trainer: Any) -> ModelCheckpoint:
         >>> default_checkpoint(fl.Trainer(default_root_dir="/tmp/run")).manager.directory
         '/tmp/run/checkpoints'
     """
-    folder = getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir or os.getcwd()
-    return ModelCheckpoint(os.path.join(folder, "checkpoints"), keep_last=1, every_n_epochs=1)
+    return _default_in(getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir)
+
+
+def _default_in(root_dir: str | None) -> ModelCheckpoint:
+    """Lightning's default checkpoint callback: the latest epoch in ``<root_dir or cwd>/checkpoints``."""
+    return ModelCheckpoint(os.path.join(root_dir or os.getcwd(), "checkpoints"), keep_last=1, every_n_epochs=1)
 
 
 def check_enable_checkpointing(flag: Any, callbacks: list[Callback]) -> None:
@@ -209,24 +213,28 @@ def check_enable_checkpointing(flag: Any, callbacks: list[Callback]) -> None:
         )
 
 
-def checkpoint_of_fit(trainer: Any, chosen: ModelCheckpoint | None) -> ModelCheckpoint | None:
+def checkpoint_of_fit(
+    chosen: ModelCheckpoint | None, *, enable_checkpointing: bool | None, root_dir: str | None = None
+) -> ModelCheckpoint | None:
     """The checkpoint callback a fit uses: ``chosen`` (from ``fit(checkpoint=...)`` or the callbacks),
-    Lightning's default one under ``enable_checkpointing=True``, none under ``False``.
+    Lightning's default one in ``<root_dir or the current folder>/checkpoints`` under
+    ``enable_checkpointing=True``, none under ``False``.
 
     Example:
-        >>> import fnloop as fl
-        >>> checkpoint_of_fit(fl.Trainer(), None) is None
+        >>> checkpoint_of_fit(None, enable_checkpointing=None) is None
         True
+        >>> checkpoint_of_fit(None, enable_checkpointing=True, root_dir="/tmp/run").manager.directory
+        '/tmp/run/checkpoints'
     """
-    if trainer.enable_checkpointing is False:
+    if enable_checkpointing is False:
         if chosen is not None:
             raise ConfigError(
                 "Trainer.fit(checkpoint=...): the Trainer has enable_checkpointing=False; drop checkpoint= or "
                 "set enable_checkpointing=True (or None)"
             )
         return None
-    if chosen is None and trainer.enable_checkpointing:
-        return default_checkpoint(trainer)
+    if chosen is None and enable_checkpointing:
+        return _default_in(root_dir)
     return chosen
 
 

@@ -2,9 +2,9 @@
 on its device and in its precision, and the train step's options for both.
 
 Example:
-    >>> trainer = fl.Trainer(precision="64-true", enable_progress_bar=False)
+    >>> config = fl.Trainer(precision="64-true", enable_progress_bar=False).config
     >>> state = fl.TrainState.create(torch.nn.Linear(2, 1), flo.sgd(lr=0.1))
-    >>> parallel, state, options = setup(trainer, state, None)
+    >>> parallel, state, options = setup(config, state, None)
     >>> parallel.world_size, state.params["weight"].dtype, options.precision
     (1, torch.float64, '64-true')
 """
@@ -12,40 +12,36 @@ Example:
 from __future__ import annotations
 
 import copy
-from typing import Any
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fnloop.connectors.device import state_to_device
 from fnloop.connectors.launch import connect
-from fnloop.connectors.precision import cast_state, resolve_precision
+from fnloop.connectors.precision import cast_state
 from fnloop.connectors.strategy import Parallel
 from fnloop.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fnloop.loops.config import LoopConfig
+    from fnloop.options import StepOptions
 
 __all__ = ["setup", "step_options", "prepare_state"]
 
 
-def step_options(trainer: Any, own: Any, parallel: Parallel) -> Any:
-    """The train step's options under the Trainer's flags: accumulation, clipping, non-finite
-    skipping, precision (the step's own when the Trainer keeps the default) and the gradient
-    reduction of the run's strategy."""
-    from fnloop.options import StepOptions
-
-    precision = resolve_precision(trainer.precision)
+def step_options(flags: StepOptions, own: StepOptions | None, parallel: Parallel) -> StepOptions:
+    """The train step's options: the Trainer's ``flags`` (accumulation, clipping, non-finite
+    skipping, precision; the step's ``own`` precision when the Trainer keeps the default) with the
+    gradient reduction of the run's strategy."""
+    precision = flags.precision
     if own is not None and precision == "32-true":
         precision = own.precision
     elif own is not None and own.precision not in ("32-true", precision):
         raise ConfigError(
-            f"Trainer(precision={trainer.precision!r}): the train step was built with precision={own.precision!r}; set it in one place"
+            f"Trainer(precision={flags.precision!r}): the train step was built with precision={own.precision!r}; set it in one place"
         )
-    return StepOptions(
-        trainer.accumulate_grad_batches,
-        trainer.gradient_clip_val,
-        trainer.gradient_clip_algorithm,
-        trainer.on_nonfinite == "skip",
-        precision,
-        parallel.reducer(),
-    )
+    return dataclasses.replace(flags, precision=precision, grad_reduce=parallel.reducer())
 
 
 def prepare_state(state: Any, parallel: Parallel, precision: str, *, sync_batchnorm: bool = False) -> Any:
@@ -60,9 +56,9 @@ def prepare_state(state: Any, parallel: Parallel, precision: str, *, sync_batchn
     return parallel.strategy.setup_state(state, parallel) if parallel.strategy is not None and parallel.distributed else state
 
 
-def setup(trainer: Any, state: Any, train_step: Any) -> tuple[Parallel, Any, Any]:
-    """``(parallel, state, options)``: join (or start) the run's processes, prepare the state and
-    compute the step's options."""
-    parallel = connect(trainer)
-    options = step_options(trainer, getattr(train_step, "options", None), parallel)
-    return parallel, prepare_state(state, parallel, options.precision, sync_batchnorm=trainer.sync_batchnorm), options
+def setup(config: LoopConfig, state: Any, train_step: Any) -> tuple[Parallel, Any, StepOptions]:
+    """``(parallel, state, options)``: join (or start) the processes ``config`` describes
+    (accelerator, devices, num_nodes, strategy), prepare the state and compute the step's options."""
+    parallel = connect(config)
+    options = step_options(config.step, getattr(train_step, "options", None), parallel)
+    return parallel, prepare_state(state, parallel, options.precision, sync_batchnorm=config.sync_batchnorm), options

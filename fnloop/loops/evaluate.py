@@ -30,11 +30,11 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from fnloop.connectors.strategy import Parallel
+    from fnloop.loops.config import LoopConfig
     from fnloop.state import TrainState
-    from fnloop.trainer import Trainer
-    from fnloop.types import EvalStepFn
+    from fnloop.types import EvalStepFn, PredictStepFn
 
-__all__ = ["Loader", "eval_loaders", "evaluate", "grad_mode", "run_stage", "prefixed"]
+__all__ = ["Loader", "connected", "eval_loaders", "evaluate", "grad_mode", "run_stage", "prefixed"]
 
 _KIND = {"val": "validation", "test": "test", "predict": "predict"}
 _ENTRY = {"val": "validate", "test": "test", "predict": "predict"}
@@ -46,7 +46,7 @@ class Loader(NamedTuple):
 
     name: str | None
     source: Any
-    step: Any
+    step: EvalStepFn | PredictStepFn
 
 
 def prefixed(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -129,7 +129,14 @@ def evaluate(
 
 
 def run_stage(
-    trainer: Trainer, state: TrainState, eval_step: EvalStepFn | Sequence[EvalStepFn] | Mapping[str, EvalStepFn], data: Any, *, stage: str, datamodule: Any = None, verbose: bool = True
+    config: LoopConfig,
+    state: TrainState,
+    eval_step: EvalStepFn | Sequence[EvalStepFn] | Mapping[str, EvalStepFn],
+    data: Any,
+    *,
+    stage: str,
+    datamodule: Any = None,
+    verbose: bool = True,
 ) -> dict[str, float]:
     """``Trainer.validate`` / ``Trainer.test``: metrics as ``{"val/loss": ...}``; the progress bar
     (``enable_progress_bar``) prints them as a table unless ``verbose`` is False."""
@@ -142,27 +149,22 @@ def run_stage(
     data = require(
         stage_data(data, datamodule, stage), f"{stage} data", f"pass data= or a datamodule with a {stage}_data() method"
     )
-    from fnloop.connectors.accelerator import prepare_state
-    from fnloop.connectors.launch import connect
-    from fnloop.connectors.precision import resolve_precision
-
-    parallel = connect(trainer)
-    state = prepare_state(state, parallel, resolve_precision(trainer.precision))
+    parallel, state = connected(config, state)
     loaders = eval_loaders(
-        data, eval_step, seed=data_seed(trainer.seed, state), stage=stage, parallel=parallel, shard=trainer.use_distributed_sampler
+        data, eval_step, seed=data_seed(config.seed, state), stage=stage, parallel=parallel, shard=config.use_distributed_sampler
     )
-    limit = trainer.limit(stage)
-    callbacks = trainer.callback_list
-    if trainer.enable_progress_bar and verbose and not any(isinstance(c, ProgressBar) for c in callbacks):
+    limit = config.limit(stage)
+    callbacks = list(config.callbacks)
+    if config.enable_progress_bar and verbose and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks = [*callbacks, ProgressBar()]
     hooks, kind = Hooks(on_this_rank(callbacks, parallel)), _KIND[stage]
-    loggers = loggers_on(trainer, parallel)
+    loggers = loggers_on(config.loggers, parallel)
     with hooks.on_failure(state):
         state = hooks("setup", state, entry)
         state = hooks(f"on_{kind}_start", state)
         state, metrics = evaluate(
             state, loaders, lambda s: limited(s, 0, limit, stage), hooks, kind=kind, prefix=stage,
-            inference=trainer.inference_mode, parallel=parallel,
+            inference=config.inference_mode, parallel=parallel,
         )
         if metrics:
             loggers.log_metrics(metrics, step=state.loop.global_step)
@@ -170,3 +172,13 @@ def run_stage(
         hooks("teardown", state, entry)
     loggers.finalize("finished")
     return metrics
+
+
+def connected(config: LoopConfig, state: TrainState) -> tuple[Parallel, TrainState]:
+    """This process's place in the run ``config`` describes, and ``state`` on its device and in
+    the run's precision (the evaluation and prediction loops' setup)."""
+    from fnloop.connectors.accelerator import prepare_state
+    from fnloop.connectors.launch import connect
+
+    parallel = connect(config)
+    return parallel, prepare_state(state, parallel, config.step.precision)

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fnloop.connectors.strategy import Parallel
-    from fnloop.trainer import Trainer
 
 __all__ = ["loggers_on", "on_this_rank", "params_dtype"]
 
@@ -39,12 +38,20 @@ def on_this_rank(callbacks: Sequence[Any], parallel: Parallel) -> list[Any]:
     return [c for c in callbacks if not isinstance(c, effects)]
 
 
-def loggers_on(trainer: Trainer, parallel: Parallel) -> Any:
-    """``trainer.loggers`` on rank 0, a :class:`fnloop.loggers.NullLogger` on the others (which
-    then create no run folder)."""
+def loggers_on(loggers: Any, parallel: Parallel) -> Any:
+    """``loggers`` on rank 0, a :class:`fnloop.loggers.NullLogger` on the others (which then
+    create no run folder).
+
+    Example:
+        >>> from fnloop.connectors.strategy import Parallel
+        >>> from fnloop.loggers import NullLogger
+        >>> sinks = NullLogger()
+        >>> loggers_on(sinks, Parallel()) is sinks, type(loggers_on(sinks, Parallel(rank=1, world_size=2))).__name__
+        (True, 'NullLogger')
+    """
     from fnloop.loggers import NullLogger
 
-    return trainer.loggers if parallel.is_global_zero else NullLogger()
+    return loggers if parallel.is_global_zero else NullLogger()
 
 
 def params_dtype(state: Any) -> Any:

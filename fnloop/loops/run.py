@@ -4,12 +4,10 @@ effects (validation runs, logging windows and epoch values, the time profile, st
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from fnloop.callbacks.misc import parse_duration
 from fnloop.callbacks.model_summary import ModelSummary
 from fnloop.callbacks.progress import ProgressBar
 from fnloop.errors import StepError
@@ -24,7 +22,8 @@ from fnloop.metrics import Accumulator
 
 if TYPE_CHECKING:
     from fnloop.connectors.strategy import Parallel
-    from fnloop.trainer import Trainer
+    from fnloop.loops.config import LoopConfig
+    from fnloop.types import StepFn
 
 __all__ = ["FitRun", "with_loop"]
 
@@ -35,12 +34,21 @@ def with_loop(state: Any, **changes: Any) -> Any:
 
 
 class FitRun:
-    """What one ``fit`` call holds besides the state: configuration resolved once and effects."""
+    """What one ``fit`` call holds besides the state: configuration resolved once and effects.
+
+    Args:
+        config: the loops' values (``Trainer.config``).
+        train_step: the train step, with the Trainer's step options.
+        val_loaders: the validation loaders (empty: no validation).
+        train_src: the train data source.
+        checkpoint: the fit's ModelCheckpoint (None: no checkpoint).
+        parallel: this process's place in the run (None: a single process).
+    """
 
     def __init__(
         self,
-        trainer: Trainer,
-        train_step: Any,
+        config: LoopConfig,
+        train_step: StepFn,
         val_loaders: list[Loader],
         train_src: Any,
         checkpoint: Any,
@@ -48,7 +56,7 @@ class FitRun:
     ) -> None:
         from fnloop.connectors.strategy import Parallel
 
-        self.trainer = trainer
+        self.config = config
         self.parallel = parallel = parallel if parallel is not None else Parallel()
         self.train_step = train_step
         self.val_loaders = val_loaders
@@ -56,27 +64,24 @@ class FitRun:
         self.checkpoint = checkpoint
         self.reload: Any = None  # () -> (train source, val loaders) under reload_dataloaders_every_n_epochs
         # rank 0 alone prints, shows progress and writes checkpoints and logs
-        callbacks = on_this_rank([c for c in trainer.callback_list if c is not checkpoint], parallel)
+        callbacks = on_this_rank([c for c in config.callbacks if c is not checkpoint], parallel)
         lead = parallel.is_global_zero
-        if trainer.enable_model_summary and lead and not any(isinstance(c, ModelSummary) for c in callbacks):
+        if config.enable_model_summary and lead and not any(isinstance(c, ModelSummary) for c in callbacks):
             callbacks.insert(0, ModelSummary())
         # last, so it saves what the other callbacks returned; every rank saves its shard of a sharded state
         if checkpoint is not None and (lead or parallel.sharded):
             callbacks.append(checkpoint)
         self.bar = None
-        if trainer.enable_progress_bar and lead and not any(isinstance(c, ProgressBar) for c in callbacks):
+        if config.enable_progress_bar and lead and not any(isinstance(c, ProgressBar) for c in callbacks):
             self.bar = ProgressBar()
             callbacks.append(self.bar)
         self.callbacks = callbacks
         self.hooks = Hooks(callbacks)
         if checkpoint is not None and lead:  # what the callbacks add to each checkpoint's metadata
             checkpoint.metadata_hook = self.hooks.save_metadata if self.hooks.wants("on_save_checkpoint") else None
-        self.logger = loggers_on(trainer, parallel)
-        self.max_epochs = trainer.resolved_max_epochs
-        self.max_steps = trainer.resolved_max_steps
-        self.max_time = parse_duration(trainer.max_time)
+        self.logger = loggers_on(config.loggers, parallel)
         options = getattr(train_step, "options", None)  # the step carries the accumulation flag
-        self.accumulate = options.accumulate_grad_batches if options is not None else trainer.accumulate_grad_batches
+        self.accumulate = options.accumulate_grad_batches if options is not None else config.step.accumulate_grad_batches
         self.acc = Accumulator()
         self.window = Window(self.acc)
         self.epoch_states: dict[str, Any] = {}  # the train metrics of the epoch so far
@@ -91,21 +96,21 @@ class FitRun:
         """Validation batches of the first loader (0: no validation)."""
         if not self.val_loaders:
             return 0
-        return limited(self.val_loaders[0].source, epoch, self.trainer.limit("val"), "val")
+        return limited(self.val_loaders[0].source, epoch, self.config.limit("val"), "val")
 
     def _evaluate(self, state: Any, n_batches: Any) -> tuple[Any, dict[str, float]]:
         t0 = time.perf_counter()
         state = self.hooks("on_validation_start", state)
         state, metrics = evaluate(
             state, self.val_loaders, n_batches, self.hooks, kind="validation", prefix="val",
-            inference=self.trainer.inference_mode, parallel=self.parallel,
+            inference=self.config.inference_mode, parallel=self.parallel,
         )
         self.times["eval"] += time.perf_counter() - t0
         return state, metrics
 
     def validate(self, state: Any) -> Any:
         """A validation run: logged, then ``on_validation_end`` with its metrics."""
-        epoch, limit = state.loop.epoch, self.trainer.limit("val")
+        epoch, limit = state.loop.epoch, self.config.limit("val")
         state, metrics = self._evaluate(state, lambda source: limited(source, epoch, limit, "val"))
         state = with_loop(state, val_count=state.loop.val_count + 1, val_pending=False)
         self.logger.log_metrics(metrics, step=state.loop.global_step)
@@ -113,8 +118,8 @@ class FitRun:
 
     def sanity_check(self, state: Any) -> Any:
         """``num_sanity_val_steps`` batches of every validation loader; nothing logged."""
-        steps, limit = self.trainer.num_sanity_val_steps, self.trainer.limit("val")
-        if self.trainer.dev_batches or steps == 0 or self.val_batches(0) == 0:
+        steps, limit = self.config.num_sanity_val_steps, self.config.limit("val")
+        if steps == 0 or self.val_batches(0) == 0:
             return state
 
         def n_batches(source: Any) -> int | None:
@@ -131,7 +136,7 @@ class FitRun:
         """Log the window's reduced train metrics (``train/<name>``) and the callbacks' values;
         at the end of an epoch also the epoch's values (``train/<name>_epoch``), in one call."""
         logged: dict[str, float] = {}
-        spans = epoch_end and self.trainer.log_window_spans_epochs  # the window stays open into the next epoch
+        spans = epoch_end and self.config.log_window_spans_epochs  # the window stays open into the next epoch
         window = len(self.window) > 0 and not spans
         counted = self.counted  # entries of the open window already in the epoch's values
         if spans and len(self.window) > counted:
@@ -154,10 +159,10 @@ class FitRun:
                 values = self.parallel.reduce_metrics(values, samples)
                 bad = 0 if bad is None and not math.isfinite(values.get("loss", 0.0)) else bad
                 samples *= self.parallel.world_size
-            if bad is not None and self.trainer.on_nonfinite != "skip":
+            if bad is not None and self.config.on_nonfinite != "skip":
                 bad_step, bad_epoch = where_of[bad]
                 where = f"the loss became non-finite at global step {bad_step} (epoch {bad_epoch})"
-                if self.trainer.on_nonfinite == "raise":
+                if self.config.on_nonfinite == "raise":
                     raise StepError(
                         f"{where}; lower the learning rate, clip gradients (gradient_clip_val), or set "
                         "Trainer(on_nonfinite='skip') to skip such updates"
@@ -196,17 +201,24 @@ class FitRun:
 
     def hparams(self) -> dict[str, Any]:
         """The Trainer flags worth recording with the run."""
-        skip = {"callbacks", "logger", "stop_signals"}
-        flags = {f.name: getattr(self.trainer, f.name) for f in dataclasses.fields(self.trainer) if f.name not in skip}
+        flags = dict(self.config.flags)
         flags["callbacks"] = [type(c).__name__ for c in self.callbacks]
         return {"trainer": flags}
 
+    def done(self, state: Any) -> bool:
+        """The epoch or step budget is spent."""
+        loop, config = state.loop, self.config
+        return rules.fit_done(epoch=loop.epoch, global_step=loop.global_step, max_epochs=config.max_epochs, max_steps=config.max_steps)
+
     def can_stop(self, state: Any, epochs_done: int) -> bool:
+        """A requested stop may happen now (``min_epochs`` and ``min_steps`` are met)."""
         return rules.can_stop_early(
-            epoch=epochs_done, global_step=state.loop.global_step, min_epochs=self.trainer.min_epochs, min_steps=self.trainer.min_steps
+            epoch=epochs_done, global_step=state.loop.global_step, min_epochs=self.config.min_epochs, min_steps=self.config.min_steps
         )
 
     def out_of_budget(self, state: Any) -> bool:
-        if self.max_steps != -1 and state.loop.global_step >= self.max_steps:
+        """``max_steps`` or ``max_time`` is reached."""
+        max_steps, max_time = self.config.max_steps, self.config.max_time
+        if max_steps != -1 and state.loop.global_step >= max_steps:
             return True
-        return self.max_time is not None and time.monotonic() - self.started >= self.max_time
+        return max_time is not None and time.monotonic() - self.started >= max_time
