@@ -99,7 +99,7 @@ def _fit(run: FitRun, state: Any, signals: Any, ckpt_path: str | None) -> Any:
     (``on_fit_end`` saves), a failure calls ``on_exception`` with the last state reached."""
     hooks = run.hooks
     caller = state if ckpt_path is None else None  # a donating fit updates the caller's tensors in place
-    hooks.notify("on_fit_configured", run.max_epochs, run.train_src)  # what StochasticWeightAveraging needs of the fit
+    hooks.notify("on_fit_configured", run.config.max_epochs, run.train_src)  # what StochasticWeightAveraging needs of the fit
     state = restore(hooks("setup", state, "fit"), ckpt_path, run.checkpoint, hooks)
     train = _train_of(run, state, caller)
     fresh = state.loop.global_step == 0 and state.loop.batch_idx == 0 and state.loop.epoch == 0
