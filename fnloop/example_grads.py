@@ -32,8 +32,43 @@ def per_example_value_and_grad(
         as_batch = torch_pytree.tree_map(lambda x: x.unsqueeze(batch_dim) if isinstance(x, torch.Tensor) else x, example)
         return torch.func.grad(lambda p: loss_of(p, as_batch), has_aux=True)(params)  # type: ignore[no-any-return]
 
+    def value(params: Any, example: Any) -> tuple[torch.Tensor, Any]:
+        as_batch = torch_pytree.tree_map(lambda x: x.unsqueeze(batch_dim) if isinstance(x, torch.Tensor) else x, example)
+        return loss_of(params, as_batch)
+
     def batched(params: Any, batch: Any) -> tuple[Any, Any]:
         dims = torch_pytree.tree_map(lambda x: batch_dim if isinstance(x, torch.Tensor) else None, batch)
-        return torch.func.vmap(one, in_dims=(None, dims), randomness="different")(params, batch)  # type: ignore[no-any-return]
+        leaves = torch_pytree.tree_leaves(params)
+        if leaves and not _plain(leaves):
+            return torch.func.vmap(one, in_dims=(None, dims), randomness="different")(params, batch)  # type: ignore[no-any-return]
+        # eager: one copy of the params per example (stride-0 views, no memory), the per-example
+        # losses under vmap, then ONE ordinary backward of their sum: the gradient of example
+        # j's copy is example j's gradient. Same values as grad under vmap, about twice as fast
+        # (no grad transform per call).
+        n = _examples(batch, batch_dim)
+        with torch.enable_grad():
+            copies = torch_pytree.tree_map(lambda p: p.detach().expand(n, *p.shape).requires_grad_(True), params)
+            losses, aux = torch.func.vmap(value, in_dims=(0, dims), randomness="different")(copies, batch)
+            flat, spec = torch_pytree.tree_flatten(copies)
+            grads = torch.autograd.grad(losses.sum(), flat, allow_unused=True, materialize_grads=True)
+        return torch_pytree.tree_unflatten(list(grads), spec), aux
 
     return batched
+
+
+def _plain(leaves: list[Any]) -> bool:
+    """Eager tensors nobody differentiates through: the fast path applies (not under
+    ``torch.func`` transforms or ``torch.compile``, and no graph to keep for a caller)."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(
+        isinstance(x, torch.Tensor) and not x.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        for x in leaves
+    )
+
+
+def _examples(batch: Any, batch_dim: int) -> int:
+    sizes = {x.shape[batch_dim] for x in torch_pytree.tree_leaves(batch) if isinstance(x, torch.Tensor)}
+    if len(sizes) != 1:
+        raise ValueError(f"per-example gradients: the batch leaves disagree on the number of examples {sorted(sizes)}")
+    return sizes.pop()
