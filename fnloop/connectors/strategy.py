@@ -285,7 +285,8 @@ class Parallel:
         import torch.distributed as dist
 
         keys = sorted(values)
-        kinds = ["max" if k.endswith("_max") else "min" if k.endswith("_min") else "sum" if k.endswith("_sum") else "mean" for k in keys]
+        bases = [k.rsplit("/member_", 1)[0] for k in keys]  # a stacked run's member values reduce as their metric
+        kinds = ["max" if k.endswith("_max") else "min" if k.endswith("_min") else "sum" if k.endswith("_sum") else "mean" for k in bases]
         vals = torch.tensor([values[k] for k in keys], dtype=torch.float64)
         summed = torch.cat([torch.where(torch.tensor([k == "mean" for k in kinds]), vals * weight, vals), torch.tensor([float(weight)], dtype=torch.float64)])
         summed = self._all_reduce(summed.to(self.device), dist.ReduceOp.SUM, "a metric reduction").cpu()

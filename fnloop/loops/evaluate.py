@@ -60,6 +60,11 @@ def prefixed(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {renamed(k, lambda n: n if "/" in n else f"{prefix}/{n}"): v for k, v in metrics.items()}
 
 
+def _stage_name(name: str, prefix: str, loader: str | None) -> str:
+    """``loss`` -> ``val/loss`` (-> ``val/loss/<loader>`` for one of several loaders)."""
+    return next(iter(suffixed(prefixed({name: None}, prefix), loader)))
+
+
 def eval_loaders(
     data: Any, step: Any, *, seed: int, stage: str, parallel: Parallel | None = None, shard: bool = True
 ) -> list[Loader]:
@@ -120,10 +125,10 @@ def evaluate(
                 accs = acc.update(accs, out, size)
             samples += size
             state = hooks(end, state, out, batch, batch_idx, idx)
-        values = expand(suffixed(prefixed(acc.compute(accs), prefix), loader.name))  # [N]: mean and members
-        if parallel is not None:
+        values = expand(acc.compute(accs))  # [N]: mean and members
+        if parallel is not None:  # by the metrics' own names (``*_max`` ...), before they are renamed
             values = parallel.reduce_metrics(values, samples)
-        metrics.update(values)
+        metrics.update({renamed(k, lambda n: _stage_name(n, prefix, loader.name)): v for k, v in values.items()})
     state = hooks(f"on_{kind}_epoch_end", state)
     return state, metrics
 
