@@ -20,6 +20,9 @@ first call with a batch signature runs eagerly and records the random draws the 
 calls make those draws per member outside the compiled region (same streams, same values) and
 feed them to it, so a compiled member still matches its own eager run to ~1e-6, dropout included.
 
+In ``Trainer.fit`` a member can stop before the others (per-member early stopping): its tensors
+then stay exactly as they were (:func:`fnloop.members.keep_stopped`).
+
 The batch is shared by all members (``batch_dim=None``) or split per member (``batch_dim=0``:
 each leaf's leading dimension is the member). Python leaves of ``state.loop`` are shared
 (see :mod:`fnloop.stacking`).
@@ -51,7 +54,8 @@ from fnloop.errors import StepError, TreeMismatchError
 from fnloop.eval_steps import EvalLike, eval_core
 from fnloop.optim import _foreach as fe
 from fnloop.member_random import MemberRandom, Streams
-from fnloop.stacking import num_members
+from fnloop.members import keep_stopped
+from fnloop.stacking import num_members, stack, unstack
 from fnloop.state import OptionsState, TrainState
 from fnloop.step import TrainStep, train_core
 from fnloop.tree import tree_leaves, tree_structure
@@ -102,6 +106,29 @@ class VmappedStep:
 
     def __repr__(self) -> str:
         return f"fl.vmap({self.step!r})"
+
+    @property
+    def options(self) -> Any:
+        """The train step's options (``Trainer`` flags: accumulation, clipping, ...); None for an eval step."""
+        return getattr(self.step, "options", None)
+
+    def with_options(self, options: Any) -> VmappedStep:
+        """The same batched step over a train step with other options (what ``Trainer.fit`` sets)."""
+        if options == self.options:
+            return self
+        step = self.step.with_options(options)
+        return VmappedStep(step, batch_dim=self.batch_dim, compile_kwargs=self.compile_kwargs)
+
+    def flush(self, state: TrainState) -> TrainState:
+        """Apply each training member's open accumulation window now (what the train step's
+        ``flush`` does to a state alone, at the end of an epoch); the state unchanged when none is open."""
+        if not isinstance(self.step, TrainStep):
+            return state
+        members = unstack(state)
+        flushed = [self.step.flush(m) for m in members]
+        if all(f is m for f, m in zip(flushed, members)):
+            return state
+        return keep_stopped(state, stack(flushed))
 
     def compiled(self, **torch_compile_kwargs: Any) -> VmappedStep:
         """The same batched step under ``torch.compile(fullgraph=True)`` (see :func:`fnloop.compile`)."""
@@ -196,7 +223,8 @@ class VmappedStep:
         out = self._run(state, (state.params, state.buffers, state.opt_state, carried, batch))
         params, buffers, opt_state, carried, metrics = out
         loop = state.loop.replace(options=OptionsState(options.key, tuple(carried))) if options.key else state.loop
-        return state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state, loop=loop), metrics
+        new = state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state, loop=loop)
+        return keep_stopped(state, new), metrics  # members stopped by the driver stay as they are
 
 
 def _streams(state: TrainState) -> Streams:

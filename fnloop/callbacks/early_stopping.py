@@ -8,6 +8,7 @@ from typing import Any
 
 from fnloop.callbacks.base import Callback, callback_state, request_stop, with_callback_state
 from fnloop.errors import ConfigError
+from fnloop.members import active, is_stacked, member_values, stop_members
 
 __all__ = ["EarlyStopping"]
 
@@ -20,6 +21,13 @@ class EarlyStopping(Callback):
     improvement by more than ``min_delta`` resets the wait counter, and ``patience`` runs
     without one stop training. The best score and the counter live in
     ``state.loop.callbacks["EarlyStopping[<monitor>]"]``.
+
+    Over a stacked state (``Trainer.fit(fl.stack(states), ...)``), each member checks its own
+    value (``<monitor>/member_<i>``) with its own record (``{"members": [record_0, ...]}``, each
+    what a fit of that member alone holds). A member that stops stops training: its params,
+    optimizer state and counters stay as they are (:func:`fnloop.members.stop_members`), its
+    record no longer changes; the fit stops when every member has stopped. ``min_epochs`` and
+    ``min_steps`` hold back the end of the fit, not the stop of a member.
 
     Args:
         monitor: metric name as logged, e.g. ``"val/loss"``.
@@ -69,17 +77,9 @@ class EarlyStopping(Callback):
     def _better(self, a: float, b: float) -> bool:
         return a < b if self.mode == "min" else a > b
 
-    def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> Any:
-        if self.monitor not in metrics:
-            if self.strict:
-                raise ConfigError(
-                    f"EarlyStopping: monitor {self.monitor!r} is not among the validation metrics "
-                    f"{sorted(metrics)}; set monitor to one of them (or strict=False)"
-                )
-            return None
-        current = float(metrics[self.monitor])
-        worst = math.inf if self.mode == "min" else -math.inf
-        record = callback_state(state, self.state_key, {"best_score": worst, "wait_count": 0, "stopped_epoch": -1})
+    def _update(self, record: dict[str, Any], current: float, epoch: int) -> tuple[dict[str, Any], bool]:
+        """One run's record after a validation that measured ``current``, and whether it stops."""
+        record = dict(record)
         stop, reason = False, ""
         delta = -self.min_delta if self.mode == "min" else self.min_delta
         if self.check_finite and not math.isfinite(current):
@@ -96,7 +96,42 @@ class EarlyStopping(Callback):
                 stop = True
                 reason = f"{self.monitor} did not improve in the last {record['wait_count']} validations (best {record['best_score']})"
         if stop:
-            record["stopped_epoch"] = state.loop.epoch
+            record["stopped_epoch"] = epoch
             record["reason"] = reason
+        return record, stop
+
+    def _fresh(self) -> dict[str, Any]:
+        return {"best_score": math.inf if self.mode == "min" else -math.inf, "wait_count": 0, "stopped_epoch": -1}
+
+    def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> Any:
+        if is_stacked(state):
+            values = member_values(metrics, self.monitor, int(state.step.shape[0]))
+            if values is not None:
+                return self._members(state, values)
+        if self.monitor not in metrics:
+            if self.strict:
+                raise ConfigError(
+                    f"EarlyStopping: monitor {self.monitor!r} is not among the validation metrics "
+                    f"{sorted(metrics)}; set monitor to one of them (or strict=False)"
+                )
+            return None
+        record = callback_state(state, self.state_key, self._fresh())
+        record, stop = self._update(record, float(metrics[self.monitor]), state.loop.epoch)
         state = with_callback_state(state, self.state_key, record)
         return request_stop(state) if stop else state
+
+    def _members(self, state: Any, values: list[float]) -> Any:
+        """Each member that still trains checks its own value; those that stop are stopped (their
+        tensors stay as they are); the fit stops when no member trains."""
+        mask = active(state) or [True] * len(values)
+        records = list(callback_state(state, self.state_key, {"members": [self._fresh()] * len(values)})["members"])
+        stopped = []
+        for i, current in enumerate(values):
+            if mask[i]:
+                records[i], stop = self._update(records[i], current, state.loop.epoch)
+                stopped += [i] if stop else []
+        state = with_callback_state(state, self.state_key, {"members": records})
+        if stopped:
+            state = stop_members(state, stopped)
+        now = active(state)
+        return request_stop(state) if now is not None and not any(now) else state

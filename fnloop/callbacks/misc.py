@@ -29,10 +29,11 @@ class LearningRateMonitor(Callback):
         self.key = key
 
     def log(self, state: Any) -> Mapping[str, float]:
+        from fnloop.members import expand
         from fnloop.optim import learning_rate
 
         try:
-            return {self.key: float(learning_rate(state.opt_state))}
+            return expand({self.key: learning_rate(state.opt_state)})  # a stacked state: the mean and each member
         except ConfigError:
             return {}
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from fnloop.callbacks.base import Callback
+from fnloop.members import split_key
 
 __all__ = ["ProgressBar"]
 
@@ -45,7 +46,9 @@ class ProgressBar(Callback):
 
     def on_log(self, metrics: Mapping[str, float], step: int) -> None:
         if self._bar is not None:
-            self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+            # a stacked run: the mean over members (its plain name), not each member
+            shown = {k: f"{v:.4g}" for k, v in metrics.items() if split_key(k)[1] is None}
+            self._bar.set_postfix(shown, refresh=False)
 
     def _close(self) -> None:
         if self._bar is not None:

@@ -22,6 +22,8 @@ from fnloop.callbacks.base import Callback, callback_state, with_callback_state
 from fnloop.checkpoint import _sharded
 from fnloop.checkpoint.format import restore
 from fnloop.checkpoint.manager import CheckpointManager, NonFiniteState
+from fnloop.checkpoint.members import MemberBest
+from fnloop.members import is_stacked
 from fnloop.errors import CheckpointError, ConfigError
 
 __all__ = ["ModelCheckpoint", "resume_from", "default_checkpoint", "check_enable_checkpointing", "checkpoint_of_fit"]
@@ -47,6 +49,11 @@ class ModelCheckpoint(Callback):
     Lightning's ``OnExceptionCheckpoint``), so a run can resume exactly. The latest validation
     metrics go into each checkpoint's ``meta.json`` (``keep_best``/``best()`` rank by them).
 
+    Over a stacked state (``fl.stack(states)``) the whole stack is saved (``monitor`` ranks it
+    by the mean over members), and with ``monitor`` and ``keep_best`` each member's k best by
+    its own value are kept in ``<directory>/member_<i>`` (see :mod:`fnloop.checkpoint.members`;
+    :meth:`restore_member` reads them back).
+
     Args:
         manager: a :class:`CheckpointManager`, or the same arguments to build one.
 
@@ -63,8 +70,27 @@ class ModelCheckpoint(Callback):
         self.manager = manager
         self.seconds = 0.0  # time spent in saves (the caller's side: snapshot only for async saves)
         self._saved_at: tuple[Any, ...] | None = None  # position of the last save, or of the state fit started from
+        self.members = MemberBest(manager)  # a stacked state: each member's best (fnloop.checkpoint.members)
         p = manager._save_policy
         self._triggered = any(getattr(p, a, None) for a in ("every_n_steps", "every_n_epochs", "every_n_seconds"))
+
+    def restore_member(self, i: int, like: Any, which: str | int = "best") -> Any:
+        """Member i of a stacked fit, from its own checkpoints (``<directory>/member_<i>``, kept
+        with ``monitor`` and ``keep_best``): ``"best"``, ``"last"`` or a step, restored like ``like``
+        (e.g. ``fl.TrainState.create(model, tx)``).
+
+        Example:
+            >>> import fnloop as fl
+            >>> fl.ModelCheckpoint("memory://doc/rm", keep_best=1, monitor="val/loss").restore_member(0, like=None)
+            Traceback (most recent call last):
+            ...
+            fnloop.errors.CheckpointError: memory://doc/rm/member_0: no 'best' checkpoint here (0 checkpoints found)
+        """
+        if not self.members.enabled:
+            raise ConfigError(
+                "ModelCheckpoint.restore_member: needs monitor= and keep_best= (each member keeps its k best)"
+            )
+        return self.members.manager(i).restore(which, like=like)
 
     def _metrics(self, state: Any) -> dict[str, float]:
         return dict(callback_state(state, self.state_key, {}).get("metrics", {}))
@@ -106,6 +132,10 @@ class ModelCheckpoint(Callback):
         return state
 
     def on_validation_end(self, state: Any, metrics: Mapping[str, float]) -> Any:
+        if self.members.enabled and is_stacked(state):  # each member's best, before the stack is saved
+            t0 = time.perf_counter()
+            state = self.members.update(state, metrics)
+            self.seconds += time.perf_counter() - t0
         record = callback_state(state, self.state_key, {})
         record["metrics"] = {k: float(v) for k, v in metrics.items()}
         state = with_callback_state(state, self.state_key, record)

@@ -23,14 +23,15 @@ _DM_STAGE = {"train": "fit", "val": "validate", "test": "test", "predict": "pred
 
 
 def data_seed(seed: int | None, state: Any) -> int:
-    """The seed the data order derives from: ``Trainer(seed=...)`` or the state's RNG key.
+    """The seed the data order derives from: ``Trainer(seed=...)`` or the state's RNG key (of
+    member 0 for a stacked state: every member sees the same batches).
 
     Example:
         >>> import torch, fnloop as fl, fnloop.optim as flo
         >>> data_seed(None, fl.TrainState.create(torch.nn.Linear(1, 1), flo.sgd(lr=0.1), seed=7)), data_seed(3, None)
         (7, 3)
     """
-    return int(seed) if seed is not None else int(state.rng)
+    return int(seed) if seed is not None else int(state.rng.reshape(-1)[0])  # a stacked state: member 0's
 
 
 def stage_data(data: Any, datamodule: Any, stage: str, *, fit: bool = False) -> Any:

@@ -20,8 +20,10 @@ import torch
 from fnloop.connectors.device import device_of
 from fnloop.loops.data import batches_on, data_seed, limited, make_source, require, stage_data
 from fnloop.loops.hooks import Hooks
+from fnloop.loops.members import for_state
 from fnloop.loops.loaders import split_loaders, step_for, suffixed
 from fnloop.loops.ranks import loggers_on, on_this_rank, params_dtype
+from fnloop.members import expand, renamed
 from fnloop.metrics import Accumulator
 
 if TYPE_CHECKING:
@@ -48,13 +50,14 @@ class Loader(NamedTuple):
 
 
 def prefixed(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """Metric names under a stage prefix (``loss`` -> ``val/loss``); names with a ``/`` are kept.
+    """Metric names under a stage prefix (``loss`` -> ``val/loss``); names with a ``/`` are kept
+    (a member suffix ``/member_<i>`` aside: ``loss/member_2`` -> ``val/loss/member_2``).
 
     Example:
-        >>> prefixed({"loss": 1.0, "x/y": 2.0}, "val")
-        {'val/loss': 1.0, 'x/y': 2.0}
+        >>> prefixed({"loss": 1.0, "x/y": 2.0, "loss/member_1": 3.0}, "val")
+        {'val/loss': 1.0, 'x/y': 2.0, 'val/loss/member_1': 3.0}
     """
-    return {(k if "/" in k else f"{prefix}/{k}"): v for k, v in metrics.items()}
+    return {renamed(k, lambda n: n if "/" in n else f"{prefix}/{n}"): v for k, v in metrics.items()}
 
 
 def eval_loaders(
@@ -79,13 +82,6 @@ def grad_mode(inference: bool) -> Any:
         False
     """
     return torch.inference_mode() if inference else torch.no_grad()
-
-
-def _to_floats(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    if not values:
-        return {}
-    floats = torch.stack([v.detach().to("cpu", torch.float64).reshape(()) for v in values.values()]).tolist()
-    return dict(zip(values, floats))
 
 
 def evaluate(
@@ -124,10 +120,10 @@ def evaluate(
                 accs = acc.update(accs, out, size)
             samples += size
             state = hooks(end, state, out, batch, batch_idx, idx)
-        values = _to_floats(acc.compute(accs))
+        values = expand(suffixed(prefixed(acc.compute(accs), prefix), loader.name))  # [N]: mean and members
         if parallel is not None:
             values = parallel.reduce_metrics(values, samples)
-        metrics.update(suffixed(prefixed(values, prefix), loader.name))
+        metrics.update(values)
     state = hooks(f"on_{kind}_epoch_end", state)
     return state, metrics
 
@@ -142,6 +138,7 @@ def run_stage(
 
     entry = _ENTRY[stage]
     check_not_donated(state, f"Trainer.{entry}")
+    eval_step = for_state(state, eval_step, what=f"Trainer.{entry}")  # a stacked state: over its members
     data = require(
         stage_data(data, datamodule, stage), f"{stage} data", f"pass data= or a datamodule with a {stage}_data() method"
     )

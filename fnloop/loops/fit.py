@@ -55,6 +55,10 @@ def run_fit(
     if not isinstance(state, TrainState):
         raise ConfigError(f"Trainer.fit: state must be a fnloop.TrainState, got {type(state).__name__}")
     check_not_donated(state, "Trainer.fit")
+    from fnloop.loops.members import for_state  # a stacked state: steps over its members (fl.vmap)
+
+    train_step = for_state(state, train_step, what="Trainer.fit")
+    val_step = for_state(state, val_step, what="Trainer.fit(val_step)")
     from fnloop.connectors.accelerator import setup
 
     parallel, state, options = setup(trainer, state, train_step)

@@ -47,6 +47,7 @@ class Window:
     """Train metrics of the steps since the last logging boundary, kept as tensors; reduced when
     the boundary comes (one host sync), each name by its :class:`fnloop.metrics.Accumulator`
     rule: a batch-size weighted mean by default, ``*_sum``/``*_max``/``*_min`` by their names.
+    A stacked run's ``[N]`` values are reduced per member (states of shape ``[N]``).
 
     Example:
         >>> import torch
@@ -83,34 +84,44 @@ class Window:
             keys.extend(k for k in metrics if k not in keys)
         if not entries or not keys:
             return {}, None, seconds, samples
+        members: dict[str, int | None] = {}  # N for a stacked run's [N] values, None for a 0-d value
+        for metrics, _ in entries:
+            members.update({k: v.shape[0] if v.ndim == 1 else None for k, v in metrics.items() if k not in members})
+        widths = {k: 1 if n is None else n for k, n in members.items()}
         rows = []
-        for m, _ in entries:  # stacked where the values live, then one transfer
+        for m, _ in entries:  # concatenated where the values live, then one transfer
             device = next(iter(m.values())).device
             dtype = torch.float32 if device.type == "mps" else torch.float64
-            zero = torch.zeros((), dtype=dtype, device=device)
-            rows.append(torch.stack([m[k].detach().reshape(()).to(dtype) if k in m else zero for k in keys]))
-        table = torch.stack(rows).to("cpu", torch.float64)  # [entries, keys]
+            rows.append(torch.cat([
+                m[k].detach().reshape(-1).to(dtype) if k in m else torch.zeros(widths[k], dtype=dtype, device=device)
+                for k in keys
+            ]))
+        table = torch.stack(rows).to("cpu", torch.float64)  # [entries, sum of widths]
         present = torch.tensor([[k in m for k in keys] for m, _ in entries])
         sizes = torch.tensor([bs for _, bs in entries], dtype=torch.float64)
-        states = {k: _reduce_column(self.acc.metric_for(k), table[:, j], present[:, j], sizes) for j, k in enumerate(keys)}
+        columns = dict(zip(keys, table.split([widths[k] for k in keys], dim=1)))
+        columns = {k: c if members[k] is not None else c[:, 0] for k, c in columns.items()}
+        states = {k: _reduce_column(self.acc.metric_for(k), columns[k], present[:, j], sizes) for j, k in enumerate(keys)}
         bad = None
         if "loss" in keys:
-            finite = torch.isfinite(table[:, keys.index("loss")])
+            finite = torch.isfinite(columns["loss"])
+            finite = finite if finite.ndim == 1 else finite.all(dim=1)
             if not bool(finite.all()):
                 bad = start + int((~finite).nonzero()[0, 0])
         return states, bad, seconds, samples
 
 
 def _reduce_column(metric: Any, values: torch.Tensor, present: torch.Tensor, sizes: torch.Tensor) -> Any:
-    """The metric state of one name over a window: vectorised for the built-in reductions."""
+    """The metric state of one name over a window (``values``: ``[entries]``, or ``[entries, N]``
+    for a stacked run, reduced per member): vectorised for the built-in reductions."""
     values = values[present]
     if type(metric) is Mean:
         w = sizes[present]
-        return MeanState((values * w).sum(), w.sum())
+        return MeanState((values * (w if values.ndim == 1 else w[:, None])).sum(0), w.sum())
     if type(metric) is Sum:
-        return SumState(values.sum())
+        return SumState(values.sum(0))
     if type(metric) in (Max, Min):
-        return ExtremumState(values.max() if type(metric) is Max else values.min())
+        return ExtremumState(values.amax(0) if type(metric) is Max else values.amin(0))
     state = metric.init()
     weights = sizes[present] if isinstance(metric, Mean) else torch.ones_like(values)
     for v, w in zip(values, weights):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fnloop.connectors.device import device_of
+from fnloop.loops.members import for_state
 from fnloop.loops.data import batches_on, data_seed, limited, require, stage_data
 from fnloop.loops.evaluate import eval_loaders, grad_mode
 from fnloop.loops.hooks import Hooks
@@ -40,6 +41,7 @@ def run_predict(
     state = prepare_state(state, parallel, resolve_precision(trainer.precision))
     # not sharded: every rank predicts every batch, so rank 0 (which alone writes files) and
     # every caller get all the predictions in data order
+    predict_step = for_state(state, predict_step, what="Trainer.predict")  # a stacked state: over its members
     loaders = eval_loaders(data, predict_step, seed=data_seed(trainer.seed, state), stage="predict")
     limit = trainer.limit("predict")
     hooks = Hooks(on_this_rank(trainer.callback_list, parallel))

@@ -19,6 +19,7 @@ from fnloop.loops.evaluate import Loader, evaluate, prefixed
 from fnloop.loops.hooks import Hooks
 from fnloop.loops.logging import Window
 from fnloop.loops.ranks import loggers_on, on_this_rank
+from fnloop.members import expand, renamed
 from fnloop.metrics import Accumulator
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ class FitRun:
             states, bad, seconds, samples = flushed.reduce()
             where_of = flushed.where
             self.window, self.counted = Window(self.acc), 0
-            values = {k: float(v) for k, v in self.acc.compute(states).items()}
+            values = expand(self.acc.compute(states))  # a stacked run: the mean and each member
             if counted:  # the entries before `counted` went into the previous epoch's values
                 epoch_part, _, _, epoch_samples = flushed.reduce(counted)
             else:
@@ -170,10 +171,10 @@ class FitRun:
             for cb in self.hooks.overriding("log"):
                 logged.update(cb.log(state))
         if epoch_end and self.epoch_states:
-            values = {k: float(v) for k, v in self.acc.compute(self.epoch_states).items()}
+            values = expand(self.acc.compute(self.epoch_states))
             values = prefixed(self.parallel.reduce_metrics(values, self.epoch_samples), "train")
             self.epoch_states, self.epoch_samples = {}, 0
-            logged.update({f"{k}_epoch": v for k, v in values.items()})
+            logged.update({renamed(k, lambda n: f"{n}_epoch"): v for k, v in values.items()})
         if not logged:
             return state
         step = state.loop.global_step
