@@ -135,7 +135,7 @@ def initial_state(module: torch.nn.Module, tx: Any, seed: int) -> Any:
     from fnloop.stacking import stack
     from fnloop.state import TrainState
 
-    if isinstance(tx, (list, tuple)):
+    if isinstance(tx, list):  # a GradientTransformation is a (named) tuple
         return stack([TrainState.create(module, t, seed=seed) for t in tx])
     return TrainState.create(module, tx, seed=seed)
 

@@ -99,3 +99,9 @@ def test_fit_sweeps_8_learning_rates_in_one_run(tmp_path):
     run = tmp_path / "runs" / "sweep_digits" / "version_0"
     header = (run / "metrics.csv").read_text().splitlines()[0]
     assert "val/loss/member_7" in header
+
+
+def test_a_config_without_lists_builds_one_plain_state():
+    state = initial_state(torch.nn.Linear(3, 2), flo.sgd(lr=0.1), seed=0)  # a transform is a (named) tuple
+    assert state.params["weight"].shape == (2, 3)
+    assert state.step.ndim == 0
