@@ -100,11 +100,14 @@ def sweep(
     members = sweep_members(grid, **values)
     seeds = [seed] * len(members) if isinstance(seed, int) else list(seed)
     if len(seeds) != len(members):
-        raise ConfigError(f"sweep: seed has {len(seeds)} values for {len(members)} members; give one int or one per member")
+        raise ConfigError(
+            f"sweep: seed has {len(seeds)} values for {len(members)} members; give one int or one per member"
+        )
     probe = make(**members[0])
     factory = make if is_injected(probe) else inject_hyperparams(make)
+    start = dict(params) if params else None
     states = [
-        TrainState.create(module, factory(**kwargs), seed=s, params=dict(params) if params else None, init_from=init_from)
+        TrainState.create(module, factory(**kwargs), seed=s, params=start, init_from=init_from)
         for kwargs, s in zip(members, seeds)
     ]
     return stack(states)
@@ -121,6 +124,6 @@ def sweep_values(state: TrainState) -> list[dict[str, float]]:
     """
     values = hyperparams(state.opt_state)
     if any(v.ndim != 1 for v in values.values()):
-        raise ConfigError("sweep_values: expected a stacked state (fl.sweep or fl.stack); its hyperparameters are not [N]")
+        raise ConfigError("sweep_values: expected a stacked state (fl.sweep, fl.stack); its hyperparameters are not [N]")
     n = len(next(iter(values.values())))
     return [{k: float(v[i]) for k, v in values.items()} for i in range(n)]

@@ -177,7 +177,10 @@ def build_job(stage: str, cfg: Any, parser: Any) -> Job:
     for key in ("loss_fn", "metric_fn", "predict_fn"):
         _check_function(key, getattr(objs, key, None), cfg.get(key))
     found = build_sweep(cfg.optimizer, cfg.schedule.name, cfg.schedule.init_args)
-    tx, sweep = found if found is not None else (build_optimizer(cfg.optimizer, cfg.schedule.name, cfg.schedule.init_args), [])
+    if found is None:
+        tx, sweep = build_optimizer(cfg.optimizer, cfg.schedule.name, cfg.schedule.init_args), []
+    else:
+        tx, sweep = found
     flags = {k: v for k, v in _plain(objs.trainer).items() if k != "loggers"}
     if cfg.checkpoint is None:  # `checkpoint: null` turns checkpointing off
         flags["enable_checkpointing"] = False

@@ -64,7 +64,9 @@ def _column(where: str, values: list[Any], n: int | None) -> int:
     if not values:
         raise ConfigError(f"{where}=[] sweeps no value; give a list of at least one value")
     if n is not None and len(values) != n:
-        raise ConfigError(f"{where} lists {len(values)} values but another swept key lists {n}; give swept lists of one length")
+        raise ConfigError(
+            f"{where} lists {len(values)} values but another swept key lists {n}; give swept lists of one length"
+        )
     return len(values)
 
 
@@ -187,13 +189,15 @@ def report(members: list[dict[str, Any]], record: MemberRecord, test: Mapping[st
 
     Example:
         >>> r = MemberRecord("val/loss", "min"); r.best = {0: 0.5, 1: 0.2}
-        >>> report([{"optimizer.lr": 0.1}, {"optimizer.lr": 0.01}], r, {"test/acc/member_0": 0.9, "test/acc/member_1": 0.95})
+        >>> test = {"test/acc/member_0": 0.9, "test/acc/member_1": 0.95}
+        >>> report([{"optimizer.lr": 0.1}, {"optimizer.lr": 0.01}], r, test)
         sweep member 0: lr=0.1  best val/loss 0.5000  test accuracy 0.9000
         sweep member 1: lr=0.01  best val/loss 0.2000  test accuracy 0.9500
         best member: 1 (lr=0.01) by val/loss 0.2000
         1
     """
-    accs = {i: float(test[f"test/acc/member_{i}"]) for i in range(len(members)) if test and f"test/acc/member_{i}" in test}
+    keys = {i: f"test/acc/member_{i}" for i in range(len(members))}
+    accs = {i: float(test[k]) for i, k in keys.items() if test and k in test}
     for i, row in enumerate(members):
         parts = [f"sweep member {i}: {_label(row)}"]
         if i in record.best:

@@ -109,7 +109,7 @@ def sgd(
             count = tr.count
             if not dampening:  # the zero-initialised buffer gives torch's first step exactly
                 new = ops.add_(ops.mul(old, momentum), g)
-            else:  # dampening is never injected: it decides what the first step does  # torch copies the gradient into the buffer at the first step
+            else:  # torch copies the gradient into the buffer at the first step (dampening is never injected)
                 first = host(count) == 0
                 if isinstance(first, torch.Tensor):
                     new = fe.where(first, g, axpy(ops.mul(old, momentum), g, 1 - dampening, ops.fresh))

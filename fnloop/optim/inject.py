@@ -56,6 +56,7 @@ _SCHEDULE_FIELDS: dict[type, tuple[str, ...]] = {
     si._OneCycle: ("max_lr", "div_factor", "final_div_factor"),
 }
 _ALWAYS_STATIC = frozenset({"dampening", "initial_accumulator_value"})
+_NONE = "this optimizer state holds no injected hyperparameters"
 
 
 class InjectHyperparamsState(NamedTuple):
@@ -127,8 +128,10 @@ class _Injected:
         self.templates = {k: v for k, v in kwargs.items() if k in roots - plain}
 
     def __fnloop_structure__(self) -> Any:
-        blank = {k: dataclasses.replace(v, **{f: 0.0 for f in _SCHEDULE_FIELDS[type(v)]}) if type(v) in _SCHEDULE_FIELDS else len(v)
-                 for k, v in self.templates.items()}
+        blank = {
+            k: dataclasses.replace(v, **{f: 0.0 for f in _SCHEDULE_FIELDS[type(v)]}) if type(v) in _SCHEDULE_FIELDS else len(v)
+            for k, v in self.templates.items()
+        }
         return {"factory": self.factory, "static": self.static, "injected": sorted(self.initial), "schedules": blank}
 
     def build(self, values: dict[str, Any], *, evaluate: bool) -> GradientTransformation:
@@ -199,7 +202,8 @@ def inject_hyperparams(
 
     Example:
         >>> import torch, fnloop.optim as flo
-        >>> tx = flo.inject_hyperparams(flo.adamw)(lr=flo.warmup_cosine(1e-3, warmup_steps=10, decay_steps=100), betas=(0.9, 0.99))
+        >>> schedule = flo.warmup_cosine(1e-3, warmup_steps=10, decay_steps=100)
+        >>> tx = flo.inject_hyperparams(flo.adamw)(lr=schedule, betas=(0.9, 0.99))
         >>> sorted(tx.init({"w": torch.ones(2)}).hyperparams)
         ['betas.0', 'betas.1', 'lr.end_lr', 'lr.init_lr', 'lr.peak_lr']
     """
@@ -236,7 +240,7 @@ def set_hyperparams(opt_state: Any, /, **values: float | torch.Tensor) -> Any:
         return opt_state._replace(hyperparams=new)
     if type(opt_state) is tuple:
         return tuple(set_hyperparams(s, **values) if _holds(s) else s for s in opt_state)
-    raise ConfigError("set_hyperparams: this optimizer state holds no injected hyperparameters (use flo.inject_hyperparams)")
+    raise ConfigError(f"set_hyperparams: {_NONE} (use flo.inject_hyperparams)")
 
 
 def _holds(node: Any) -> bool:
@@ -264,7 +268,7 @@ def hyperparams(opt_state: Any, /) -> dict[str, torch.Tensor]:
     """
     found = _find(opt_state)
     if found is None:
-        raise ConfigError("hyperparams: this optimizer state holds no injected hyperparameters (use flo.inject_hyperparams)")
+        raise ConfigError(f"hyperparams: {_NONE} (use flo.inject_hyperparams)")
     return dict(found.hyperparams)
 
 
