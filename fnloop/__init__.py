@@ -47,6 +47,7 @@ from fnloop.eval_steps import predict_step as predict_step
 from fnloop.per_example import per_example_grads as per_example_grads
 from fnloop.stacking import stack as stack
 from fnloop.stacking import unstack as unstack
+from fnloop.members import member_state as member_state
 from fnloop.sweeps import sweep as sweep
 from fnloop.sweeps import sweep_members as sweep_members
 from fnloop.sweeps import sweep_values as sweep_values

@@ -20,8 +20,8 @@ import torch
 from fnloop.connectors.device import device_of
 from fnloop.loops.data import batches_on, data_seed, limited, make_source, require, stage_data
 from fnloop.loops.hooks import Hooks
-from fnloop.loops.members import for_state
 from fnloop.loops.loaders import split_loaders, step_for, suffixed
+from fnloop.loops.members import for_state
 from fnloop.loops.ranks import loggers_on, on_this_rank, params_dtype
 from fnloop.members import expand, renamed
 from fnloop.metrics import Accumulator

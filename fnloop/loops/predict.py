@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fnloop.connectors.device import device_of
-from fnloop.loops.members import for_state
 from fnloop.loops.data import batches_on, data_seed, limited, require, stage_data
 from fnloop.loops.evaluate import eval_loaders, grad_mode
 from fnloop.loops.hooks import Hooks
+from fnloop.loops.members import for_state
 from fnloop.loops.ranks import on_this_rank, params_dtype
 
 if TYPE_CHECKING:
