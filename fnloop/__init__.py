@@ -50,6 +50,9 @@ from fnloop.per_example import per_example_grads as per_example_grads
 from fnloop.stacking import stack as stack
 from fnloop.stacking import unstack as unstack
 from fnloop.members import member_state as member_state
+from fnloop.sweeps import sweep as sweep
+from fnloop.sweeps import sweep_members as sweep_members
+from fnloop.sweeps import sweep_values as sweep_values
 from fnloop.step import train_step as train_step
 from fnloop.trainer import Trainer as Trainer
 from fnloop.tree import check_same_structure as check_same_structure

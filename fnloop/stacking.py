@@ -116,6 +116,9 @@ def static_difference(a: Any, b: Any, path: str = "", _seen: set[tuple[int, int]
         return next((f for k in a if (f := sub(k, a[k], b[k]))), None)
     if isinstance(a, (types.MethodType, types.BuiltinFunctionType)):
         return sub("__self__", a.__self__, b.__self__) if getattr(a, "__func__", a) == getattr(b, "__func__", b) else (path, f"{a!r} vs {b!r}")
+    structure = getattr(type(a), "__fnloop_structure__", None)
+    if structure is not None:  # the object names its structure; the rest is data of the state (inject_hyperparams)
+        return sub("structure", structure(a), structure(b))
     attrs = getattr(a, "__dict__", None)
     if attrs is not None:
         skip = _MODULE_SKIP if isinstance(a, torch.nn.Module) else frozenset()
@@ -153,11 +156,30 @@ def _stack_node(nodes: list[Any], path: str) -> Any:
         found = static_difference(meta, other_meta)
         if found:
             where = ".".join(p for p in (path, _static_name(first, found[0])) if p)
-            raise _mismatch(i, where, found[1])
+            raise _mismatch(i, where, found[1] + _optimizer_hint(first, node, where))
         for column, kid in zip(columns, kids):
             column.append(kid)
     names = [str(e) for e in entries]
     return unflatten(meta, [_stack_node(c, f"{path}/{n}" if path else n) for c, n in zip(columns, names)])
+
+
+def _optimizer_hint(first: Any, other: Any, where: str) -> str:
+    """For optimizers that differ: the hyperparameter (as the fused path names it) and how to sweep it."""
+    if where.split(".")[0].split("/")[-1] != "tx":
+        return ""
+    fused = [getattr(getattr(x, "tx", None), "fused", None) for x in (first, other)]
+    found = static_difference(*fused) if None not in fused else None
+    name = (found[0] if found else where).rsplit(".", 1)[-1]
+    if ".structure." in where:
+        return (
+            f"; {name!r} of the injected optimizers differs (static arguments, the names injected and the "
+            "factory must be the same for every member; only their injected values may differ)"
+        )
+    return (
+        f"; the optimizers differ in hyperparameter {name!r}: to stack a sweep, build each optimizer with "
+        "fnloop.optim.inject_hyperparams(...)(...) so its hyperparameters are tensors of the state "
+        "(or fl.sweep), or give every member the same value"
+    )
 
 
 def _static_name(node: Any, path: str) -> str:
@@ -202,7 +224,8 @@ def stack(states: Sequence[Any], /) -> Any:
 
     Args:
         states: states (or any pytrees) of the same structure: same module class and shapes,
-            same optimizer and hyperparameters, equal Python leaves (loop counters). Static
+            same optimizer and hyperparameters (but for those injected with
+            ``fnloop.optim.inject_hyperparams``), equal Python leaves (loop counters). Static
             parts are compared by structure; the result keeps the first state's.
 
     Returns:
@@ -219,7 +242,11 @@ def stack(states: Sequence[Any], /) -> Any:
         >>> fl.stack([a, b])
         Traceback (most recent call last):
         ...
-        fnloop.errors.TreeMismatchError: fl.stack: state 1 differs from state 0 at tx...: 0.1 vs 0.2
+        fnloop.errors.TreeMismatchError: fl.stack: state 1 differs from state 0 at tx...: 0.1 vs 0.2; the optimizers differ in hyperparameter 'lr': ...
+        >>> make = flo.inject_hyperparams(flo.sgd)  # hyperparameters as tensors of the state: a sweep stacks
+        >>> a, b = (fl.TrainState.create(torch.nn.Linear(2, 1), make(lr=lr)) for lr in (0.1, 0.2))
+        >>> fl.stack([a, b]).opt_state.hyperparams["lr"].tolist()
+        [0.1, 0.2]
     """
     states = list(states)
     if not states:

@@ -24,6 +24,7 @@ import yaml
 from fnloop.checkpoint.manager import CheckpointManager
 from fnloop.cli.optimizer import build_optimizer
 from fnloop.cli.run_folder import run_name
+from fnloop.cli.sweep import build_sweep
 from fnloop.errors import ConfigError
 from fnloop.loggers import ConsoleLogger, CSVLogger, JSONLLogger, LoggerCollection, TensorBoardLogger
 from fnloop.trainer import Trainer
@@ -47,12 +48,15 @@ class Job:
         root: the folder holding every run (``trainer.default_root_dir`` or ``runs``).
         config_text: the resolved config as YAML (saved as ``config.yaml``).
         seed: the state's seed.
-        model, data, loss_fn, metric_fn, predict_fn, tx: the run's objects.
+        model, data, loss_fn, metric_fn, predict_fn, tx: the run's objects; for a sweep ``tx``
+            is the list of the members' optimizers (:mod:`fnloop.cli.sweep`).
         trainer: the Trainer (callbacks included, no logger yet).
         checkpoint_args: keyword arguments of the run's :class:`CheckpointManager`; None when
             checkpointing is off (``checkpoint: null`` or ``trainer.enable_checkpointing: false``).
         loggers: the ``trainer.loggers`` entries (names or sink instances).
         ckpt_path, run_dir, overwrite_config, test_after_fit: the command's options.
+        sweep: each member's swept values by config key (``{"optimizer.lr": 0.001}``); empty
+            when the config sweeps nothing.
     """
 
     stage: str
@@ -73,6 +77,7 @@ class Job:
     run_dir: str | None
     overwrite_config: bool
     test_after_fit: bool
+    sweep: tuple[dict[str, Any], ...] = ()
 
     def manager(self, run_dir: str) -> CheckpointManager:
         """The checkpoint manager of ``run_dir/checkpoints`` (default arguments when checkpointing is off)."""
@@ -171,7 +176,11 @@ def build_job(stage: str, cfg: Any, parser: Any) -> Job:
         raise ConfigError(f"building the objects of the config: {found}") from None
     for key in ("loss_fn", "metric_fn", "predict_fn"):
         _check_function(key, getattr(objs, key, None), cfg.get(key))
-    tx = build_optimizer(cfg.optimizer, cfg.schedule.name, cfg.schedule.init_args)
+    found = build_sweep(cfg.optimizer, cfg.schedule.name, cfg.schedule.init_args)
+    if found is None:
+        tx, sweep = build_optimizer(cfg.optimizer, cfg.schedule.name, cfg.schedule.init_args), []
+    else:
+        tx, sweep = found
     flags = {k: v for k, v in _plain(objs.trainer).items() if k != "loggers"}
     if cfg.checkpoint is None:  # `checkpoint: null` turns checkpointing off
         flags["enable_checkpointing"] = False
@@ -203,4 +212,5 @@ def build_job(stage: str, cfg: Any, parser: Any) -> Job:
         run_dir=cfg.run_dir,
         overwrite_config=cfg.overwrite_config,
         test_after_fit=cfg.test_after_fit,
+        sweep=tuple(sweep),
     )

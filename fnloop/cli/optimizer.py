@@ -101,6 +101,24 @@ def build_schedule(name: str, init_args: Mapping[str, Any], base_lr: float | Non
         raise ConfigError(f"schedule (fnloop.optim.{name}): {err}") from None
 
 
+def _arguments(
+    optimizer: Mapping[str, Any], schedule: str | None, schedule_args: Mapping[str, Any] | None
+) -> tuple[str, Callable[..., flo.GradientTransformation], dict[str, Any]]:
+    """The optimizer's name, its factory and its checked keyword arguments (the schedule as ``lr``)."""
+    if not isinstance(optimizer, Mapping):
+        raise ConfigError(f"optimizer={optimizer!r}: give a mapping like {{name: adamw, lr: 0.001}}")
+    kwargs = dict(optimizer)
+    name = kwargs.pop("name", None)
+    if name not in OPTIMIZERS:
+        accepted = ", ".join(OPTIMIZERS)
+        raise ConfigError(f"optimizer.name={name!r} is not a fnloop.optim optimizer; accepted names: {accepted}")
+    fn = getattr(flo, name)
+    kwargs = _checked(fn, kwargs, "optimizer")
+    if schedule is not None:
+        kwargs["lr"] = build_schedule(schedule, schedule_args or {}, kwargs.get("lr"))
+    return name, fn, kwargs
+
+
 def build_optimizer(
     optimizer: Mapping[str, Any],
     schedule: str | None = None,
@@ -124,17 +142,7 @@ def build_optimizer(
         ...
         fnloop.errors.ConfigError: optimizer.name='sgdd' is not a fnloop.optim optimizer; accepted names: sgd, adam, ...
     """
-    if not isinstance(optimizer, Mapping):
-        raise ConfigError(f"optimizer={optimizer!r}: give a mapping like {{name: adamw, lr: 0.001}}")
-    kwargs = dict(optimizer)
-    name = kwargs.pop("name", None)
-    if name not in OPTIMIZERS:
-        accepted = ", ".join(OPTIMIZERS)
-        raise ConfigError(f"optimizer.name={name!r} is not a fnloop.optim optimizer; accepted names: {accepted}")
-    fn = getattr(flo, name)
-    kwargs = _checked(fn, kwargs, "optimizer")
-    if schedule is not None:
-        kwargs["lr"] = build_schedule(schedule, schedule_args or {}, kwargs.get("lr"))
+    name, fn, kwargs = _arguments(optimizer, schedule, schedule_args)
     try:
         return fn(**kwargs)
     except ConfigError as err:

@@ -29,6 +29,7 @@ from fnloop.checkpoint.callback import ModelCheckpoint
 from fnloop.checkpoint.format import META_FILE, read_meta, restore_weights
 from fnloop.cli.job import CHECKPOINTS, Job, make_sinks
 from fnloop.cli.run_folder import CONFIG_FILE, choose_run_dir, latest_run_dir, save_config
+from fnloop.cli import sweep as _sweep
 from fnloop.connectors.launch import connect
 from fnloop.connectors.signals import last_received
 from fnloop.errors import CheckpointError, ConfigError
@@ -177,16 +178,18 @@ def _report_fit(
     return best
 
 
-def _test_after_fit(job: Job, trainer: Any, state: TrainState, best: str | None) -> None:
+def _test_after_fit(job: Job, trainer: Any, state: TrainState, best: str | None) -> Mapping[str, float] | None:
     if not _has_data(job.data, "test"):
         _say("fit", f"{type(job.data).__name__} has no test data: test skipped")
-        return
+        return None
     if best is not None:
         _say("test", f"testing the best checkpoint {best}")
         state = _with_weights(state, best)
     else:
         _say("test", "testing the final state (no best checkpoint)")
-    _accuracy_line(trainer.test(state, eval_step(job.metric_fn), datamodule=job.data), "test")
+    metrics = trainer.test(state, eval_step(job.metric_fn), datamodule=job.data)
+    _accuracy_line(metrics, "test")
+    return metrics
 
 
 def _check_fresh(job: Job, run_dir: str) -> None:
@@ -228,9 +231,13 @@ def fit(job: Job) -> int:
     config_path = save_config(run_dir, job.config_text, overwrite=job.overwrite_config) if lead else os.path.join(run_dir, CONFIG_FILE)
     sinks = make_sinks(job.loggers if lead else [], run_dir)
     last = _LastMetrics()
-    trainer = dataclasses.replace(job.trainer, callbacks=[*job.trainer.callback_list, last], logger=sinks)
+    record = _sweep.MemberRecord(*_sweep.monitored(job.checkpoint_args, job.trainer.callback_list))
+    extra = [last, record] if job.sweep else [last]
+    trainer = dataclasses.replace(job.trainer, callbacks=[*job.trainer.callback_list, *extra], logger=sinks)
     _say("fit", f"run folder {run_dir} (config {config_path})")
-    state = TrainState.create(job.model, job.tx, seed=job.seed)
+    if job.sweep:
+        _say("fit", f"a sweep of {len(job.sweep)} members trained as one stacked state")
+    state = _sweep.initial_state(job.model, job.tx, job.seed)
     manager = job.manager(run_dir) if job.checkpoint_args is not None else None
     with manager if manager is not None else contextlib.nullcontext():
         sinks.log_hparams(to_plain(yaml.safe_load(job.config_text) or {}))
@@ -247,13 +254,14 @@ def fit(job: Job) -> int:
     if state.loop.status == Status.INTERRUPTED:
         _say("fit", f"interrupted; resume with: fnloop fit --config {config_path} --ckpt_path last --run_dir {run_dir}")
         return interrupted_exit_code(last_received())
-    if job.test_after_fit:
-        _test_after_fit(job, trainer, state, best)
+    test = _test_after_fit(job, trainer, state, best) if job.test_after_fit else None
+    if job.sweep and _lead():
+        _sweep.report(list(job.sweep), record, test)
     return EXIT_OK
 
 
 def _eval_state(job: Job, run_dir: str) -> TrainState:
-    state = TrainState.create(job.model, job.tx, seed=job.seed)
+    state = _sweep.initial_state(job.model, job.tx, job.seed)
     if job.ckpt_path is None:
         _say(job.stage, "no --ckpt_path: using the initial weights")
         return state

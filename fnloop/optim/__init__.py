@@ -40,6 +40,11 @@ from fnloop.optim.base import from_apply as from_apply
 from fnloop.optim.base import fused_apply as fused_apply
 from fnloop.optim.base import identity as identity
 from fnloop.optim.base import learning_rate as learning_rate
+from fnloop.optim.inject import InjectHyperparamsState as InjectHyperparamsState
+from fnloop.optim.inject import hyperparams as hyperparams
+from fnloop.optim.inject import inject_hyperparams as inject_hyperparams
+from fnloop.optim.inject import is_injected as is_injected
+from fnloop.optim.inject import set_hyperparams as set_hyperparams
 from fnloop.optim.grad_norms import GradNormState as GradNormState
 from fnloop.optim.grad_norms import grad_norms as grad_norms
 from fnloop.optim.grad_norms import track_grad_norms as track_grad_norms

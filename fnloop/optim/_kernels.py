@@ -17,7 +17,7 @@ import torch
 from fnloop.optim import _foreach as fe
 from fnloop.optim._learning_rate import advance_lr
 from fnloop.optim._scale import ScaleByAdamState, ScaleByRmsState, ScaleByRssState, TraceState
-from fnloop.optim.base import Fused, Schedule, addcdiv, axpy, host, take_leaves
+from fnloop.optim.base import Fused, Schedule, addcdiv, addcmul, axpy, host, lerp, take_leaves
 from fnloop.tree import tree_flatten, tree_leaves
 
 Leaves = list[torch.Tensor]
@@ -43,6 +43,29 @@ def fused(kernel: Kernel) -> Fused:
     return apply
 
 
+class _Numbers:
+    """The hyperparameters as a kernel reads them at each call (named, so a stacking error names
+    them): numbers as given; an injected one (a 0-d tensor of the state, :mod:`fnloop.optim.inject`)
+    through :func:`host`, so eager mode runs the plain optimizer's arithmetic on its Python value,
+    compiled and batched steps the tensor."""
+
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
+        self._values = tuple(values.values())
+        self._injected = any(isinstance(v, torch.Tensor) for v in self._values)
+
+    def __call__(self) -> tuple[Any, ...]:
+        if not self._injected:
+            return self._values
+        return tuple(host(v) if isinstance(v, torch.Tensor) else v for v in self._values)
+
+
+def on(value: Any) -> bool:
+    """Whether a hyperparameter switches its part on: a nonzero number, or an injected tensor
+    (whatever its value: members of a sweep share one structure)."""
+    return isinstance(value, torch.Tensor) or bool(value)
+
+
 def _put(state: tuple[Any, ...], new: dict[int, Any]) -> tuple[Any, ...]:
     """The chain state ``state`` with the entries at the positions in ``new`` replaced."""
     out = list(state)
@@ -51,12 +74,12 @@ def _put(state: tuple[Any, ...], new: dict[int, Any]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _signed(g: Leaves, p: Leaves, ops: fe.StateOps, maximize: bool, weight_decay: float) -> Leaves:
-    """torch's first lines: negate the gradients for ``maximize``, add coupled weight decay."""
+def _signed(g: Leaves, p: Leaves, ops: fe.StateOps, maximize: bool, weight_decay: Any, decay: bool) -> Leaves:
+    """torch's first lines: negate the gradients for ``maximize``, add coupled weight decay (``decay``)."""
     if maximize:
         g = fe.neg(g)
-        return ops.add_(g, p, alpha=weight_decay) if weight_decay else g
-    return fe.add(g, p, alpha=weight_decay) if weight_decay else g
+        return axpy(g, p, weight_decay, ops.fresh) if decay else g
+    return axpy(g, p, weight_decay) if decay else g
 
 
 def sgd(
@@ -64,33 +87,36 @@ def sgd(
     *,
     maximize: bool,
     weight_decay: float,
-    momentum: float,
+    momentum: Any,
     dampening: float,
     nesterov: bool,
     at: dict[str, int],
 ) -> Kernel:
     """``torch.optim.SGD``'s ``_multi_tensor_sgd``."""
+    numbers = _Numbers(weight_decay=weight_decay, momentum=momentum)
+    decay, with_momentum = on(weight_decay), on(momentum)
 
     def kernel(
         g: Leaves, state: tuple[Any, ...], p: Leaves, spec: Any, ops: fe.StateOps
     ) -> tuple[Leaves, tuple[Any, ...]]:
         lr = state[at["lr"]]
-        g = _signed(g, p, ops, maximize, weight_decay)
+        weight_decay, momentum = numbers()
+        g = _signed(g, p, ops, maximize, weight_decay, decay)
         new_state: dict[int, Any] = {}
-        if momentum:
+        if with_momentum:
             tr: TraceState = state[at["trace"]]
             old = spec.flatten_up_to(tr.trace)
             count = tr.count
             if not dampening:  # the zero-initialised buffer gives torch's first step exactly
                 new = ops.add_(ops.mul(old, momentum), g)
-            else:  # torch copies the gradient into the buffer at the first step
+            else:  # torch copies the gradient into the buffer at the first step (dampening is never injected)
                 first = host(count) == 0
                 if isinstance(first, torch.Tensor):
-                    new = fe.where(first, g, ops.add_(ops.mul(old, momentum), g, alpha=1 - dampening))
+                    new = fe.where(first, g, axpy(ops.mul(old, momentum), g, 1 - dampening, ops.fresh))
                 else:
-                    new = [x.clone() for x in g] if first else ops.add_(ops.mul(old, momentum), g, alpha=1 - dampening)
+                    new = [x.clone() for x in g] if first else axpy(ops.mul(old, momentum), g, 1 - dampening, ops.fresh)
                 count = count + 1
-            g = fe.add(g, new, alpha=momentum) if nesterov else new
+            g = axpy(g, new, momentum) if nesterov else new
             new_state[at["trace"]] = TraceState(spec.unflatten(new), count)
         new_p = axpy(p, g, -host(lr.lr), ops)
         new_state[at["lr"]] = advance_lr(schedule, lr)
@@ -113,14 +139,17 @@ def adam(
     at: dict[str, int],
 ) -> Kernel:
     """``torch.optim.Adam``'s and ``AdamW``'s ``_multi_tensor_adam`` (not capturable)."""
+    numbers = _Numbers(weight_decay=weight_decay, b1=b1, b2=b2, eps=eps)
+    decay = on(weight_decay)
 
     def kernel(
         g: Leaves, state: tuple[Any, ...], p: Leaves, spec: Any, ops: fe.StateOps
     ) -> tuple[Leaves, tuple[Any, ...]]:
         lr, s = state[at["lr"]], state[at["adam"]]
         lr_now = host(lr.lr)
-        g = _signed(g, p, ops, maximize, 0.0 if decoupled else weight_decay)
-        if weight_decay and decoupled:
+        weight_decay, b1, b2, eps = numbers()
+        g = _signed(g, p, ops, maximize, weight_decay, decay and not decoupled)
+        if decay and decoupled:
             if mask is None:
                 p = ops.mul(p, 1 - lr_now * weight_decay)
             else:
@@ -128,8 +157,8 @@ def adam(
                 kept = p if ops.donate else [x.clone() for x in p]  # updated in place below
                 p = [ops.mul([x], 1 - lr_now * weight_decay)[0] if f else k for x, k, f in zip(p, kept, flags)]
         count = s.count + 1
-        mu = ops.lerp(spec.flatten_up_to(s.mu), g, 1 - b1)
-        nu = ops.addcmul_(ops.mul(spec.flatten_up_to(s.nu), b2), g, g, 1 - b2)
+        mu = lerp(spec.flatten_up_to(s.mu), g, 1 - b1, ops)
+        nu = addcmul(ops.mul(spec.flatten_up_to(s.nu), b2), g, g, 1 - b2, ops.fresh)
         nu_max = ops.maximum(spec.flatten_up_to(s.nu_max), nu) if amsgrad else None
         g.clear()  # the last read of the gradients: when consumed, the denominator reuses their (cache-warm) memory
         c = host(count)
@@ -137,7 +166,7 @@ def adam(
         root2, step_size = fe.materialize(p, bias_correction2**0.5, -(lr_now / bias_correction1))
         denom = ops.add_(ops.div_(fe.sqrt(nu_max if amsgrad else nu), root2), eps)
         # p is a fresh tensor when decoupled decay ran: update it in place (same kernels as torch)
-        new_p = addcdiv(p, mu, denom, step_size, ops.fresh if weight_decay and decoupled else ops)
+        new_p = addcdiv(p, mu, denom, step_size, ops.fresh if decay and decoupled else ops)
         new_s = ScaleByAdamState(
             count, spec.unflatten(mu), spec.unflatten(nu), spec.unflatten(nu_max) if amsgrad else None
         )
@@ -158,23 +187,26 @@ def rmsprop(
     at: dict[str, int],
 ) -> Kernel:
     """``torch.optim.RMSprop``'s ``_multi_tensor_rmsprop`` (not capturable)."""
+    numbers = _Numbers(weight_decay=weight_decay, momentum=momentum, alpha=alpha, eps=eps)
+    decay, with_momentum = on(weight_decay), on(momentum)
 
     def kernel(
         g: Leaves, state: tuple[Any, ...], p: Leaves, spec: Any, ops: fe.StateOps
     ) -> tuple[Leaves, tuple[Any, ...]]:
         lr, s = state[at["lr"]], state[at["rms"]]
-        g = _signed(g, p, ops, maximize, weight_decay)
-        sq = ops.addcmul_(ops.mul(spec.flatten_up_to(s.square_avg), alpha), g, g, 1 - alpha)
+        weight_decay, momentum, alpha, eps = numbers()
+        g = _signed(g, p, ops, maximize, weight_decay, decay)
+        sq = addcmul(ops.mul(spec.flatten_up_to(s.square_avg), alpha), g, g, 1 - alpha, ops.fresh)
         grad_avg = s.grad_avg
         if centered:
-            ga = ops.lerp(spec.flatten_up_to(grad_avg), g, 1 - alpha)
+            ga = lerp(spec.flatten_up_to(grad_avg), g, 1 - alpha, ops)
             avg = ops.add_(ops.sqrt_(fe.addcmul(sq, ga, ga, -1)), eps)
             grad_avg = spec.unflatten(ga)
         else:
             avg = ops.add_(fe.sqrt(sq), eps)
         lr_now = host(lr.lr)
         new_state = {at["rms"]: ScaleByRmsState(spec.unflatten(sq), grad_avg), at["lr"]: advance_lr(schedule, lr)}
-        if momentum:
+        if with_momentum:
             tr: TraceState = state[at["trace"]]
             buf = ops.addcdiv_(ops.mul(spec.flatten_up_to(tr.trace), momentum), g, avg)
             new_p = axpy(p, buf, -lr_now, ops)
@@ -198,12 +230,15 @@ def adagrad(
 ) -> Kernel:
     """``torch.optim.Adagrad``'s ``_multi_tensor_adagrad``; with a tensor learning rate (of dtype
     ``lr_dtype``) torch computes the decayed rate in that dtype, and so does this kernel."""
+    numbers = _Numbers(weight_decay=weight_decay, lr_decay=lr_decay, eps=eps)
+    decay = on(weight_decay)
 
     def kernel(
         g: Leaves, state: tuple[Any, ...], p: Leaves, spec: Any, ops: fe.StateOps
     ) -> tuple[Leaves, tuple[Any, ...]]:
         lr, s = state[at["lr"]], state[at["rss"]]
-        g = _signed(g, p, ops, maximize, weight_decay)
+        weight_decay, lr_decay, eps = numbers()
+        g = _signed(g, p, ops, maximize, weight_decay, decay)
         lr_now = host(lr.lr)
         if lr_dtype is not None:
             lr_now = torch.as_tensor(lr_now).to(lr_dtype)

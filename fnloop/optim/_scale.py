@@ -38,8 +38,14 @@ __all__ = [
 ]
 
 
-def check_number(name: str, value: Any, *, opt: str, low: float = 0.0, high: float | None = None) -> float:
-    """``value`` as a float in ``[low, high)``; else a ConfigError naming ``opt``'s argument ``name``."""
+def check_number(name: str, value: Any, *, opt: str, low: float = 0.0, high: float | None = None) -> Any:
+    """``value`` as a float in ``[low, high)``; else a ConfigError naming ``opt``'s argument ``name``.
+
+    A 0-d tensor passes unchanged: an injected hyperparameter (:mod:`fnloop.optim.inject`), whose
+    values were checked as numbers when it was injected.
+    """
+    if isinstance(value, torch.Tensor):
+        return value
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))

@@ -41,11 +41,11 @@ def _chain(*parts: tuple[str, GradientTransformation] | None) -> tuple[GradientT
     return chain(*(t for _, t in kept)), {name: i for i, (name, _) in enumerate(kept)}
 
 
-def _prologue(maximize: bool, weight_decay: float) -> tuple[tuple[str, GradientTransformation] | None, ...]:
+def _prologue(maximize: bool, weight_decay: Any) -> tuple[tuple[str, GradientTransformation] | None, ...]:
     """torch.optim's first two steps: ascend for ``maximize``, add coupled L2 weight decay."""
     return (
         ("maximize", scale(-1.0)) if maximize else None,
-        ("weight_decay", add_decayed_weights(weight_decay)) if weight_decay else None,
+        ("weight_decay", add_decayed_weights(weight_decay)) if _kernels.on(weight_decay) else None,
     )
 
 
@@ -69,11 +69,11 @@ def sgd(
     momentum = check_number("momentum", momentum, opt="sgd")
     dampening = check_number("dampening", dampening, opt="sgd")
     weight_decay = check_number("weight_decay", weight_decay, opt="sgd")
-    if nesterov and (momentum <= 0 or dampening != 0):
+    if nesterov and not isinstance(momentum, torch.Tensor) and (momentum <= 0 or dampening != 0):
         raise ConfigError("sgd: nesterov=True requires momentum > 0 and dampening = 0")
     tx, at = _chain(
         *_prologue(maximize, weight_decay),
-        ("trace", trace(momentum, dampening=dampening, nesterov=nesterov)) if momentum else None,
+        ("trace", trace(momentum, dampening=dampening, nesterov=nesterov)) if _kernels.on(momentum) else None,
         ("lr", scale_by_learning_rate(schedule)),
     )
     kernel = _kernels.sgd(
@@ -104,7 +104,7 @@ def _adam(
     b2 = check_number("betas[1]", betas[1], high=1.0, opt=opt)
     eps = check_number("eps", eps, opt=opt)
     weight_decay = check_number("weight_decay", weight_decay, opt=opt)
-    decay = ("decoupled", add_decayed_weights(weight_decay, mask)) if weight_decay and decoupled else None
+    decay = ("decoupled", add_decayed_weights(weight_decay, mask)) if _kernels.on(weight_decay) and decoupled else None
     tx, at = _chain(
         *_prologue(maximize, 0.0 if decoupled else weight_decay),
         ("adam", scale_by_adam(b1, b2, eps, amsgrad=amsgrad)),
@@ -194,7 +194,7 @@ def rmsprop(
     tx, at = _chain(
         *_prologue(maximize, weight_decay),
         ("rms", scale_by_rms(alpha, eps, centered=centered)),
-        ("trace", trace(momentum)) if momentum else None,
+        ("trace", trace(momentum)) if _kernels.on(momentum) else None,
         ("lr", scale_by_learning_rate(schedule)),
     )
     kernel = _kernels.rmsprop(
@@ -235,7 +235,7 @@ def adagrad(
     tx, at = _chain(
         *_prologue(maximize, weight_decay),
         ("rss", scale_by_rss(initial_accumulator_value, eps)),
-        ("decay", scale_by_schedule(lambda count: 1 / (1 + count * lr_decay))) if lr_decay else None,
+        ("decay", scale_by_schedule(lambda count: 1 / (1 + count * lr_decay))) if _kernels.on(lr_decay) else None,
         ("lr", scale_by_learning_rate(schedule)),
     )
     lr_dtype = lr.dtype if isinstance(lr, torch.Tensor) else None

@@ -42,6 +42,8 @@ __all__ = [
     "fused_apply",
     "axpy",
     "addcdiv",
+    "addcmul",
+    "lerp",
 ]
 
 Schedule = Callable[[Any], torch.Tensor]
@@ -238,6 +240,22 @@ def addcdiv(
     if isinstance(value, torch.Tensor):
         return ops.add(xs, fe.mul(fe.div(ys, zs), value))
     return ops.addcdiv(xs, ys, zs, value)
+
+
+def addcmul(
+    xs: list[torch.Tensor], ys: list[torch.Tensor], zs: list[torch.Tensor], value: Any, ops: fe.StateOps = fe.PURE
+) -> list[torch.Tensor]:
+    """``x + value * y * z`` as the new value of ``xs`` (one fused kernel when ``value`` is a number)."""
+    if isinstance(value, torch.Tensor):
+        return ops.add(xs, fe.mul(fe.mul(ys, zs), value))
+    return ops.addcmul(xs, ys, zs, value)
+
+
+def lerp(xs: list[torch.Tensor], ys: list[torch.Tensor], weight: Any, ops: fe.StateOps = fe.PURE) -> list[torch.Tensor]:
+    """``x + weight * (y - x)`` as the new value of ``xs`` (one fused kernel when ``weight`` is a number)."""
+    if isinstance(weight, torch.Tensor):
+        return ops.add(xs, fe.mul(fe.sub(ys, xs), weight))
+    return ops.lerp(xs, ys, weight)
 
 
 def new_count() -> torch.Tensor:

@@ -105,7 +105,9 @@ def add_decayed_weights(weight_decay: float = 0.0, mask: Any = None) -> Gradient
         >>> import fnloop.optim as flo
         >>> tx = flo.chain(flo.add_decayed_weights(1e-4, mask=flo.ndim_mask(2)), flo.sgd(lr=0.1))
     """
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+    if not isinstance(weight_decay, torch.Tensor) and (  # a tensor: an injected hyperparameter
+        isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0
+    ):
         raise ConfigError(f"add_decayed_weights: weight_decay must be >= 0, got {weight_decay!r}")
 
     def update(updates: Any, state: EmptyState, params: Any = None) -> tuple[Any, EmptyState]:
