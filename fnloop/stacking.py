@@ -248,9 +248,13 @@ def stack(states: Sequence[Any], /) -> Any:
         >>> fl.stack([a, b]).opt_state.hyperparams["lr"].tolist()
         [0.1, 0.2]
     """
+    from fnloop.execution import check_not_donated
+
     states = list(states)
     if not states:
         raise TreeMismatchError("fl.stack: got no states; pass a non-empty list")
+    for s in states:  # a donated state's tensors are another state's now
+        check_not_donated(s, "fl.stack")
     return _stack_node(states, "")
 
 

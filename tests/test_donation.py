@@ -52,6 +52,7 @@ ENTRY_POINTS: dict[str, Callable[[Any, pathlib.Path], Any]] = {
     "Trainer.predict": lambda s, tmp: _trainer().predict(s, PREDICT, DATA),
     "save": lambda s, tmp: fl.save(s, str(tmp / "ckpt")),
     "registry.publish": lambda s, tmp: fl.registry.publish(s, str(tmp / "registry"), "name"),
+    "fl.stack": lambda s, tmp: fl.stack([s, s]),
 }
 # a compiled step refuses before compiling; compiling it for the "accepted" cases costs seconds
 ACCEPT_POINTS = [name for name in ENTRY_POINTS if name != "compile(step)"]
