@@ -86,3 +86,16 @@ def test_fit_that_diverges_keeps_a_finite_last_checkpoint(tmp_path):
     assert latest is not None and read_meta(latest)["finite"] is True
     restored = fl.restore(latest, like=small_state(flo.sgd(lr=1e-3)))
     assert all(torch.isfinite(p).all() for p in restored.params.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64])
+def test_the_non_finite_check_is_exact(dtype):
+    """Large finite values whose sum overflows are finite; one nan or inf anywhere is not."""
+    from fnloop.checkpoint._leaves import non_finite
+
+    big = torch.full((1000,), torch.finfo(torch.float16 if dtype == torch.float16 else torch.float32).max).to(dtype)
+    assert non_finite({"params/big": big, "params/expanded": torch.ones(1, dtype=dtype).expand(10**6)}) == []
+    for bad in (math.nan, math.inf, -math.inf):
+        t = torch.zeros(4097, dtype=dtype)
+        t[4096] = bad
+        assert non_finite({"params/ok": big, "params/bad": t}) == ["params/bad"]
