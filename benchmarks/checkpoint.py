@@ -1,8 +1,9 @@
 """Checkpoint throughput: fnloop save/restore vs raw torch.save/torch.load, async blocking time, save memory.
 
 Every figure is measured side by side in one run, on the same tensors and the same local
-temporary folder, as the median of ``--repeat`` rounds. Ratios are throughput ratios
-(fnloop / raw: above 1 means fnloop is faster).
+temporary folder, in ``--repeat`` rounds. Times are medians over rounds; ratios are throughput
+ratios (fnloop / raw: above 1 means fnloop is faster), the median over rounds of the ratio
+within each round (the contenders run back to back, so a slow phase of the machine hits both).
 
 * save: fnloop writes, checksums and fsyncs every file and folder; it is compared with
   ``torch.save`` followed by ``os.fsync`` (the same durability) and with plain ``torch.save``.
@@ -175,6 +176,12 @@ def save_memory(megabytes: float, tensors: int, directory: str) -> dict[str, int
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _paired(times: dict[str, list[float]], reference: str, contender: str) -> float:
+    """The median over rounds of ``reference``'s time over ``contender``'s in the same round: both
+    timed back to back, so a slow phase of the machine hits both sides of each ratio."""
+    return round(statistics.median(r / c for r, c in zip(times[reference], times[contender])), 3)
+
+
 def run(megabytes: float, tensors: int, repeat: int, directory: str) -> dict:
     state = make_state(megabytes, tensors)
     like = {k: torch.empty_like(v) for k, v in state.items()}
@@ -222,13 +229,12 @@ def run(megabytes: float, tensors: int, repeat: int, directory: str) -> dict:
         "bytes": nbytes,
         "repeat": repeat,
         **{f"{k}_s": round(v, 5) for k, v in med.items()},
-        "save_ratio": round(med["torch_save"] / med["fnloop_save"], 3),
-        "save_ratio_vs_fsync": round(med["torch_save_fsync"] / med["fnloop_save"], 3),
+        "save_ratio": _paired(times, "torch_save", "fnloop_save"),
+        "save_ratio_vs_fsync": _paired(times, "torch_save_fsync", "fnloop_save"),
     }
     for cache in ("warm", "cold"):
-        load = med[f"torch_load_{cache}"]
-        out[f"restore_ratio_{cache}"] = round(load / med[f"fnloop_restore_{cache}"], 3)
-        out[f"restore_ratio_noverify_{cache}"] = round(load / med[f"fnloop_restore_noverify_{cache}"], 3)
+        out[f"restore_ratio_{cache}"] = _paired(times, f"torch_load_{cache}", f"fnloop_restore_{cache}")
+        out[f"restore_ratio_noverify_{cache}"] = _paired(times, f"torch_load_{cache}", f"fnloop_restore_noverify_{cache}")
     out["async_blocking_s"] = round(statistics.median(blocking), 5)
     out["async_dict_copy_s"] = round(statistics.median(copying), 5)
     out["sync_save_s"] = round(statistics.median(sync_times), 5)
