@@ -27,7 +27,7 @@ import torch
 
 from fnloop import execution
 from fnloop import rng as _rng
-from fnloop.bind import working_copy
+from fnloop.bind import bind, working_copy
 from fnloop.errors import StepError
 from fnloop.loss import split_loss
 from fnloop.example_grads import per_example_value_and_grad
@@ -65,7 +65,10 @@ def per_example_grads(loss_fn: Callable[..., Any], *, batch_dim: int = 0) -> Cal
 
         def loss_of(p: dict[str, torch.Tensor], example: Any) -> tuple[torch.Tensor, Any]:
             module = working_copy(template, True)
-            return split_loss(loss_fn(functional_model(module, {**state.params, **p}, buffers), example), "per_example_grads")
+            if torch.compiler.is_compiling():  # dynamo traces functional_call
+                return split_loss(loss_fn(functional_model(module, {**state.params, **p}, buffers), example), "per_example_grads")
+            with bind(module, {**state.params, **p}, buffers) as model:  # this thread's copy: bound in place, faster
+                return split_loss(loss_fn(model, example), "per_example_grads")
 
         trainable = {n: state.params[n] for n in names}
         seed = execution.state_seed(state.rng, state.step)
