@@ -164,7 +164,9 @@ class GradReducer:
 
 
 class _Overlap:
-    """Buckets of one backward pass, launched as their gradients arrive."""
+    """Buckets of one backward pass: each gradient is copied into its bucket's flat buffer as soon
+    as autograd produces it (overlapping the rest of the backward pass, as DDP's reducer does),
+    and a bucket's all-reduce starts when its last gradient lands."""
 
     def __init__(self, reducer: GradReducer, leaves: Mapping[str, torch.Tensor]) -> None:
         import torch.distributed as dist
@@ -173,45 +175,48 @@ class _Overlap:
         self.group = reducer.group if reducer.group is not None else dist.group.WORLD
         tensors = list(leaves.values())
         self.buckets = _buckets(tensors, reducer.bucket_cap_mb * 2**20)
-        self.bucket_of = {i: b for b, bucket in enumerate(self.buckets) for i in bucket}
+        self.where: dict[int, tuple[int, int, int]] = {}  # leaf -> (bucket, offset, numel)
+        sizes = []
+        for b, bucket in enumerate(self.buckets):
+            offset = 0
+            for i in bucket:
+                self.where[i] = (b, offset, tensors[i].numel())
+                offset += tensors[i].numel()
+            sizes.append(offset)
+        self.flats = [torch.empty(n, dtype=tensors[bucket[0]].dtype, device=tensors[bucket[0]].device) for n, bucket in zip(sizes, self.buckets)]
         self.waiting = [len(bucket) for bucket in self.buckets]
-        self.grads: list[torch.Tensor | None] = [None] * len(tensors)
-        self.launched: dict[int, tuple[torch.Tensor, Any]] = {}
+        self.seen = [False] * len(tensors)
+        self.launched: dict[int, Any] = {}
         for i, t in enumerate(tensors):
             t.register_hook(lambda g, i=i: self._ready(i, g))
 
-    def _launch(self, b: int) -> None:
-        import torch.distributed as dist
-
-        flat = torch.cat([self.grads[i].reshape(-1) for i in self.buckets[b]])  # type: ignore[union-attr]
-        self.launched[b] = (flat, dist.all_reduce(flat, group=self.group, async_op=True))
-
-    def _ready(self, i: int, grad: torch.Tensor) -> None:
-        self.grads[i] = grad
-        b = self.bucket_of[i]
+    def _put(self, i: int, grad: torch.Tensor) -> None:
+        b, offset, n = self.where[i]
+        self.flats[b][offset : offset + n].copy_(grad.reshape(-1))
+        self.seen[i] = True
         self.waiting[b] -= 1
         if self.waiting[b] == 0:
-            self._launch(b)
+            import torch.distributed as dist
+
+            self.launched[b] = dist.all_reduce(self.flats[b], group=self.group, async_op=True)
+
+    def _ready(self, i: int, grad: torch.Tensor) -> None:
+        if not self.seen[i]:
+            self._put(i, grad)
 
     def finish(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The averaged ``grads`` (those no hook saw, unused parameters' zeros, join late)."""
         names = list(grads)
         for i, name in enumerate(names):
-            if self.grads[i] is None:
-                self.grads[i] = grads[name]
-        for b in range(len(self.buckets)):
-            if b not in self.launched:
-                self._launch(b)
+            if not self.seen[i]:
+                self._put(i, grads[name])
         out: list[torch.Tensor | None] = [None] * len(names)
         for b, bucket in enumerate(self.buckets):
-            flat, work = self.launched[b]
-            work.wait()
-            mean = flat.div_(self.reducer.world_size)  # our own buffer: the same values as flat / world_size
-            offset = 0
+            self.launched[b].wait()
+            mean = self.flats[b].div_(self.reducer.world_size)  # our own buffer: the same values as flat / world_size
             for i in bucket:
-                n = self.grads[i].numel()  # type: ignore[union-attr]
+                _, offset, n = self.where[i]
                 out[i] = mean[offset : offset + n].view_as(grads[names[i]])
-                offset += n
         return dict(zip(names, out))  # type: ignore[arg-type]
 
 
