@@ -5,6 +5,7 @@ Measures, on one thread, an MLP 64-256-256-10 with AdamW at batch 64 and 512:
 * hand-written: ``torch.optim.AdamW(foreach=True)``, ``zero_grad(set_to_none=True)``,
   ``backward``, ``step``;
 * fnloop eager: ``fl.train_step(loss_fn)`` (pure: new state every call);
+* fnloop donated: ``step.donated`` (what ``Trainer.fit`` runs by default: in-place updates);
 * fnloop compiled: ``fl.compile(step)`` (batch 64 only; compiling takes a while).
 
 Timings interleave the contenders in short rounds; a process's ratio is the median over rounds
@@ -75,6 +76,12 @@ def contenders(batch_size: int, compile_too: bool) -> dict[str, object]:
         box[0], _ = step(box[0], (x, y))
 
     out["fnloop eager"] = eager
+    dbox = [fl.TrainState.create(copy.deepcopy(model), flo.adamw(lr=1e-3), seed=0)]
+
+    def donated() -> None:  # what Trainer.fit runs (donate=True): the optimizer updates in place
+        dbox[0], _ = step.donated(dbox[0], (x, y))
+
+    out["fnloop donated"] = donated
     if compile_too:
         fast = fl.compile(step)
         cbox = [fl.TrainState.create(model, flo.adamw(lr=1e-3), seed=0)]
@@ -145,6 +152,7 @@ def measure(rounds: int, compile_too: bool) -> dict[str, float]:
         fns = contenders(batch_size, compile_too=batch_size == 64 and compile_too)
         times, ratios = time_side_by_side(fns, rounds, per_round=20 if batch_size == 64 else 5)
         result[f"eager_over_handwritten_b{batch_size}"] = ratios["fnloop eager"]
+        result[f"donated_over_handwritten_b{batch_size}"] = ratios["fnloop donated"]
         if "fnloop compiled" in ratios:
             result["handwritten_over_compiled_b64"] = 1.0 / ratios["fnloop compiled"]
         for name, t in times.items():
@@ -186,11 +194,15 @@ def main() -> None:
     result = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     for batch_size in (64, 512):
         print(f"batch {batch_size} (median over {len(runs)} processes; per process in brackets):")
-        for name in ("hand-written", "fnloop eager", "fnloop compiled"):
+        for name in ("hand-written", "fnloop eager", "fnloop donated", "fnloop compiled"):
             key = f"{name.replace(' ', '_').replace('-', '')}_us_b{batch_size}"
             if key in result:
                 print(f"  {name:16s} {result[key]:9.1f} us/step")
-        for key, label in (("eager_over_handwritten", "eager / hand-written"), ("handwritten_over_compiled", "hand-written / compiled")):
+        for key, label in (
+            ("eager_over_handwritten", "eager / hand-written"),
+            ("donated_over_handwritten", "donated / hand-written"),
+            ("handwritten_over_compiled", "hand-written / compiled"),
+        ):
             key = f"{key}_b{batch_size}"
             if key in result:
                 each = ", ".join(f"{r[key]:.3f}" for r in runs)
