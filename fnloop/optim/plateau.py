@@ -150,7 +150,8 @@ def plateau_step(opt_state: Any, value: float | Tensor) -> Any:
         >>> flo.plateau_lr(flo.plateau_step(flo.plateau_step(s, 1.0), 1.0))
         tensor(0.1000, dtype=torch.float64)
     """
-    value = torch.as_tensor(value).detach().reshape(())
+    # a Python number as the float64 torch compares (float(metrics)), not through float32
+    value = (value if isinstance(value, Tensor) else torch.tensor(value, dtype=torch.float64)).detach().reshape(())
     found = []
 
     def visit(node: Any) -> Any:
