@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from fnloop.checkpoint import _direct, _fs, _leaves, _sharded
+from fnloop.checkpoint import _direct, _finite, _fs, _leaves, _sharded
 from fnloop.checkpoint._files import encode_meta as _encode_meta
 from fnloop.checkpoint._files import refuse_existing as _refuse_existing
 from fnloop.checkpoint._files import write_state as _write_state
@@ -233,7 +233,7 @@ def write(tree: Any, url: str | os.PathLike[str], *, metrics: Any = None, overwr
 def non_finite(tree: Any, tensors: dict[str, torch.Tensor], limit: int = 5) -> list[str]:
     """Key paths of ``tree``'s tensors (``tensors``, split from it) that hold nan or inf; for a
     sharded state, of every rank's shard (all ranks get the same answer: they save together)."""
-    bad = _leaves.non_finite(tensors, limit)
+    bad = _finite.non_finite(tensors, limit)
     return _sharded.everywhere(bad)[:limit] if _sharded.is_sharded(tree) else bad
 
 

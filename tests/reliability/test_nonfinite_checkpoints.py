@@ -91,7 +91,7 @@ def test_fit_that_diverges_keeps_a_finite_last_checkpoint(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64])
 def test_the_non_finite_check_is_exact(dtype):
     """Large finite values whose sum overflows are finite; one nan or inf anywhere is not."""
-    from fnloop.checkpoint._leaves import non_finite
+    from fnloop.checkpoint._finite import non_finite
 
     big = torch.full((1000,), torch.finfo(torch.float32 if dtype.is_complex else dtype).max, dtype=dtype)
     assert non_finite({"params/big": big, "params/expanded": torch.ones(1, dtype=dtype).expand(10**6)}) == []
