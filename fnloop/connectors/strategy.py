@@ -155,6 +155,17 @@ class GradReducer:
                 offset += n
         return dict(zip(names, out))  # type: ignore[arg-type]
 
+    def flats(self, layout: list[tuple[int, torch.dtype, torch.device]]) -> list[torch.Tensor]:
+        """The flat buffers of buckets of these ``(numel, dtype, device)``: allocated once and
+        reused by every step (as DDP's reducer keeps its buckets), so no step pays for fresh
+        memory. A step's averaged gradients are views of them until the next step."""
+        cache = self.__dict__.setdefault("_flats", {})
+        key = tuple(layout)
+        if key not in cache:
+            cache.clear()  # one layout at a time: the model's
+            cache[key] = [torch.empty(n, dtype=dtype, device=device) for n, dtype, device in layout]
+        return cache[key]  # type: ignore[no-any-return]
+
     def overlapped(self, leaves: Mapping[str, torch.Tensor]) -> _Overlap:
         """The same reduction started during the backward pass (as ``DistributedDataParallel``
         does): each bucket's all-reduce is launched as soon as autograd has produced its
@@ -183,7 +194,7 @@ class _Overlap:
                 self.where[i] = (b, offset, tensors[i].numel())
                 offset += tensors[i].numel()
             sizes.append(offset)
-        self.flats = [torch.empty(n, dtype=tensors[bucket[0]].dtype, device=tensors[bucket[0]].device) for n, bucket in zip(sizes, self.buckets)]
+        self.flats = reducer.flats([(n, tensors[bucket[0]].dtype, tensors[bucket[0]].device) for n, bucket in zip(sizes, self.buckets)])
         self.waiting = [len(bucket) for bucket in self.buckets]
         self.seen = [False] * len(tensors)
         self.launched: dict[int, Any] = {}

@@ -70,3 +70,18 @@ def test_reduced_step_compiles(one_rank_group):
     eager, _ = step(state, x)
     fast, _ = compiled(state, x)
     torch.testing.assert_close(fast.params, eager.params, rtol=1e-6, atol=1e-7)
+
+
+def test_bucket_buffers_are_reused_and_no_state_aliases_them(one_rank_group):
+    reducer = GradReducer(0, 1, bucket_cap_mb=1e-4)
+    layout = [(5, torch.float32, torch.device("cpu"))]
+    assert reducer.flats(layout)[0] is reducer.flats(layout)[0]  # allocated once, as DDP keeps its buckets
+    step = fl.train_step(sc.loss_fn).with_options(StepOptions(grad_reduce=reducer))
+    first, _ = step(fl.TrainState.create(sc.make_dropout_bn_mlp(0), flo.adamw(lr=1e-2)), sc.make_batch())
+    kept = {k: v.clone() for k, v in first.params.items()}
+    opt_kept = [t.clone() for t in fl.tree.tree_leaves(first.opt_state)]
+    later = first
+    for b in sc.make_batches(3):  # each step writes its gradients into the same buffers
+        later, _ = step(later, b)
+    assert_trees_equal(first.params, kept)
+    assert_trees_equal(fl.tree.tree_leaves(first.opt_state), opt_kept)
