@@ -6,10 +6,11 @@ which is still read. Either one detects torn writes, truncation and flipped bits
 protects against someone who can write the folder (they can rewrite ``meta.json`` too).
 
 With ``parallel=True`` each chunk is hashed on a worker thread (both libraries release the
-GIL), so hashing overlaps the caller's next read or write. :func:`for_stream` picks: XXH3 is
-fastest inline, on small chunks still in the CPU cache from the copy that just moved them
-(handing a chunk to another core costs more than hashing it); sha256, six times slower,
-runs on a worker thread.
+GIL), so hashing overlaps the caller's next read or write. :func:`for_stream` picks: while
+writing, XXH3 is fastest inline, on small chunks still in the CPU cache from the copy that
+just moved them; while reading a large file, on the worker thread, in 4 MiB chunks (larger
+reads are faster from disk, smaller ones leave less of the last chunk's hash after the last
+read); sha256, six times slower, always on the worker thread.
 
 Example:
     >>> c = Checksum("sha256"); c.update(b"abc"); c.digest()[:15]
@@ -40,7 +41,7 @@ ALGORITHMS: dict[str, tuple[Callable[[], Any], int]] = {
 PARALLEL_MIN = 32 << 20
 """A sha256 of a stream of this many bytes or more runs on a worker thread (and XXH3 while reading)."""
 INLINE_CHUNK = 256 << 10
-PARALLEL_CHUNK = 1 << 20
+PARALLEL_CHUNK = 4 << 20
 
 
 def split_digest(record: Any) -> tuple[str, str] | None:
@@ -62,7 +63,10 @@ def split_digest(record: Any) -> tuple[str, str] | None:
 class Checksum:
     """A running checksum of a byte stream; with ``parallel=True`` chunks are hashed on a worker thread.
 
-    The caller must keep a chunk unchanged until the next ``update`` or ``digest`` call.
+    The caller must keep a chunk unchanged until the next ``update`` or ``digest`` call, or,
+    for a chunk passed with ``stable=True`` (memory nobody writes again, such as the tensor a
+    file is read into), until ``digest``: such chunks queue up for the worker thread without
+    the caller waiting for the one before.
 
     Example:
         >>> c = Checksum(parallel=True); c.update(b"ab"); c.update(b"c")
@@ -74,19 +78,24 @@ class Checksum:
         self.algorithm = algorithm
         self._hash = ALGORITHMS[algorithm][0]()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fnloop-checksum") if parallel else None
-        self._pending: Future[None] | None = None
+        self._pending: list[Future[None]] = []
         self.chunk = PARALLEL_CHUNK if parallel else INLINE_CHUNK
         """Bytes a reader hands over per ``update``: small enough inline to hash while still in
         the CPU cache; larger on a thread, where each hand-over costs a few microseconds."""
 
-    def update(self, chunk: Any) -> None:
-        """Add ``chunk`` (bytes-like) to the checksum."""
+    def update(self, chunk: Any, *, stable: bool = False) -> None:
+        """Add ``chunk`` (bytes-like) to the checksum (``stable``: see the class)."""
         if self._pool is None:
             self._hash.update(chunk)
             return
-        if self._pending is not None:
-            self._pending.result()
-        self._pending = self._pool.submit(self._hash.update, chunk)
+        if not stable:
+            self._wait()
+        self._pending.append(self._pool.submit(self._hash.update, chunk))  # one worker: hashed in order
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
 
     def digest(self) -> str:
         """``"<algorithm>:<hex>"`` of everything added; ends the worker thread."""
@@ -95,9 +104,7 @@ class Checksum:
 
     def close(self) -> None:
         """Wait for the last chunk and stop the worker thread."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        self._wait()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -113,7 +120,7 @@ def for_stream(algorithm: str, size: int, *, reading: bool = False) -> Checksum:
         >>> for_stream("xxh3_128", 1 << 30)._pool is None, for_stream("sha256", 1 << 30)._pool is None
         (True, False)
         >>> for_stream("xxh3_128", 1 << 30, reading=True).chunk
-        1048576
+        4194304
     """
     large = size >= PARALLEL_MIN
     return Checksum(algorithm, parallel=large and (algorithm == "sha256" or reading))

@@ -44,6 +44,7 @@ class _Source:
         self._readinto = readinto
         self._checksum = checksum
         self._where = where
+        self._stable = True
         self.position = 0
 
     def fill(self, view: memoryview) -> int:
@@ -54,8 +55,8 @@ class _Source:
             got = self._readinto(view[filled : min(filled + step, len(view))]) or 0
             if got <= 0:
                 break
-            if self._checksum is not None:
-                self._checksum.update(view[filled : filled + got])
+            if self._checksum is not None:  # the destination's own memory unless draining: nobody writes it again
+                self._checksum.update(view[filled : filled + got], stable=self._stable)
             filled += got
         self.position += filled
         return filled
@@ -72,6 +73,7 @@ class _Source:
         if self._checksum is None:
             return
         n = self._checksum.chunk
+        self._stable = False  # two scratch buffers in turn: each waits for the hash of the one before
         scratch = [memoryview(bytearray(n)), memoryview(bytearray(n))]
         turn = 0
         while self.fill(scratch[turn]) == n:
