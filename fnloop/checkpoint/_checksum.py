@@ -8,9 +8,9 @@ protects against someone who can write the folder (they can rewrite ``meta.json`
 With ``parallel=True`` each chunk is hashed on a worker thread (both libraries release the
 GIL), so hashing overlaps the caller's next read or write. :func:`for_stream` picks: while
 writing, XXH3 is fastest inline, on small chunks still in the CPU cache from the copy that
-just moved them; while reading a large file, on the worker thread, in 4 MiB chunks (larger
-reads are faster from disk, smaller ones leave less of the last chunk's hash after the last
-read); sha256, six times slower, always on the worker thread.
+just moved them; while reading a large file, on the worker thread, in 16 MiB chunks (large
+reads are faster from disk; the reader makes its last ones smaller, so little hashing is left
+after the last read); sha256, six times slower, always on the worker thread.
 
 Example:
     >>> c = Checksum("sha256"); c.update(b"abc"); c.digest()[:15]
@@ -41,7 +41,7 @@ ALGORITHMS: dict[str, tuple[Callable[[], Any], int]] = {
 PARALLEL_MIN = 32 << 20
 """A sha256 of a stream of this many bytes or more runs on a worker thread (and XXH3 while reading)."""
 INLINE_CHUNK = 256 << 10
-PARALLEL_CHUNK = 4 << 20
+PARALLEL_CHUNK = 16 << 20
 
 
 def split_digest(record: Any) -> tuple[str, str] | None:
@@ -120,7 +120,7 @@ def for_stream(algorithm: str, size: int, *, reading: bool = False) -> Checksum:
         >>> for_stream("xxh3_128", 1 << 30)._pool is None, for_stream("sha256", 1 << 30)._pool is None
         (True, False)
         >>> for_stream("xxh3_128", 1 << 30, reading=True).chunk
-        4194304
+        16777216
     """
     large = size >= PARALLEL_MIN
     return Checksum(algorithm, parallel=large and (algorithm == "sha256" or reading))

@@ -40,8 +40,9 @@ ReadInto = Callable[[memoryview], "int | None"]
 class _Source:
     """A ``readinto`` function with every byte read also added to an optional checksum."""
 
-    def __init__(self, readinto: ReadInto, checksum: Checksum | None, where: str) -> None:
+    def __init__(self, readinto: ReadInto, checksum: Checksum | None, where: str, size: int = 0) -> None:
         self._readinto = readinto
+        self._size = size
         self._checksum = checksum
         self._where = where
         self._stable = True
@@ -52,7 +53,9 @@ class _Source:
         filled = 0
         step = self._checksum.chunk if self._checksum is not None else UNCHECKED_CHUNK
         while filled < len(view):
-            got = self._readinto(view[filled : min(filled + step, len(view))]) or 0
+            # near the end of the file, smaller reads: the hash of the last one is all that is left after it
+            n = step if self._size - self.position - filled > 2 * step else min(step, max(step // 16, 1 << 18))
+            got = self._readinto(view[filled : min(filled + n, len(view))]) or 0
             if got <= 0:
                 break
             if self._checksum is not None:  # the destination's own memory unless draining: nobody writes it again
@@ -135,7 +138,7 @@ def read_tensors(
         >>> sorted(read_tensors(io.BytesIO(f.getvalue()).readinto, n, "mem"))
         ['a', 'b']
     """
-    source = _Source(readinto, checksum, where)
+    source = _Source(readinto, checksum, where, size)
     try:
         prefix = bytearray(min(8, size))
         source.exact(memoryview(prefix), size)
