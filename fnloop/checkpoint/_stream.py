@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fnloop.checkpoint._checksum import Checksum
+from fnloop.checkpoint._checksum import INLINE_CHUNK, Checksum
 from fnloop.checkpoint._safetensors import Malformed, Span, header_length, layout, views
 from fnloop.errors import CheckpointError
 
@@ -52,9 +52,10 @@ class _Source:
         """Fill ``view`` (stops early at the end of the file); return the bytes read."""
         filled = 0
         step = self._checksum.chunk if self._checksum is not None else UNCHECKED_CHUNK
+        tail = self._checksum is not None and self._checksum.chunk > INLINE_CHUNK  # hashed on a thread
         while filled < len(view):
             # near the end of the file, smaller reads: the hash of the last one is all that is left after it
-            n = step if self._size - self.position - filled > 2 * step else min(step, max(step // 16, 1 << 18))
+            n = step if not tail or self._size - self.position - filled > 2 * step else max(step // 16, INLINE_CHUNK)
             got = self._readinto(view[filled : min(filled + n, len(view))]) or 0
             if got <= 0:
                 break
