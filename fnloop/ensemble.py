@@ -50,9 +50,14 @@ import torch.utils._pytree as torch_pytree
 
 from fnloop import execution
 from fnloop import rng as _rng
+from fnloop.bind import bind, working_copy
 from fnloop.errors import StepError, TreeMismatchError
 from fnloop.eval_steps import EvalLike, eval_core
+from fnloop.example_grads import rowwise_value_and_grad
+from fnloop.loss import split_loss
 from fnloop.optim import _foreach as fe
+from fnloop.optim.base import fused_apply
+from fnloop.optim.dp import PerExampleGradientTransformation
 from fnloop.member_random import MemberRandom, Streams
 from fnloop.members import keep_stopped
 from fnloop.stacking import num_members, stack, unstack
@@ -66,7 +71,10 @@ _RANDOM_ERROR = "called random operation while in randomness error mode"
 
 
 def _dims(tree: Any) -> Any:
-    """vmap's in_dims of one argument: 0 for tensors, None for anything else (None, ints)."""
+    """vmap's in_dims of one argument: 0 for tensors, None for anything else (None, ints); the
+    single prefix 0 when every leaf is a tensor (vmap broadcasts it without a walk per leaf)."""
+    if all(isinstance(x, torch.Tensor) for x in tree_leaves(tree, none_is_leaf=True)):
+        return 0
     return torch_pytree.tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None, tree)
 
 
@@ -101,6 +109,7 @@ class VmappedStep:
         self.batch_dim = batch_dim
         self.compile_kwargs = compile_kwargs if compile_kwargs is not None else step.compile_kwargs
         self._cores = execution.CoreCache()
+        self._fast_cores = execution.CoreCache()
         self._compiled_cores = execution.CoreCache()
         self._schedules: dict[Any, list[Any]] = {}  # compiled: batch signature -> recorded draws
 
@@ -162,10 +171,75 @@ class VmappedStep:
 
         return batched
 
+    def _fast_train(self, template: torch.nn.Module, tx: Any) -> Callable[..., Any] | None:
+        """The eager train step of a plain fp32 single-process step, faster than ``train_core``
+        under vmap: the members' losses under vmap, ONE ordinary backward of their sum (member
+        i's gradient lands in row i of the stacked params), then the optimizer under vmap. No
+        grad transform per call; the same values up to kernel rounding. None where the step
+        needs the core's hooks (precision, sharding, per-example optimizers)."""
+        step, options = self.step, self.step.options
+        if options.precision != "32-true" or options.grad_reduce is not None or isinstance(tx, PerExampleGradientTransformation):
+            return None
+        names = [n for n, p in template.named_parameters() if p.requires_grad]
+        frozen = len(names) != sum(1 for _ in template.parameters())
+        apply = fused_apply(options.wrap(tx))
+        spec = options.spec_of({n: p for n, p in template.named_parameters() if p.requires_grad})
+
+        def forward(trainable: Any, params: Any, buffers: Any, batch: Any) -> Any:
+            with bind(working_copy(template, True), {**params, **trainable} if frozen else trainable, buffers) as model:
+                return split_loss(step.loss_fn(model, batch), "train_step")
+
+        def update(grads: Any, opt_state: Any, carried: Any, trainable: Any) -> Any:
+            wrapped = options.join(carried, opt_state, trainable, spec) if options.key else opt_state
+            new, wrapped = apply(grads, wrapped, trainable)
+            return options.split(wrapped, trainable, spec) if options.key else (carried, wrapped), new
+
+        draws = [False]  # the optimizer draws random values (a noise transform): found on its first draw
+
+        def run(streams: Streams, params: Any, buffers: Any, opt_state: Any, carried: Any, batch: Any) -> Any:
+            buffers = {k: v.clone() for k, v in buffers.items()}  # BatchNorm & co update buffers in place
+            trainable = {n: params[n] for n in names}
+            frozen_params = {n: p for n, p in params.items() if n not in trainable} if frozen else {}
+            grads, (loss, aux) = rowwise_value_and_grad(
+                self._members(forward, streams), trainable, frozen_params, buffers, batch,
+                in_dims=(0, 0, self.batch_dim), randomness="error",
+            )
+
+            def updated(random: bool) -> Any:
+                fn = self._members(update, streams) if random else update
+                return execution.vmap(fn, (grads, opt_state, carried, trainable), (0, 0, 0, 0), "error")
+
+            with torch.no_grad():  # as torch.optim steps
+                try:
+                    (carried, opt_state), new = updated(draws[0])
+                except RuntimeError as e:  # a pure update drew nothing before the error: run it again, drawing
+                    if draws[0] or _RANDOM_ERROR not in str(e):
+                        raise
+                    draws[0] = True
+                    (carried, opt_state), new = updated(True)
+            metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in aux.items()}}
+            return {**params, **new} if frozen else new, buffers, opt_state, carried, metrics
+
+        return run
+
+    @staticmethod
+    def _members(fn: Callable[..., Any], streams: Streams) -> Callable[..., Any]:
+        """``fn`` for one member inside vmap, its random draws made per member from ``streams``."""
+
+        def one_member(*args: Any) -> Any:
+            with MemberRandom(torch._C._functorch.current_level(), streams):
+                return fn(*args)
+
+        return one_member
+
     def _run(self, state: TrainState, args: tuple[Any, ...]) -> Any:
         template, tx = state.module, state.tx
         devices = execution.cuda_devices(state.params)
         if self.compile_kwargs is None:
+            if isinstance(self.step, TrainStep) and not _wants_graph(args):
+                fast = self._fast_cores.get((template, tx), lambda: self._fast_train(template, tx))
+                if fast is not None:
+                    return self._random_errors(lambda: fast(_streams(state), *args), devices)
             return self._eager(state, args, devices)[0]
         leaves = tree_leaves(args[-1])
         signature = (
@@ -198,9 +272,16 @@ class VmappedStep:
     def _eager(self, state: TrainState, args: tuple[Any, ...], devices: list[int]) -> tuple[Any, list[Any]]:
         core = self._cores.get((state.module, state.tx), lambda: self._core(state.module, state.tx))
         box: list[Any] = []
-        restore = _rng.seed_(None, devices)  # holds the generators; puts them back as they were
+        out = self._random_errors(lambda: self._batched(core, _streams(state), box)([], *args), devices)
+        return out, box[-1] if box else []
+
+    @staticmethod
+    def _random_errors(run: Callable[[], Any], devices: list[int]) -> Any:
+        """``run()`` with the generators held (put back as they were), vmap's error on a random
+        function it cannot split turned into one that says what members can draw."""
+        restore = _rng.seed_(None, devices)
         try:
-            out = self._batched(core, _streams(state), box)([], *args)
+            return run()
         except RuntimeError as e:
             if _RANDOM_ERROR not in str(e):
                 raise
@@ -210,7 +291,6 @@ class VmappedStep:
             ) from None
         finally:
             restore()
-        return out, box[-1] if box else []
 
     # --- the step --------------------------------------------------------------------------
 
@@ -225,6 +305,13 @@ class VmappedStep:
         loop = state.loop.replace(options=OptionsState(options.key, tuple(carried))) if options.key else state.loop
         new = state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state, loop=loop)
         return keep_stopped(state, new), metrics  # members stopped by the driver stay as they are
+
+
+def _wants_graph(args: tuple[Any, ...]) -> bool:
+    """Some input requires grad or is traced by a ``torch.func`` transform: the caller
+    differentiates through the step, which the pure core keeps differentiable."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(isinstance(x, torch.Tensor) and (x.requires_grad or wrapped(x)) for x in tree_leaves(args))
 
 
 def _streams(state: TrainState) -> Streams:

@@ -11,7 +11,10 @@ from typing import Any
 import torch
 import torch.utils._pytree as torch_pytree
 
-__all__ = ["per_example_value_and_grad"]
+from fnloop import execution
+from fnloop.tree import tree_flatten
+
+__all__ = ["per_example_value_and_grad", "rowwise_value_and_grad"]
 
 
 def per_example_value_and_grad(
@@ -42,18 +45,42 @@ def per_example_value_and_grad(
         if leaves and not _plain(leaves):
             return torch.func.vmap(one, in_dims=(None, dims), randomness="different")(params, batch)  # type: ignore[no-any-return]
         # eager: one copy of the params per example (stride-0 views, no memory), the per-example
-        # losses under vmap, then ONE ordinary backward of their sum: the gradient of example
-        # j's copy is example j's gradient. Same values as grad under vmap, about twice as fast
-        # (no grad transform per call).
+        # losses under vmap, then ONE ordinary backward of their sum. Same values as grad under
+        # vmap, about twice as fast (no grad transform per call).
         n = _examples(batch, batch_dim)
-        with torch.enable_grad():
-            copies = torch_pytree.tree_map(lambda p: p.detach().expand(n, *p.shape).requires_grad_(True), params)
-            losses, aux = torch.func.vmap(value, in_dims=(0, dims), randomness="different")(copies, batch)
-            flat, spec = torch_pytree.tree_flatten(copies)
-            grads = torch.autograd.grad(losses.sum(), flat, allow_unused=True, materialize_grads=True)
-        return torch_pytree.tree_unflatten(list(grads), spec), aux
+        copies = torch_pytree.tree_map(lambda p: p.detach().expand(n, *p.shape), params)
+        grads, (_, aux) = rowwise_value_and_grad(value, copies, batch, in_dims=(batch_dim,), randomness="different")
+        return grads, aux
 
     return batched
+
+
+def rowwise_value_and_grad(
+    fn: Callable[..., tuple[torch.Tensor, Any]], rows: Any, *args: Any, in_dims: tuple[Any, ...], randomness: str
+) -> tuple[Any, tuple[torch.Tensor, Any]]:
+    """``(grads, (losses, aux))`` of ``fn(row, *args) -> (loss, aux)`` for every row of ``rows``
+    (a tree of tensors whose leading dimension indexes independent problems: the examples of a
+    batch, the members of an ensemble), the tensors of each of ``args`` split along its entry of
+    ``in_dims`` (None: shared).
+
+    The losses are computed under ``vmap``, then differentiated by ONE ordinary backward of their
+    sum: row i of every leaf reaches loss i only, so the gradient of the sum at row i is the
+    gradient of loss i. The values of ``vmap(grad(fn))`` up to kernel rounding, without a grad
+    transform per call. Eager only (``rows`` must not require grad already).
+
+    Example:
+        >>> import torch
+        >>> fn = lambda w, x: ((w * x).sum(), {})
+        >>> rowwise_value_and_grad(fn, torch.ones(2, 3), torch.arange(6.0).view(2, 3), in_dims=(0,), randomness="error")[0]
+        tensor([[0., 1., 2.],
+                [3., 4., 5.]])
+    """
+    with torch.enable_grad():
+        flat, spec = tree_flatten(rows)
+        leaves = [x.detach().requires_grad_(True) for x in flat]
+        losses, aux = execution.vmap(fn, (spec.unflatten(leaves), *args), (0, *in_dims), randomness)
+        grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True, materialize_grads=True)
+    return spec.unflatten(list(grads)), (losses, aux)
 
 
 def _plain(leaves: list[Any]) -> bool:

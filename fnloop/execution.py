@@ -11,6 +11,7 @@ against that pure path:
   its structure check; seeds are remembered instead of read back from the tensors.
 * **Compile glue**: :class:`FlatCompiled` runs ``torch.compile(fullgraph=True)`` of a core on a
   flat tuple of tensors and skips dynamo's guards for inputs it has seen.
+* **Flat vmap**: :func:`vmap` maps over optree-flattened trees (the batched steps of an ensemble).
 * Every private torch API fnloop uses for its steps is read here.
 
 Example:
@@ -57,6 +58,7 @@ __all__ = [
     "TrainExecutor",
     "EvalExecutor",
     "compile",
+    "vmap",
 ]
 
 is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -257,6 +259,70 @@ class CoreCache:
         core = build()
         self.cores[key] = (key_objs, core)
         return core
+
+
+# --- vmap without Python pytree walks ------------------------------------------------------
+
+try:  # what torch.func.vmap runs once its trees are flat (private; torch.func.vmap where absent)
+    from torch._functorch import vmap as _vmap_impl
+
+    _VMAP = (_vmap_impl.vmap_increment_nesting, _vmap_impl._add_batch_dim, _vmap_impl._remove_batch_dim)
+    _vmap_impl.lazy_load_decompositions()
+except (ImportError, AttributeError):  # pragma: no cover - other torch versions
+    _VMAP = None
+
+
+def vmap(fn: Callable[..., Any], args: tuple[Any, ...], in_dims: tuple[int | None, ...], randomness: str) -> Any:
+    """``torch.func.vmap(fn, in_dims, out_dims=0, randomness=randomness)(*args)``, where ``in_dims``
+    gives one dimension (or None) per argument for all of its tensor leaves, and every tensor
+    leaf of the result gets the mapped dimension first (other leaves come back as they are).
+
+    The trees are walked by optree instead of torch's Python pytree, whose walks (flatten,
+    broadcast of the dims, unflatten, in and out) cost ~0.3 ms per call on an optimizer state
+    of 25 tensors: more than the update of a small ensemble itself.
+
+    Example:
+        >>> import torch
+        >>> vmap(lambda d, x: {"y": d["w"] * x}, ({"w": torch.ones(3)}, torch.arange(3.0)), (0, 0), "error")
+        {'y': tensor([0., 1., 2.])}
+    """
+    flats, specs = zip(*(_flatten(a) for a in args)) if args else ((), ())
+    flat = [x for f in flats for x in f]
+    dims = [d if isinstance(x, torch.Tensor) else None for f, d in zip(flats, in_dims) for x in f]
+    dims = [d % x.dim() if d is not None and d < 0 else d for x, d in zip(flat, dims)]
+    sizes = {x.shape[d] for x, d in zip(flat, dims) if d is not None}
+    if len(sizes) != 1:
+        raise ValueError(f"vmap: the mapped dimensions of the inputs have sizes {sorted(sizes)}; expected one size, shared by all")
+    n = sizes.pop()
+    out: list[Any] = []
+
+    def flat_fn(*xs: Any) -> list[torch.Tensor]:
+        it = iter(xs)
+        result = fn(*(unflatten([next(it) for _ in range(len(f))]) for unflatten, f in zip(specs, flats)))
+        leaves, spec = tree_flatten(result)
+        out[:] = [spec, leaves]
+        return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+    if _VMAP is None or torch.compiler.is_compiling():
+        tensors = torch.func.vmap(flat_fn, in_dims=tuple(dims), randomness=randomness)(*flat)
+    else:
+        nesting, add_dim, remove_dim = _VMAP
+        with nesting(n, randomness) as level:
+            tensors = flat_fn(*(x if d is None else add_dim(x, d, level) for x, d in zip(flat, dims)))
+            tensors = [remove_dim(t, level, n, 0) for t in tensors]
+    spec, leaves = out
+    it = iter(tensors)
+    return spec.unflatten([next(it) if isinstance(x, torch.Tensor) else x for x in leaves])
+
+
+def _flatten(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
+    """The leaves of ``tree`` and how to rebuild it: by optree, or by torch's pytree where a leaf
+    optree sees is a node there (a batch type registered with ``torch.utils._pytree`` only)."""
+    leaves, spec = tree_flatten(tree)
+    if all(isinstance(x, torch.Tensor) or torch_pytree.tree_is_leaf(x) for x in leaves):
+        return leaves, spec.unflatten
+    leaves, torch_spec = torch_pytree.tree_flatten(tree)
+    return leaves, lambda xs: torch_pytree.tree_unflatten(xs, torch_spec)
 
 
 _COMPILED = itertools.count()

@@ -35,7 +35,7 @@ import torch
 
 from fnloop.errors import TreeMismatchError
 from fnloop.state import OptionsState
-from fnloop.tree import NAMESPACE, tree_flatten_with_path, tree_map
+from fnloop.tree import NAMESPACE, tree_flatten_with_path, tree_leaves, tree_map
 
 __all__ = ["stack", "unstack", "num_members", "static_difference"]
 
@@ -266,7 +266,10 @@ def num_members(stacked: Any, /) -> int:
         >>> num_members({"w": torch.zeros(3, 2), "b": torch.zeros(3)})
         3
     """
-    paths, leaves, _ = tree_flatten_with_path(stacked)
+    found = {x.shape[0] if x.ndim else None for x in tree_leaves(stacked) if isinstance(x, torch.Tensor)}
+    if len(found) == 1 and None not in found:
+        return int(found.pop())  # type: ignore[arg-type]
+    paths, leaves, _ = tree_flatten_with_path(stacked)  # the paths only to say where it is not stacked
     sizes = [(p, x.shape[0] if x.ndim else None) for p, x in zip(paths, leaves) if isinstance(x, torch.Tensor)]
     if not sizes:
         raise TreeMismatchError("unstack: the state holds no tensor")

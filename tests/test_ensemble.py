@@ -151,3 +151,71 @@ def test_errors_name_what_to_do():
     bernoulli = fl.train_step(lambda m, b: (m(b[0]) * torch.bernoulli(torch.sigmoid(m(b[0])))).mean())
     with pytest.raises(fl.StepError, match="depend on tensor inputs"):
         fl.vmap(bernoulli)(fl.stack([state, state]), sc.make_batch())
+
+
+def _add_noise(scale: float) -> flo.GradientTransformation:
+    """A transform that draws: Gaussian noise added to each update (as optax.add_noise)."""
+
+    def update(updates, state, params=None):
+        return {k: u + scale * torch.randn(u.shape) for k, u in updates.items()}, state
+
+    return flo.GradientTransformation(lambda params: flo.EmptyState(), update)
+
+
+def test_an_optimizer_that_draws_draws_each_members_own_values():
+    """The eager batched step runs the optimizer without the per-member random mode until it
+    draws; from then on each member's noise comes from its own stream, as alone."""
+    tx = flo.chain(_add_noise(0.1), flo.sgd(lr=0.1))
+    states = [fl.TrainState.create(sc.make_mlp(i), tx, seed=20 + i) for i in range(N)]
+    step, batched = fl.train_step(sc.loss_fn), fl.vmap(fl.train_step(sc.loss_fn))
+    stacked = fl.stack(states)
+    for batch in sc.make_batches(2):
+        stacked, metrics = batched(stacked, batch)
+        expected = [step(s, batch) for s in states]
+        states = [e[0] for e in expected]
+        _check_members(stacked, metrics, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tx", sorted(TXS))
+def test_fast_eager_path_equals_the_vmapped_core(tx):
+    """The eager batched train step (losses under vmap, one backward of their sum, the optimizer
+    under vmap) against the step's meaning, ``train_core`` under vmap with a grad transform (the
+    path differentiating callers take)."""
+    states = _states("dropout-bn", tx)
+    step = fl.vmap(fl.train_step(sc.loss_fn))
+    fast, fast_metrics = step(fl.stack(states), sc.make_batch())
+    graph_batch = tuple(x.float().requires_grad_(True) if x.is_floating_point() else x for x in sc.make_batch())
+    pure, pure_metrics = step(fl.stack(states), graph_batch)  # an input that requires grad: the pure path
+    assert pure_metrics["loss"].requires_grad and not fast_metrics["loss"].requires_grad
+    assert_trees_close(fast.params, {k: v.detach() for k, v in pure.params.items()}, rtol=1e-6, atol=1e-6)
+    assert_trees_close(fast_metrics["loss"], pure_metrics["loss"].detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_flat_vmap_matches_torch_func_vmap():
+    from fnloop import execution
+
+    w = {"a": torch.randn(3, 4), "none": None, "n": 2}
+    x = torch.randn(5, 4)
+    out = execution.vmap(lambda p, b: {"y": p["a"] @ b.T * p["n"], "k": "kept"}, (w, x), (0, None), "error")
+    assert out["k"] == "kept"
+    assert_trees_equal(out["y"], torch.func.vmap(lambda a: a @ x.T * 2)(w["a"]))
+    with pytest.raises(ValueError, match="sizes \\[3, 5\\]"):
+        execution.vmap(lambda p, b: p["a"], (w, x), (0, 0), "error")
+
+
+class _TorchOnlyBatch:
+    """A batch type registered with torch's pytree only (optree sees one leaf)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+
+torch.utils._pytree.register_pytree_node(_TorchOnlyBatch, lambda b: ([b.x], None), lambda xs, _: _TorchOnlyBatch(xs[0]))
+
+
+def test_flat_vmap_splits_a_batch_type_only_torch_knows():
+    from fnloop import execution
+
+    batch = _TorchOnlyBatch(torch.arange(6.0).view(3, 2))
+    out = execution.vmap(lambda b: b.x.sum(), (batch,), (0,), "error")
+    assert out.tolist() == [1.0, 5.0, 9.0]
