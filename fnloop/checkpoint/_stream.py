@@ -18,6 +18,9 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -104,7 +107,40 @@ def _buffer(n: int, where: str) -> tuple[torch.Tensor, memoryview]:
         buf = torch.empty(n, dtype=torch.uint8)
     except (RuntimeError, MemoryError) as e:
         raise CheckpointError(f"{where}: cannot allocate {n} bytes to read a tensor ({e}); free memory or restore elsewhere") from None
+    if n >= HUGE:
+        huge_pages(buf.data_ptr(), n)
     return buf, memoryview(buf.numpy()) if n else memoryview(b"")
+
+
+HUGE = 4 << 20
+"""Buffers of at least this many bytes ask the kernel for transparent huge pages before the
+read fills them: a fresh 100 MiB buffer takes 25,600 page faults in 4 KiB pages, which cost
+more than the copy from the page cache itself; in 2 MiB pages, 50."""
+
+_MADV_HUGEPAGE = 14
+_LIBC: list[Any] = []
+
+
+def huge_pages(address: int, n: int) -> None:
+    """``madvise(MADV_HUGEPAGE)`` on the whole pages of ``[address, address + n)`` where the
+    system has it (Linux with transparent huge pages set to ``madvise`` or ``always``); nothing
+    elsewhere. Only a hint: the memory and its contents are the same either way."""
+    if not _LIBC:
+        libc = None
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            except (OSError, AttributeError):
+                libc = None
+        _LIBC.append(libc)
+    libc = _LIBC[0]
+    if libc is None:
+        return
+    page = mmap.PAGESIZE
+    begin, end = -(-address // page) * page, (address + n) // page * page
+    if end > begin:
+        libc.madvise(begin, end - begin, _MADV_HUGEPAGE)  # an error (EINVAL where THP is off) leaves the pages as they are
 
 
 def _agree(spans: list[Span], want: dict[str, dict[str, Any]], where: str) -> None:
