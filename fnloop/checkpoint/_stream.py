@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -107,40 +108,98 @@ def _buffer(n: int, where: str) -> tuple[torch.Tensor, memoryview]:
         buf = torch.empty(n, dtype=torch.uint8)
     except (RuntimeError, MemoryError) as e:
         raise CheckpointError(f"{where}: cannot allocate {n} bytes to read a tensor ({e}); free memory or restore elsewhere") from None
-    if n >= HUGE:
-        huge_pages(buf.data_ptr(), n)
     return buf, memoryview(buf.numpy()) if n else memoryview(b"")
 
 
-HUGE = 4 << 20
-"""Buffers of at least this many bytes ask the kernel for transparent huge pages before the
-read fills them: a fresh 100 MiB buffer takes 25,600 page faults in 4 KiB pages, which cost
-more than the copy from the page cache itself; in 2 MiB pages, 50."""
+PREFAULT = 4 << 20
+"""Buffers of at least this many bytes have their pages mapped ahead of the reads that fill them,
+on a thread (:class:`_Prefaulter`): a fresh 100 MiB buffer otherwise takes 25,600 page faults in
+the reads, one trap each, which cost as much as the copy from the page cache itself."""
+PREFAULT_SLICE = 8 << 20
 
-_MADV_HUGEPAGE = 14
+
+class _Prefaulter:
+    """Maps the pages of ``buffers`` (in file order) on a thread while the reader fills them.
+
+    Mapping a page the reader has already written is a no-op, and the reader faults in any
+    page the thread has not reached yet: correct in any interleaving, faster in most. Off the
+    reader's path, a cold read's disk wait is not lengthened by the mapping (mapping each
+    buffer before its read was: 0.7x ``torch.load`` at 1 GiB instead of 0.9x).
+    """
+
+    def __init__(self, buffers: list[torch.Tensor]) -> None:
+        self._targets = [(b.data_ptr(), b.numel()) for b in buffers if b.numel() >= PREFAULT]
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        if self._targets and _libc() is not None:
+            self._thread = threading.Thread(target=self._run, name="fnloop-prefault", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        page = mmap.PAGESIZE
+        for address, n in self._targets:
+            # whole pages, the first and last included (pages the buffer shares are mapped memory too)
+            begin, end = address // page * page, -(-(address + n) // page) * page
+            for start in range(begin, end, PREFAULT_SLICE):
+                if self._stop:
+                    return
+                length = min(PREFAULT_SLICE, end - start)
+                if not _resident(start, length):  # memory the allocator reused is mapped already
+                    prefault(start, length)
+
+    def close(self) -> None:
+        """Stop the thread (the reads are done, or failed) and wait for it."""
+        self._stop = True
+        if self._thread is not None:
+            self._thread.join()
+
+_MADV_POPULATE_WRITE = 23
 _LIBC: list[Any] = []
 
 
-def huge_pages(address: int, n: int) -> None:
-    """``madvise(MADV_HUGEPAGE)`` on the whole pages of ``[address, address + n)`` where the
-    system has it (Linux with transparent huge pages set to ``madvise`` or ``always``); nothing
-    elsewhere. Only a hint: the memory and its contents are the same either way."""
+def prefault(address: int, n: int) -> None:
+    """``madvise(MADV_POPULATE_WRITE)`` on the whole pages of ``[address, address + n)``: the
+    kernel maps them all at once (Linux 5.14 and later; nothing elsewhere). The memory and its
+    contents are the same either way: the read that follows writes every byte.
+
+    (Transparent huge pages were measured too: faster on memory the system has handed out
+    before, but up to twice as slow where a virtual machine's host reclaims freed memory.)
+    """
+    libc = _libc()
+    if libc is None:
+        return
+    page = mmap.PAGESIZE
+    begin, end = -(-address // page) * page, (address + n) // page * page
+    if end > begin:
+        libc.madvise(begin, end - begin, _MADV_POPULATE_WRITE)  # EINVAL on older kernels: faults as before
+
+
+def _resident(address: int, n: int) -> bool:
+    """Every whole page of ``[address, address + n)`` is mapped (``mincore``)."""
+    libc = _libc()
+    page = mmap.PAGESIZE
+    begin, end = -(-address // page) * page, (address + n) // page * page
+    if libc is None or end <= begin:
+        return True
+    vec = ctypes.create_string_buffer((end - begin) // page)
+    if libc.mincore(begin, end - begin, vec) != 0:
+        return False
+    return b"\x00" not in vec.raw
+
+
+def _libc() -> Any:
+    """The C library with ``madvise`` (Linux); None elsewhere."""
     if not _LIBC:
         libc = None
         if sys.platform.startswith("linux"):
             try:
                 libc = ctypes.CDLL(None, use_errno=True)
                 libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
             except (OSError, AttributeError):
                 libc = None
         _LIBC.append(libc)
-    libc = _LIBC[0]
-    if libc is None:
-        return
-    page = mmap.PAGESIZE
-    begin, end = -(-address // page) * page, (address + n) // page * page
-    if end > begin:
-        libc.madvise(begin, end - begin, _MADV_HUGEPAGE)  # an error (EINVAL where THP is off) leaves the pages as they are
+    return _LIBC[0]
 
 
 def _agree(spans: list[Span], want: dict[str, dict[str, Any]], where: str) -> None:
@@ -185,13 +244,16 @@ def read_tensors(
         spans = layout(bytes(raw), size - 8 - n, where)
         if want is not None:
             _agree(spans, want, where)
-        out: dict[str, Any] = {}
-        for group in _groups(spans):
-            begin = group[0][0]
-            buf, view = _buffer(group[-1][1] - begin, where)
-            source.exact(view, size)
-            out.update(views(buf, group, -begin))
-        return out
+        groups = [(group, *_buffer(group[-1][1] - group[0][0], where)) for group in _groups(spans)]
+        mapper = _Prefaulter([buf for _, buf, _ in groups])
+        try:
+            out: dict[str, Any] = {}
+            for group, buf, view in groups:
+                source.exact(view, size)
+                out.update(views(buf, group, -group[0][0]))
+            return out
+        finally:
+            mapper.close()
     except Malformed:
         source.drain()
         raise
