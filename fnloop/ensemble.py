@@ -171,6 +171,8 @@ class VmappedStep:
             return out
 
         def batched(noises: list[torch.Tensor], *args: Any) -> Any:
+            if streams is not None:  # eager: trees walked by optree; every tensor leaf batched, members first
+                return execution.vmap(one_member, (noises, *args), (0,) * len(args) + (self.batch_dim,), "error")
             in_dims = (0, *(_dims(a) for a in args[:-1]), self.batch_dim)
             # a train core returns the state's parts (None leaves stay None) and the metrics
             out_dims = (*in_dims[1:4], 0, 0) if len(args) == 5 else 0  # carried: fresh tensors on a first call
