@@ -245,7 +245,7 @@ class VmappedStep:
         template, tx = state.module, state.tx
         devices = execution.cuda_devices(state.params)
         if self.compile_kwargs is None:
-            if isinstance(self.step, TrainStep) and not _wants_graph(args):
+            if isinstance(self.step, TrainStep) and not execution.differentiated(args):
                 fast = self._fast_cores.get((template, tx), lambda: self._fast_train(template, tx))
                 if fast is not None:
                     return self._random_errors(lambda: fast(_streams(state), *args), devices)
@@ -314,13 +314,6 @@ class VmappedStep:
         loop = state.loop.replace(options=OptionsState(options.key, tuple(carried))) if options.key else state.loop
         new = state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state, loop=loop)
         return keep_stopped(state, new), metrics  # members stopped by the driver stay as they are
-
-
-def _wants_graph(args: tuple[Any, ...]) -> bool:
-    """Some input requires grad or is traced by a ``torch.func`` transform: the caller
-    differentiates through the step, which the pure core keeps differentiable."""
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(isinstance(x, torch.Tensor) and (x.requires_grad or wrapped(x)) for x in tree_leaves(args))
 
 
 def _streams(state: TrainState) -> Streams:

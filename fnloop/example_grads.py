@@ -41,8 +41,7 @@ def per_example_value_and_grad(
 
     def batched(params: Any, batch: Any) -> tuple[Any, Any]:
         dims = torch_pytree.tree_map(lambda x: batch_dim if isinstance(x, torch.Tensor) else None, batch)
-        leaves = torch_pytree.tree_leaves(params)
-        if leaves and not _plain(leaves):
+        if execution.differentiated(params):
             return torch.func.vmap(one, in_dims=(None, dims), randomness="different")(params, batch)  # type: ignore[no-any-return]
         # eager: one copy of the params per example (stride-0 views, no memory), the per-example
         # losses under vmap, then ONE ordinary backward of their sum. Same values as grad under
@@ -81,17 +80,6 @@ def rowwise_value_and_grad(
         losses, aux = execution.vmap(fn, (spec.unflatten(leaves), *args), (0, *in_dims), randomness)
         grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True, materialize_grads=True)
     return spec.unflatten(list(grads)), (losses, aux)
-
-
-def _plain(leaves: list[Any]) -> bool:
-    """Eager tensors nobody differentiates through: the fast path applies (not under
-    ``torch.func`` transforms or ``torch.compile``, and no graph to keep for a caller)."""
-    if torch.compiler.is_compiling():
-        return False
-    return all(
-        isinstance(x, torch.Tensor) and not x.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-        for x in leaves
-    )
 
 
 def _examples(batch: Any, batch_dim: int) -> int:

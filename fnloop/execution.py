@@ -58,6 +58,7 @@ __all__ = [
     "TrainExecutor",
     "EvalExecutor",
     "compile",
+    "differentiated",
     "vmap",
 ]
 
@@ -187,6 +188,26 @@ def state_seed(rng: torch.Tensor, step: torch.Tensor) -> int | None:
 def traced(*tensors: torch.Tensor) -> bool:
     """Compiling, or one of ``tensors`` is wrapped by a ``torch.func`` transform."""
     return torch.compiler.is_compiling() or any(is_wrapped(t) for t in tensors)
+
+
+def differentiated(*trees: Any) -> bool:
+    """The caller may differentiate through a computation on ``trees``: dynamo traces it, a
+    ``torch.func`` transform wraps one of their tensors, or grad mode is on and one requires
+    grad. The fast eager paths apply only where this is False.
+
+    Example:
+        >>> import torch
+        >>> differentiated({"w": torch.ones(2)}), differentiated({"w": torch.ones(2, requires_grad=True)})
+        (False, True)
+    """
+    if torch.compiler.is_compiling():
+        return True
+    grad = torch.is_grad_enabled()
+    for t in trees:
+        for x in tree_leaves(t):
+            if isinstance(x, torch.Tensor) and ((grad and x.requires_grad) or is_wrapped(x)):
+                return True
+    return False
 
 
 def _wants_graph(trees: tuple[Any, ...], batch_leaves: Any) -> bool:

@@ -153,6 +153,7 @@ class _Prefaulter:
         if self._thread is not None:
             self._thread.join()
 
+
 _MADV_POPULATE_WRITE = 23
 _LIBC: list[Any] = []
 
