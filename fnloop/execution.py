@@ -310,6 +310,9 @@ def vmap(fn: Callable[..., Any], args: tuple[Any, ...], in_dims: tuple[int | Non
     flats, specs = zip(*(_flatten(a) for a in args)) if args else ((), ())
     flat = [x for f in flats for x in f]
     dims = [d if isinstance(x, torch.Tensor) else None for f, d in zip(flats, in_dims) for x in f]
+    for x, d in zip(flat, dims):
+        if d is not None and not -x.dim() <= d < x.dim():
+            raise ValueError(f"vmap: cannot map over dimension {d} of a tensor of shape {tuple(x.shape)}")
     dims = [d % x.dim() if d is not None and d < 0 else d for x, d in zip(flat, dims)]
     sizes = {x.shape[d] for x, d in zip(flat, dims) if d is not None}
     if len(sizes) != 1:

@@ -201,6 +201,8 @@ def test_flat_vmap_matches_torch_func_vmap():
     assert_trees_equal(out["y"], torch.func.vmap(lambda a: a @ x.T * 2)(w["a"]))
     with pytest.raises(ValueError, match="sizes \\[3, 5\\]"):
         execution.vmap(lambda p, b: p["a"], (w, x), (0, 0), "error")
+    with pytest.raises(ValueError, match="dimension 0 of a tensor of shape \\(\\)"):
+        execution.vmap(lambda s: s, (torch.tensor(1.0),), (0,), "error")
 
 
 class _TorchOnlyBatch:
