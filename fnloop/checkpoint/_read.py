@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fnloop.checkpoint import _fs, _leaves
-from fnloop.checkpoint._seal import check_seal
+from fnloop.checkpoint._seal import SEAL_KEY, check_seal
 from fnloop.checkpoint._checksum import Checksum, for_stream, split_digest
 from fnloop.checkpoint._safetensors import MAX_HEADER, Malformed
 from fnloop.checkpoint._stream import read_tensors
@@ -86,7 +86,7 @@ def _check_meta(meta: Any, where: str) -> dict[str, Any]:
             f"{where}: format_version {version!r} is not supported by this fnloop (it reads {', '.join(map(str, READS))}); "
             "use the fnloop version that wrote it (see fnloop_version in the file)"
         )
-    if version >= 3:
+    if version >= 3 or SEAL_KEY in meta:  # a sealed file claiming an older version: a flipped bit in the version
         check_seal(meta, where)
     if version == 1:  # the sha256 of format 1, in the form of the current checksum record
         sha = meta.get("sha256")

@@ -301,6 +301,7 @@ def _as_format_1(fs, path: str) -> None:
     """Rewrite a checkpoint's meta.json the way format 1 wrote it (a sha256 of the tensor file)."""
     meta = json.loads(fs.cat_file(f"{path}/meta.json"))
     del meta["checksum"]
+    del meta["meta_checksum"]  # format 1 had no checksum of meta.json
     meta["format_version"] = 1
     meta["sha256"] = hashlib.sha256(fs.cat_file(f"{path}/state.safetensors")).hexdigest()
     fs.pipe_file(f"{path}/meta.json", json.dumps(meta, indent=1).encode())

@@ -143,3 +143,14 @@ def test_remote_tensor_file_name_is_confined(tmp_path):
         write_meta_json(url, meta)
         with pytest.raises(CheckpointError, match="state_file"):
             restore(url, like=small_state())
+
+
+def test_a_version_flipped_to_an_older_format_is_caught(tmp_path):
+    """'3' -> '2' is one bit: a sealed meta.json claiming format 2 (which had no seal) is still checked."""
+    url = save(small_state(step=3), str(tmp_path / "ck"))
+    path = tmp_path / "ck" / "meta.json"
+    text = path.read_text()
+    assert '"format_version": 3' in text
+    path.write_text(text.replace('"format_version": 3', '"format_version": 2', 1))
+    with pytest.raises(CheckpointError, match="checksum mismatch of meta.json"):
+        restore(url, like=small_state())
