@@ -167,25 +167,27 @@ def prefault(address: int, n: int) -> None:
     before, but up to twice as slow where a virtual machine's host reclaims freed memory.)
     """
     libc = _libc()
-    if libc is None:
-        return
-    page = mmap.PAGESIZE
-    begin, end = -(-address // page) * page, (address + n) // page * page
-    if end > begin:
+    begin, end = _whole_pages(address, n)
+    if libc is not None and end > begin:
         libc.madvise(begin, end - begin, _MADV_POPULATE_WRITE)  # EINVAL on older kernels: faults as before
 
 
 def _resident(address: int, n: int) -> bool:
     """Every whole page of ``[address, address + n)`` is mapped (``mincore``)."""
     libc = _libc()
-    page = mmap.PAGESIZE
-    begin, end = -(-address // page) * page, (address + n) // page * page
+    begin, end = _whole_pages(address, n)
     if libc is None or end <= begin:
         return True
-    vec = ctypes.create_string_buffer((end - begin) // page)
+    vec = ctypes.create_string_buffer((end - begin) // mmap.PAGESIZE)
     if libc.mincore(begin, end - begin, vec) != 0:
         return False
     return b"\x00" not in vec.raw
+
+
+def _whole_pages(address: int, n: int) -> tuple[int, int]:
+    """``(begin, end)`` of the whole pages inside ``[address, address + n)``."""
+    page = mmap.PAGESIZE
+    return -(-address // page) * page, (address + n) // page * page
 
 
 def _libc() -> Any:
