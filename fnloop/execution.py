@@ -307,7 +307,7 @@ def vmap(fn: Callable[..., Any], args: tuple[Any, ...], in_dims: tuple[int | Non
         >>> vmap(lambda d, x: {"y": d["w"] * x}, ({"w": torch.ones(3)}, torch.arange(3.0)), (0, 0), "error")
         {'y': tensor([0., 1., 2.])}
     """
-    flats, specs = zip(*(_flatten(a) for a in args)) if args else ((), ())
+    flats, specs = zip(*(flatten(a) for a in args)) if args else ((), ())
     flat = [x for f in flats for x in f]
     dims = [d if isinstance(x, torch.Tensor) else None for f, d in zip(flats, in_dims) for x in f]
     for x, d in zip(flat, dims):
@@ -339,7 +339,7 @@ def vmap(fn: Callable[..., Any], args: tuple[Any, ...], in_dims: tuple[int | Non
     return spec.unflatten([next(it) if isinstance(x, torch.Tensor) else x for x in leaves])
 
 
-def _flatten(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
+def flatten(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
     """The leaves of ``tree`` and how to rebuild it: by optree, or by torch's pytree where a leaf
     optree sees is a node there (a batch type registered with ``torch.utils._pytree`` only)."""
     leaves, spec = tree_flatten(tree)

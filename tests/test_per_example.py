@@ -71,3 +71,32 @@ def test_batch_dim_and_purity():
     mean = {k: v.mean(0) for k, v in a.items()}  # the batch gradient of a mean loss
     full = torch.func.grad(lambda p: sc.loss_fn(fl.step.functional_model(state.module, p, {}), (x, y))[0])(state.params)
     assert_trees_close(mean, full, rtol=1e-5, atol=1e-6)
+
+
+class _Pair:
+    """A batch type registered with torch's pytree only (optree sees one leaf)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+
+torch.utils._pytree.register_pytree_node(_Pair, lambda b: ([b.x, b.y], None), lambda xs, _: _Pair(*xs))
+
+
+def test_batches_with_plain_leaves_and_types_only_torch_knows():
+    state = fl.TrainState.create(sc.make_mlp(), flo.sgd(lr=0.1), seed=0)
+    x, y = sc.make_batch(5, seed=1)
+    want = fl.per_example_grads(sc.loss_fn)(state, (x, y))
+    seen = []
+
+    def with_extras(m, b):  # plain leaves reach the loss as they are, tensors sliced to one example
+        seen.append((b["scale"], b["name"], b["xy"][0].shape[0]))
+        return sc.loss_fn(m, (b["xy"][0] * b["scale"], b["xy"][1]))
+
+    got = fl.per_example_grads(with_extras)(state, {"xy": (x, y), "scale": 1.0, "name": "digits"})
+    assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
+    assert seen[-1] == (1.0, "digits", 1)
+    custom = fl.per_example_grads(lambda m, b: sc.loss_fn(m, (b.x, b.y)))(state, _Pair(x, y))
+    assert_trees_close(custom, want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"disagree on the number of examples \[4, 5\]"):
+        fl.per_example_grads(sc.loss_fn)(state, (x, y[:4]))
