@@ -92,6 +92,11 @@ class Checksum:
             self._wait()
         self._pending.append(self._pool.submit(self._hash.update, chunk))  # one worker: hashed in order
 
+    def update_here(self, chunk: Any) -> None:
+        """Add ``chunk`` on the calling thread, after every chunk handed over before it."""
+        self._wait()
+        self._hash.update(chunk)
+
     def _wait(self) -> None:
         pending, self._pending = self._pending, []
         for future in pending:

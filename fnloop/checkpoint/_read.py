@@ -161,7 +161,7 @@ def _read_file(
 ) -> dict[str, torch.Tensor]:
     if _fs.is_local(fs):
         with _fs.open_regular(state_path, where) as f:
-            return read_tensors(f.readinto, size, where, checksum, want)
+            return read_tensors(f.readinto, size, where, checksum, want, f.fileno())
     with fs.open(state_path, "rb") as f:
         return read_tensors(f.readinto, size, where, checksum, want)
 

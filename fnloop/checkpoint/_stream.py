@@ -18,15 +18,15 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
 import mmap
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from fnloop.checkpoint import _pread
+from fnloop.checkpoint._pages import libc, prefault, resident
 from fnloop.checkpoint._checksum import INLINE_CHUNK, Checksum
 from fnloop.checkpoint._safetensors import Malformed, Span, header_length, layout, views
 from fnloop.errors import CheckpointError
@@ -131,7 +131,7 @@ class _Prefaulter:
         self._targets = [(b.data_ptr(), b.numel()) for b in buffers if b.numel() >= PREFAULT]
         self._stop = False
         self._thread: threading.Thread | None = None
-        if self._targets and _libc() is not None:
+        if self._targets and libc() is not None:
             self._thread = threading.Thread(target=self._run, name="fnloop-prefault", daemon=True)
             self._thread.start()
 
@@ -144,7 +144,7 @@ class _Prefaulter:
                 if self._stop:
                     return
                 length = min(PREFAULT_SLICE, end - start)
-                if not _resident(start, length):  # memory the allocator reused is mapped already
+                if not resident(start, length):  # memory the allocator reused is mapped already
                     prefault(start, length)
 
     def close(self) -> None:
@@ -152,57 +152,6 @@ class _Prefaulter:
         self._stop = True
         if self._thread is not None:
             self._thread.join()
-
-
-_MADV_POPULATE_WRITE = 23
-_LIBC: list[Any] = []
-
-
-def prefault(address: int, n: int) -> None:
-    """``madvise(MADV_POPULATE_WRITE)`` on the whole pages of ``[address, address + n)``: the
-    kernel maps them all at once (Linux 5.14 and later; nothing elsewhere). The memory and its
-    contents are the same either way: the read that follows writes every byte.
-
-    (Transparent huge pages were measured too: faster on memory the system has handed out
-    before, but up to twice as slow where a virtual machine's host reclaims freed memory.)
-    """
-    libc = _libc()
-    begin, end = _whole_pages(address, n)
-    if libc is not None and end > begin:
-        libc.madvise(begin, end - begin, _MADV_POPULATE_WRITE)  # EINVAL on older kernels: faults as before
-
-
-def _resident(address: int, n: int) -> bool:
-    """Every whole page of ``[address, address + n)`` is mapped (``mincore``)."""
-    libc = _libc()
-    begin, end = _whole_pages(address, n)
-    if libc is None or end <= begin:
-        return True
-    vec = ctypes.create_string_buffer((end - begin) // mmap.PAGESIZE)
-    if libc.mincore(begin, end - begin, vec) != 0:
-        return False
-    return b"\x00" not in vec.raw
-
-
-def _whole_pages(address: int, n: int) -> tuple[int, int]:
-    """``(begin, end)`` of the whole pages inside ``[address, address + n)``."""
-    page = mmap.PAGESIZE
-    return -(-address // page) * page, (address + n) // page * page
-
-
-def _libc() -> Any:
-    """The C library with ``madvise`` (Linux); None elsewhere."""
-    if not _LIBC:
-        libc = None
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-            except (OSError, AttributeError):
-                libc = None
-        _LIBC.append(libc)
-    return _LIBC[0]
 
 
 def _agree(spans: list[Span], want: dict[str, dict[str, Any]], where: str) -> None:
@@ -220,8 +169,12 @@ def read_tensors(
     where: str,
     checksum: Checksum | None = None,
     want: dict[str, dict[str, Any]] | None = None,
+    fd: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors of the safetensors file of ``size`` bytes that ``readinto`` reads, in new CPU memory.
+
+    ``fd``, the descriptor of the same (local) file, lets the tensor bytes be read on two
+    threads while the page cache holds them (:mod:`fnloop.checkpoint._pread`).
 
     With ``want`` (``{name: {"dtype", "shape"}}``, what ``meta.json`` declares), the header must
     describe exactly those tensors before any tensor memory is allocated.
@@ -250,9 +203,14 @@ def read_tensors(
         groups = [(group, *_buffer(group[-1][1] - group[0][0], where)) for group in _groups(spans)]
         mapper = _Prefaulter([buf for _, buf, _ in groups])
         try:
+            total = sum(len(view) for _, _, view in groups)
+            if fd is not None and total >= _pread.MIN_BYTES and _pread.supported():
+                source.position += _pread.read_region(fd, 8 + n, [view for _, _, view in groups], checksum, where)
+            else:
+                for _, _, view in groups:
+                    source.exact(view, size)
             out: dict[str, Any] = {}
-            for group, buf, view in groups:
-                source.exact(view, size)
+            for group, buf, _ in groups:
                 out.update(views(buf, group, -group[0][0]))
             return out
         finally:

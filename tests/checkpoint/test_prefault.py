@@ -44,7 +44,8 @@ def _resident_pages(address: int, n: int) -> int:
 @pytest.mark.skipif(not _populate_supported(), reason="MADV_POPULATE_WRITE needs Linux 5.14 or later")
 def test_the_prefault_thread_maps_every_page_of_large_buffers():
     n = 64 << 20
-    big = torch.empty(n, dtype=torch.uint8)  # fresh: above glibc's largest mmap threshold, so unmapped
+    region = mmap.mmap(-1, n)  # a fresh anonymous mapping: no page mapped yet, whatever the allocator holds
+    big = torch.frombuffer(region, dtype=torch.uint8)
     small = torch.empty(1 << 16, dtype=torch.uint8)
     pages = -(-n // mmap.PAGESIZE)
     assert _resident_pages(big.data_ptr(), n) < pages // 2  # the check below can fail
@@ -53,6 +54,8 @@ def test_the_prefault_thread_maps_every_page_of_large_buffers():
     mapper._thread.join(timeout=60)
     mapper.close()
     assert _resident_pages(big.data_ptr(), n) >= pages - 1
+    del big
+    region.close()
 
 
 @pytest.mark.parametrize("thread", ["maps nothing", "maps as usual"])
