@@ -60,6 +60,7 @@ __all__ = [
     "compile",
     "differentiated",
     "vmap",
+    "flatten",
 ]
 
 is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor

@@ -155,8 +155,8 @@ def read_region(
     ``checksum`` in file order; return the bytes read.
 
     Raises:
-        Malformed: the file ended before the last view was filled (every byte before the
-            shortfall has been added to ``checksum``).
+        Malformed: the file ended before the last view was filled (the chunks before the
+            shortfall have been added to ``checksum``).
     """
     chunks: list[tuple[int, memoryview]] = []
     at = offset

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fnloop.checkpoint import _fs, _leaves
+from fnloop.checkpoint import _fs, _leaves, _pread
 from fnloop.checkpoint._seal import SEAL_KEY, check_seal
 from fnloop.checkpoint._checksum import Checksum, for_stream, split_digest
 from fnloop.checkpoint._safetensors import MAX_HEADER, Malformed
@@ -218,7 +218,9 @@ def load_tensors(url: str, meta: dict[str, Any], verify: bool, *, file: str = ST
                 f"{where}: truncated or replaced, {size} bytes for the {declared} bytes of tensors meta.json declares"
             )
         algorithm = recorded.partition(":")[0]
-        checksum = for_stream(algorithm, size, reading=True) if verify else None
+        # a local file is hashed by the reader's own helper thread (_pread); others on a worker thread
+        parallel_read = _fs.is_local(fs) and _pread.supported()
+        checksum = (Checksum(algorithm) if parallel_read else for_stream(algorithm, size, reading=True)) if verify else None
         try:
             tensors = _read_file(fs, state_path, size, where, checksum, want)
         except Malformed:

@@ -205,7 +205,7 @@ def read_tensors(
         try:
             total = sum(len(view) for _, _, view in groups)
             if fd is not None and total >= _pread.MIN_BYTES and _pread.supported():
-                source.position += _pread.read_region(fd, 8 + n, [view for _, _, view in groups], checksum, where)
+                source.position += _pread.read_region(fd, source.position, [view for _, _, view in groups], checksum, where)
             else:
                 for _, _, view in groups:
                     source.exact(view, size)
