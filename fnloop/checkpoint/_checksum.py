@@ -10,7 +10,8 @@ GIL), so hashing overlaps the caller's next read or write. :func:`for_stream` pi
 writing, XXH3 is fastest inline, on small chunks still in the CPU cache from the copy that
 just moved them; while reading a large file, on the worker thread, in 16 MiB chunks (large
 reads are faster from disk; the reader makes its last ones smaller, so little hashing is left
-after the last read); sha256, six times slower, always on the worker thread.
+after the last read); sha256, six times slower, always on the worker thread. A local file is
+read by :mod:`fnloop.checkpoint._pread`, whose helper thread hashes it (:meth:`Checksum.update_here`).
 
 Example:
     >>> c = Checksum("sha256"); c.update(b"abc"); c.digest()[:15]
