@@ -100,3 +100,19 @@ def test_batches_with_plain_leaves_and_types_only_torch_knows():
     assert_trees_close(custom, want, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match=r"disagree on the number of examples \[4, 5\]"):
         fl.per_example_grads(sc.loss_fn)(state, (x, y[:4]))
+
+
+def test_the_readme_snippet_runs():
+    import pathlib
+    import re
+    import textwrap
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    (snippet,) = [textwrap.dedent(b) for b in blocks if "per_example_grads" in b]
+    namespace: dict = {}
+    exec(compile(snippet, "README per-example", "exec"), namespace)
+    grads, private = namespace["grads"], namespace["private"]
+    assert grads["0.weight"].shape == (32, 16, 8) and grads["2.bias"].shape == (32, 3)
+    assert int(flo.dp_state(private.opt_state).count) == 1
+    assert 0 < namespace["eps"] < float("inf")
