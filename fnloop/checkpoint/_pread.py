@@ -47,8 +47,8 @@ RUN_CHECKED = 16 << 20
 RUN_UNCHECKED = 64 << 20
 """Most bytes per read of the caller's thread on a cold file, without a checksum."""
 MIN_BYTES = 16 << 20
-_MAX_BUFFERS = 512  # buffers per preadv call (the kernel takes up to IOV_MAX, 1024 on Linux)
 """Regions smaller than this are read by the caller alone (a thread costs more than it saves)."""
+_MAX_BUFFERS = 512  # buffers per preadv call (the kernel takes up to IOV_MAX, 1024 on Linux)
 
 
 def supported() -> bool:
@@ -97,7 +97,7 @@ def _help(fd: int, s: _Shared) -> None:
                     if s.hashable():
                         job, i = "hash", s.hashed
                         break
-                    claimed = s.claim() if s.copying else None
+                    claimed = s.claim() if s.copying and not s.ended else None
                     if claimed is not None:
                         job, i = "copy", claimed
                         s.in_flight = True
