@@ -16,7 +16,7 @@ import mmap
 import sys
 from typing import Any
 
-__all__ = ["prefault", "resident", "file_cached", "whole_pages", "libc"]
+__all__ = ["prefault", "resident", "file_cached", "libc"]
 
 _MADV_POPULATE_WRITE = 23
 _LIBC: list[Any] = []
@@ -31,14 +31,14 @@ def prefault(address: int, n: int) -> None:
     before, but up to twice as slow where a virtual machine's host reclaims freed memory.)
     """
     c = libc()
-    begin, end = whole_pages(address, n)
+    begin, end = _whole_pages(address, n)
     if c is not None and end > begin:
         c.madvise(begin, end - begin, _MADV_POPULATE_WRITE)  # EINVAL on older kernels: faults as before
 
 
 def resident(address: int, n: int) -> bool:
     """Every whole page of ``[address, address + n)`` is mapped (``mincore``)."""
-    begin, end = whole_pages(address, n)
+    begin, end = _whole_pages(address, n)
     if libc() is None or end <= begin:
         return True
     return _in_memory(begin, end - begin)
@@ -52,7 +52,7 @@ def _in_memory(begin: int, length: int) -> bool:
     return b"\x00" not in vec.raw
 
 
-def whole_pages(address: int, n: int) -> tuple[int, int]:
+def _whole_pages(address: int, n: int) -> tuple[int, int]:
     """``(begin, end)`` of the whole pages inside ``[address, address + n)``."""
     page = mmap.PAGESIZE
     return -(-address // page) * page, (address + n) // page * page

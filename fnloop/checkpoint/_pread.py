@@ -72,10 +72,6 @@ class _Shared:
         self.ended = False  # the caller's thread has stopped reading
         self.error: BaseException | None = None
 
-    def claim(self) -> int | None:
-        run = self.claim_run(1)
-        return run[0] if run else None
-
     def claim_run(self, most: int) -> list[int]:
         """A given-back chunk, or up to ``most`` consecutive unclaimed ones."""
         if self.back:
@@ -97,9 +93,9 @@ def _help(fd: int, s: _Shared) -> None:
                     if s.hashable():
                         job, i = "hash", s.hashed
                         break
-                    claimed = s.claim() if s.copying and not s.ended else None
-                    if claimed is not None:
-                        job, i = "copy", claimed
+                    claimed = s.claim_run(1) if s.copying and not s.ended else []
+                    if claimed:
+                        job, i = "copy", claimed[0]
                         s.in_flight = True
                         break
                     if s.checksum is None or s.hashed >= len(s.chunks) or s.ended:
