@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -96,7 +97,7 @@ def _save_local(
     try:
         with _direct.direct_file(os.path.join(tmp, STATE_FILE)) as f:
             _write_state(f, tensors, meta)
-        _fs.write_durable(os.path.join(tmp, META_FILE), _encode_meta(meta))
+        _fs.write_durable(os.path.join(tmp, META_FILE), _meta_bytes(meta))
         _fs.fsync_path(tmp)
         if os.path.exists(final):  # overwrite, or a leftover without meta.json
             _refuse_existing(os.path.exists(os.path.join(final, META_FILE)), [], url, overwrite)
@@ -152,9 +153,9 @@ def _save_remote(
         with _fs.create_exclusive(fs, f"{path}/{state_name}") as f:
             _write_state(f, tensors, meta)
         if overwrite:
-            fs.pipe_file(meta_path, _encode_meta(meta))
+            fs.pipe_file(meta_path, _meta_bytes(meta))
         else:
-            _fs.create_exclusive(fs, meta_path, _encode_meta(meta))
+            _fs.create_exclusive(fs, meta_path, _meta_bytes(meta))
     except FileExistsError:
         raise _taken(url) from None
     for stale in names:
@@ -197,7 +198,8 @@ def write(tree: Any, url: str | os.PathLike[str], *, metrics: Any = None, overwr
     check_not_donated(tree, "save")
     url = os.fspath(url)
     tensors, entries, spec = _leaves.split(tree, url)
-    if finite is None:
+    sharded = _sharded.is_sharded(tree)
+    if finite is None and sharded:  # the ranks agree on it together, before they write
         finite = not non_finite(tree, tensors, limit=1)
     meta: dict[str, Any] = {
         "format": FORMAT,
@@ -210,11 +212,12 @@ def write(tree: Any, url: str | os.PathLike[str], *, metrics: Any = None, overwr
         "state_bytes": 0,
         "leaves": entries,
         "treespec": _leaves.describe(spec),
-        "finite": finite,
+        # else checked while the tensor file is written (meta.json comes after it): see _meta_bytes
+        "finite": finite if finite is not None else _in_background(_finite.non_finite, tensors, 1),
     }
     if getattr(tree, "tx", None) is not None:
         meta["optimizer"] = describe_optimizer(tree.tx)
-    if _sharded.is_sharded(tree):  # every rank writes its shard, rank 0 the commit marker
+    if sharded:  # every rank writes its shard, rank 0 the commit marker
         _sharded.save_sharded(tensors, meta, url, overwrite)
         return url
     fs, path = _fs.resolve(url)
@@ -228,6 +231,24 @@ def write(tree: Any, url: str | os.PathLike[str], *, metrics: Any = None, overwr
     except OSError as e:
         raise CheckpointError(f"{url}: cannot write the checkpoint ({e})") from e
     return url
+
+
+def _in_background(fn: Any, *args: Any) -> Future[Any]:
+    """``fn(*args)`` running on a thread of its own."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="fnloop-save")
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _meta_bytes(meta: dict[str, Any]) -> bytes:
+    """``meta.json``'s bytes. A save checks its tensors for nan and inf on another thread while
+    it writes them (torch's reductions release the GIL): a pass over the state that would
+    otherwise come before the first byte reaches the disk. The answer is waited for here."""
+    if isinstance(meta["finite"], Future):
+        meta["finite"] = not meta["finite"].result()
+    return _encode_meta(meta)
 
 
 def non_finite(tree: Any, tensors: dict[str, torch.Tensor], limit: int = 5) -> list[str]:

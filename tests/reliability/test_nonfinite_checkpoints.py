@@ -40,6 +40,17 @@ def test_manager_refuses_a_non_finite_state_unless_asked(tmp_path, where, async_
         assert read_meta(url)["finite"] is False
 
 
+@pytest.mark.parametrize("where", ["params", "opt_state", None])
+@pytest.mark.parametrize("folder", ["local", "memory"])
+def test_save_records_whether_the_state_is_finite(tmp_path, where, folder):
+    """fl.save checks the tensors while it writes them; meta.json holds the answer."""
+    state = small_state(step=3) if where is None else _poisoned(small_state(step=3), where)
+    url = str(tmp_path / "ckpt") if folder == "local" else f"memory://finite-{where}/ckpt"
+    fl.save(state, url, overwrite=True)
+    assert read_meta(url)["finite"] is (where is None)
+    fl.testing.assert_trees_equal(fl.restore(url, like=small_state()).params, state.params)
+
+
 def test_buffers_may_hold_infinities(tmp_path):
     state = small_state().replace(buffers={"mask": torch.tensor([-math.inf, 0.0])})
     with CheckpointManager(str(tmp_path)) as mgr:
