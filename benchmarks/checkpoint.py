@@ -9,7 +9,12 @@ within each round (the contenders run back to back, so a slow phase of the machi
   ``torch.save`` followed by ``os.fsync`` (the same durability) and with plain ``torch.save``.
 * restore: ``torch.load(weights_only=True)`` and fnloop read the same tensors in the same
   cache state: ``warm`` (both files in the page cache, read once before timing) and ``cold``
-  (both files dropped from the page cache with ``posix_fadvise(DONTNEED)`` before each read).
+  (both files dropped from the page cache with ``posix_fadvise(DONTNEED)`` before each read),
+  and into the same kind of memory: before each timed read the C allocator hands its free
+  memory back to the kernel (``malloc_trim(0)``, glibc), so every contender's tensors are new
+  pages, as in a process that restores once when it starts. Without that, a read whose tensors
+  land in memory another read freed skips the page faults of the others (about 40 ms per
+  100 MiB on a virtual machine), and the ratio measures the allocator, not the reader.
 * async: how long ``CheckpointManager(async_save=True).save`` of a ``TrainState`` (what the training
   loop saves) blocks, vs a synchronous save; a plain dict is copied first and shown for comparison.
 * memory: the peak resident memory a synchronous save adds, measured in a fresh process
@@ -23,6 +28,7 @@ within each round (the contenders run back to back, so a slow phase of the machi
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -74,6 +80,23 @@ def _files(path: str) -> list[str]:
 
 
 _SCRATCH = memoryview(bytearray(1 << 20))
+
+
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where there is none."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def _fresh_memory() -> None:
+    """Hand the allocator's free memory back to the kernel: the next allocations get new pages."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 def _warm(path: str) -> None:
@@ -129,6 +152,7 @@ def _loads(raw: str, url: str, like: dict, cache: str, turn: int) -> dict[str, f
     out = {}
     for kind, path, fn in kinds[turn % 3 :] + kinds[: turn % 3]:
         prepare(path)
+        _fresh_memory()
         out[kind] = _timed(fn)
     return out
 
