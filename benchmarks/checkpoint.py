@@ -7,6 +7,8 @@ within each round (the contenders run back to back, so a slow phase of the machi
 
 * save: fnloop writes, checksums and fsyncs every file and folder; it is compared with
   ``torch.save`` followed by ``os.fsync`` (the same durability) and with plain ``torch.save``.
+  The three run in an order that rotates from round to round, as the reads do: a save right
+  after another finds the disk still busy with the other's bytes.
 * restore: ``torch.load(weights_only=True)`` and fnloop read the same tensors in the same
   cache state: ``warm`` (both files in the page cache, read once before timing) and ``cold``
   (both files dropped from the page cache with ``posix_fadvise(DONTNEED)`` before each read),
@@ -200,6 +202,17 @@ def save_memory(megabytes: float, tensors: int, directory: str) -> dict[str, int
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _saves(state: dict, raw: str, url: str, turn: int) -> dict[str, float]:
+    """One timing of each save; the order rotates with ``turn``: a save that follows another
+    finds the disk still busy with what that one wrote (a virtual machine's host flushes late)."""
+    kinds = [
+        ("torch_save", lambda: torch.save(state, raw + ".plain")),
+        ("torch_save_fsync", lambda: _torch_save_fsync(state, raw)),
+        ("fnloop_save", lambda: save(state, url)),
+    ]
+    return {kind: _timed(fn) for kind, fn in kinds[turn % 3 :] + kinds[: turn % 3]}
+
+
 def _paired(times: dict[str, list[float]], reference: str, contender: str) -> float:
     """The median over rounds of ``reference``'s time over ``contender``'s in the same round: both
     timed back to back, so a slow phase of the machine hits both sides of each ratio."""
@@ -215,11 +228,7 @@ def run(megabytes: float, tensors: int, repeat: int, directory: str) -> dict:
     try:
         for i in range(repeat + 1):
             raw, url = os.path.join(work, f"raw-{i}.pt"), os.path.join(work, f"ckpt-{i}")
-            round_ = {
-                "torch_save": _timed(lambda: torch.save(state, raw + ".plain")),
-                "torch_save_fsync": _timed(lambda: _torch_save_fsync(state, raw)),
-                "fnloop_save": _timed(lambda: save(state, url)),
-            }
+            round_ = _saves(state, raw, url, i)
             for cache in ("warm", "cold"):
                 round_.update({f"{k}_{cache}": v for k, v in _loads(raw, url, like, cache, i).items()})
             if i > 0:  # the first round warms up allocators and threads
