@@ -84,21 +84,21 @@ def _files(path: str) -> list[str]:
 _SCRATCH = memoryview(bytearray(1 << 20))
 
 
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, or None where there is none."""
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_TRIM = _malloc_trim()
+try:
+    _TRIM: Any = ctypes.CDLL(None).malloc_trim  # glibc
+except (OSError, AttributeError):
+    _TRIM = None
 
 
 def _fresh_memory() -> None:
     """Hand the allocator's free memory back to the kernel: the next allocations get new pages."""
     if _TRIM is not None:
         _TRIM(0)
+
+
+def _rotated(kinds: list, turn: int) -> list:
+    """``kinds`` starting at ``turn``: who runs after whom changes from round to round."""
+    return kinds[turn % len(kinds) :] + kinds[: turn % len(kinds)]
 
 
 def _warm(path: str) -> None:
@@ -152,7 +152,7 @@ def _loads(raw: str, url: str, like: dict, cache: str, turn: int) -> dict[str, f
         ("fnloop_restore_noverify", url, lambda: restore(url, like=like, verify=False)),
     ]
     out = {}
-    for kind, path, fn in kinds[turn % 3 :] + kinds[: turn % 3]:
+    for kind, path, fn in _rotated(kinds, turn):
         prepare(path)
         _fresh_memory()
         out[kind] = _timed(fn)
@@ -210,7 +210,7 @@ def _saves(state: dict, raw: str, url: str, turn: int) -> dict[str, float]:
         ("torch_save_fsync", lambda: _torch_save_fsync(state, raw)),
         ("fnloop_save", lambda: save(state, url)),
     ]
-    return {kind: _timed(fn) for kind, fn in kinds[turn % 3 :] + kinds[: turn % 3]}
+    return {kind: _timed(fn) for kind, fn in _rotated(kinds, turn)}
 
 
 def _paired(times: dict[str, list[float]], reference: str, contender: str) -> float:
